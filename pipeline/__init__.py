@@ -1,0 +1,1 @@
+"""Experiment-tracked training pipeline for segmentation, detection and instance segmentation."""

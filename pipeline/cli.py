@@ -1,0 +1,29 @@
+"""Shared entry-point behaviour: user errors end in one clear message, not a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from hydra.errors import InstantiationException
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import ConfigError
+
+T = TypeVar("T")
+
+# Absolute, so Hydra finds conf/ whether we run as a console script or as `python -m pipeline.<entry>`.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+USER_ERRORS = (ConfigError, CheckpointError, ConnectionError, InstantiationException)
+
+
+def exit_on_user_error(func: Callable[..., T], *args: object) -> T:
+    """Run func; a config, checkpoint, data or connection error exits with status 1 and its message."""
+    try:
+        return func(*args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

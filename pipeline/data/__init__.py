@@ -1,0 +1,1 @@
+"""Dataset formats, the embedded shapes generator, transforms, samplers and DataModules."""

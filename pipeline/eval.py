@@ -1,0 +1,92 @@
+"""`pipeline-eval ckpt_path=…`: recompute validation metrics of a checkpoint, print them, log an eval run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import RichProgressBar
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import tracking
+from pipeline.checkpoint import read_metadata, resolve_checkpoint
+from pipeline.cli import CONF_DIR, exit_on_user_error
+from pipeline.config import EVAL_KEYS, validate_config
+
+
+def load_task(ckpt: Path) -> tuple[pl.LightningModule, DictConfig, dict]:
+    """The trained LightningModule (weights-only load), the training config and the checkpoint's metadata."""
+    meta = read_metadata(ckpt)
+    train_cfg = OmegaConf.create(meta["config"])
+    task = get_class(train_cfg.model._target_).load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    return task.eval(), train_cfg, meta
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Validate the checkpoint on its (or an overridden) validation set; write metrics.json, log to MLflow."""
+    validate_config(cfg, EVAL_KEYS)
+    ckpt = resolve_checkpoint(cfg.ckpt_path)
+    task, train_cfg, meta = load_task(ckpt)
+    data_cfg = OmegaConf.merge(train_cfg.data, cfg.data)
+    datamodule = instantiate(data_cfg)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[RichProgressBar()], max_epochs=1)
+    (results,) = trainer.validate(task, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in results.items()}
+    if not trainer.is_global_zero:
+        return metrics
+
+    out_dir = Path(cfg.paths.output_dir)
+    tracking.write_json(out_dir / "metrics.json", {"checkpoint": str(ckpt), "metrics": metrics})
+    _print_table(metrics, ckpt)
+    train_run = meta.get("mlflow_run_id") or ""
+    client = MlflowClient(cfg.logger.tracking_uri)
+    tracking.check_reachable(cfg.logger.tracking_uri)
+    exp_id = tracking.experiment_id(client, cfg.logger.experiment_name)
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    run = client.create_run(
+        exp_id,
+        run_name=f"eval-{out_dir.name}",
+        tags={
+            "pipeline.kind": "evaluation",
+            "pipeline.train_run_id": train_run,
+            "pipeline.checkpoint": str(ckpt),
+            "pipeline.overrides": " ".join(overrides) or "(none)",
+            "mlflow.parentRunId": train_run,
+        },
+    )
+    run_id = run.info.run_id
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    client.log_artifact(run_id, str(out_dir / "metrics.json"))
+    client.set_terminated(run_id)
+    print(f"metrics.json: {out_dir / 'metrics.json'}\nMLflow eval run {run_id}: {tracking.ui_hint(cfg.logger.tracking_uri, run_id)}")
+    return metrics
+
+
+def _print_table(metrics: dict[str, float], ckpt: Path) -> None:
+    table = Table(title=f"Validation metrics of {ckpt}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(metrics.items()):
+        table.add_row(key, f"{value:.4f}")
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    exit_on_user_error(evaluate, cfg)
+
+
+def main() -> None:
+    """Console entry point `pipeline-eval`."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Semantic segmentation: cross-entropy with void pixels, FCN-paper mIoU, overlays logged each validation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from pipeline.metrics.segmentation import ConfusionMatrixIoU
+from pipeline.tracking import log_image
+from pipeline.viz import comparison_panel
+
+# Backbones expect ImageNet-normalised input (so pretrained weights work); batches carry RGB in 0..1.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_primitive(value: Any) -> Any:
+    """OmegaConf containers as plain dicts/lists (resolved); anything else unchanged."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+class SegmentationTask(pl.LightningModule):
+    """Trains a dense classifier `net: [B, 3, H, W] -> [B, C, H, W]` on batches {"image", "mask"}.
+
+    The net, optimizer and scheduler arrive as config dicts (`_target_` + args) and are built here, so the
+    checkpoint's hyper-parameters are primitives and load under torch's weights-only unpickler.
+    """
+
+    def __init__(
+        self,
+        net: dict,
+        optimizer: dict,
+        scheduler: dict | None,
+        num_classes: int,
+        class_names: Sequence[str],
+        ignore_index: int = 255,
+        scheduler_interval: str = "epoch",
+        num_vis_images: int = 4,
+    ) -> None:
+        super().__init__()
+        # save_hyperparameters reads these locals: make them plain dicts/lists (no OmegaConf containers).
+        net, optimizer, scheduler, class_names = (to_primitive(v) for v in (net, optimizer, scheduler, class_names))
+        self.save_hyperparameters(logger=False)  # the full config goes to MLflow once, by pipeline.tracking
+        self.net = instantiate(net)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.val_iou = ConfusionMatrixIoU(num_classes, ignore_index)
+        self._vis: dict[str, torch.Tensor] | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: [B, 3, H, W] RGB in 0..1 -> logits [B, C, H, W]."""
+        return self.net((images - self.mean) / self.std)
+
+    def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        if bool((masks == self.hparams.ignore_index).all()):
+            return logits.sum() * 0.0  # an all-void batch: zero loss instead of cross-entropy's NaN
+        return F.cross_entropy(logits, masks, ignore_index=self.hparams.ignore_index)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self._loss(logits, batch["mask"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        self.log("train/size", float(batch["image"].shape[-1]), on_step=True, on_epoch=False, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch["image"])
+        loss = self._loss(logits, batch["mask"])
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(logits))
+        self.val_iou.update(logits, batch["mask"])
+        if batch_idx == 0:
+            k = self.hparams.num_vis_images
+            self._vis = {"image": batch["image"][:k], "mask": batch["mask"][:k], "pred": logits[:k].argmax(1)}
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.val_iou.summary()  # synced across DDP ranks: every rank logs the same values
+        self.val_iou.reset()
+        metrics = {"val/mIoU": stats["mIoU"], "val/pixel_acc": stats["pixel_acc"]}
+        for name, iou in zip(self.hparams.class_names, stats["per_class_IoU"], strict=True):
+            if not torch.isnan(iou):
+                metrics[f"val/IoU/{name}"] = iou
+        self.log_dict({k: v.float() for k, v in metrics.items()}, prog_bar=True)
+        if self._vis is not None and not self.trainer.sanity_checking:
+            panel = comparison_panel(self._vis["image"], self._vis["mask"], self._vis["pred"], self.hparams.num_classes)
+            log_image(self.logger, panel, f"val_images/epoch_{self.current_epoch:03d}.png")
+        self._vis = None
+
+    def predict_masks(self, images: torch.Tensor) -> torch.Tensor:
+        """images: [B, 3, H, W] in 0..1 -> predicted labels [B, H, W]."""
+        return self(images).argmax(1)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.hparams.optimizer, params=self.parameters())
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler, optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}

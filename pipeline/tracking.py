@@ -1,0 +1,175 @@
+"""MLflow run identity: create, continue or fork a run; params, tags, config artifacts, images.
+
+Every function here runs on global rank zero only (the caller checks), so one training is one MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.entities import Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from omegaconf import DictConfig, OmegaConf
+
+# An unreachable tracking server otherwise blocks for minutes in MLflow's default retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+TAG_PREFIX = "pipeline."
+
+
+def check_reachable(uri: str) -> None:
+    """Fail in seconds with a clear message when an http(s) tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+    except (urllib.error.URLError, OSError) as err:
+        raise ConnectionError(
+            f"MLflow tracking server {uri} is not reachable ({err}). Start it, fix MLFLOW_TRACKING_URI / "
+            "logger.tracking_uri, or unset it to use the local SQLite store."
+        ) from None
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created (and tagged as a model-training experiment) if missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage != "deleted":
+        return experiment.experiment_id
+    new_id = client.create_experiment(name)
+    # MLflow 3's UI otherwise opens the experiment on its GenAI overview instead of the runs table.
+    client.set_experiment_tag(new_id, "mlflow.experimentKind", "custom_model_development")
+    return new_id
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, str]:
+    """A nested config as {"a.b.c": "value"} strings, shortened to what the store accepts (full config: artifact)."""
+    out: dict[str, str] = {}
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        text = json.dumps(node) if isinstance(node, (list, dict)) else str(node)
+        out[prefix[:-1]] = text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
+    return out
+
+
+def _git_commit(root: str) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def run_tags(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
+    """Tags that make runs comparable: git commit, task, model, Hydra overrides."""
+    net = cfg.model.get("net", {})
+    return {
+        "mlflow.source.git.commit": _git_commit(cfg.paths.root_dir),
+        f"{TAG_PREFIX}task": str(cfg.model._target_).rsplit(".", 1)[-1],
+        f"{TAG_PREFIX}model": f"{net.get('_target_', '?').rsplit('.', 1)[-1]}-{net.get('variant', '')}-{net.get('backbone', '')}",
+        f"{TAG_PREFIX}overrides": " ".join(overrides)[:MAX_PARAM_VAL_LENGTH] or "(none)",
+        f"{TAG_PREFIX}run_dir": str(cfg.paths.output_dir),
+        **{f"{TAG_PREFIX}tag.{t}": "1" for t in cfg.get("tags", [])},
+    }
+
+
+def start_run(cfg: DictConfig, overrides: list[str], run_name: str, parent: dict | None = None) -> str:
+    """Create a run with the flattened config as params and config.yaml/overrides.yaml as artifacts.
+
+    `parent` (fork): {"run_id": ..., "config": ...} of the checkpoint's run; the new run is tagged with it
+    and with the config keys that differ.
+    """
+    client = MlflowClient(cfg.logger.tracking_uri)
+    exp_id = experiment_id(client, cfg.logger.experiment_name)
+    tags = run_tags(cfg, overrides) | {"mlflow.runName": run_name}
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if parent is not None:
+        changed = changed_keys(flatten(parent["config"]), flatten(config))
+        tags |= {"mlflow.parentRunId": parent["run_id"] or "", f"{TAG_PREFIX}forked_from": parent["run_id"] or ""}
+        tags[f"{TAG_PREFIX}fork_changed_keys"] = ", ".join(sorted(changed))[:MAX_PARAM_VAL_LENGTH] or "(none)"
+    run = client.create_run(exp_id, tags=tags, run_name=run_name)
+    _log_params(client, run.info.run_id, flatten(config))
+    client.log_text(run.info.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    client.log_text(run.info.run_id, "\n".join(overrides) + "\n", "overrides.yaml")
+    return run.info.run_id
+
+
+def changed_keys(old: dict[str, str], new: dict[str, str]) -> dict[str, tuple[str | None, str | None]]:
+    """{key: (old, new)} for every flattened key whose value differs or that exists on one side only."""
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def continue_run(cfg: DictConfig, overrides: list[str], run_id: str) -> None:
+    """Re-open `run_id` for a resumed training; record changed settings instead of re-logging params.
+
+    MLflow refuses to change a logged param, so new keys are logged as params and changed ones are recorded
+    in a `pipeline.resume.<n>.changed` tag (JSON {key: [old, new]}) next to that resume's config artifact.
+    """
+    client = MlflowClient(cfg.logger.tracking_uri)
+    run = client.get_run(run_id)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    new = flatten(config)
+    old = run.data.params
+    n = int(run.data.tags.get(f"{TAG_PREFIX}resume_count", "0")) + 1
+    _log_params(client, run_id, {k: v for k, v in new.items() if k not in old})
+    changed = {k: v for k, v in changed_keys(old, new).items() if k in old}
+    tags = {
+        f"{TAG_PREFIX}resume_count": str(n),
+        f"{TAG_PREFIX}resume.{n}.overrides": " ".join(overrides)[:MAX_PARAM_VAL_LENGTH] or "(none)",
+        f"{TAG_PREFIX}resume.{n}.changed": json.dumps(changed)[:MAX_PARAM_VAL_LENGTH],
+    }
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.update_run(run_id, status="RUNNING")
+    client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), f"resume-{n}/config.yaml")
+
+
+def log_image(logger: Any, image: np.ndarray, artifact_file: str) -> None:
+    """Log a uint8 [H, W, 3] picture as an image artifact when the logger is an MLflow one (rank zero only)."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    if isinstance(logger, MLFlowLogger) and logger.run_id is not None:
+        logger.experiment.log_image(logger.run_id, image, artifact_file=artifact_file)
+
+
+def log_file(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """Upload one file to a run's artifacts."""
+    MlflowClient(tracking_uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def ui_hint(tracking_uri: str, run_id: str) -> str:
+    """How to look at a run: the `mlflow ui` command for a local store and the direct link to the runs table."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_run(run_id).info.experiment_id
+    if tracking_uri.startswith(("http://", "https://")):
+        base = tracking_uri.rstrip("/")
+        start = ""
+    else:
+        base = "http://127.0.0.1:5000"
+        start = f"mlflow ui --backend-store-uri {tracking_uri}\n  then open "
+    return f"{start}{base}/#/experiments/{exp}/runs/{run_id}  (all runs: {base}/#/experiments/{exp}/runs)"
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write JSON atomically (temp file + rename), so a kill never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(data, f, indent=2)
+    os.replace(f.name, path)

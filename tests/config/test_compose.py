@@ -1,0 +1,89 @@
+"""Every config in conf/ composes, resolves and passes validation; typos fail with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from pipeline.cli import CONF_DIR
+from pipeline.config import EVAL_KEYS, PREDICT_KEYS, TRAIN_KEYS, ConfigError, validate_config
+from tests.conftest import run_cli
+
+GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug", "hparams_search"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def _compose(config_name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = "/tmp/run"  # set by Hydra when a job really runs
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS if g not in ("paths", "hydra") for o in _options(g)], ids=str
+)
+def test_every_group_option_composes_and_validates(override: str):
+    validate_config(_compose("train", [override]), TRAIN_KEYS)
+
+
+def test_every_conf_file_is_covered():
+    assert {g for g in GROUPS} <= {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+    assert _options("model") == ["fcn16s", "fcn32s", "fcn8s"]
+
+
+def test_eval_and_predict_configs_compose():
+    validate_config(_compose("eval", ["ckpt_path=x.ckpt"]), EVAL_KEYS)
+    validate_config(_compose("predict", ["ckpt_path=x.ckpt", "input=img.png"]), PREDICT_KEYS)
+
+
+def test_trainer_group_maps_onto_lightning_trainer_and_run_dir_has_subseconds():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["trainer.max_epochs=3", "+trainer.gradient_clip_val=1.0"],
+                      return_hydra_config=True)  # fmt: skip
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    assert cfg.trainer.max_epochs == 3
+    assert "%f" in OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+model.typo=3", "Unknown config key 'model.typo'"),
+        ("+trainer.max_epoch=3", "Did you mean 'max_epochs'"),
+        ("+data.train_transforms.0.probability=1", "data.train_transforms[0].probability"),
+        ("+learning_rate=1", "Unknown config key 'learning_rate'"),
+    ],
+)
+def test_unknown_keys_are_rejected_with_their_name(override: str, message: str):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        validate_config(_compose("train", [override]), TRAIN_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+model.typo=3", "Unknown config key 'model.typo'"),
+        ("trainer.max_epoch=3", "max_epoch"),
+        ("model=nope", "fcn8s"),
+        ("resume_mode=later", "choose 'continue' or 'fork'"),
+    ],
+)
+def test_cli_typo_fails_before_any_work(tmp_path: Path, override: str, message: str):
+    proc = run_cli("train", override, cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()  # nothing generated, nothing trained

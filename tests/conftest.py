@@ -1,0 +1,71 @@
+"""Shared fixtures: a migrated MLflow SQLite store per test and a runner for the real console entry points."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+# The smallest useful shapes run: 16 + 8 images of 64 px, one epoch of a few batches, no loader workers.
+TINY = [
+    "data.spec.num_train=16",
+    "data.spec.num_val=8",
+    "data.spec.image_size=64",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.train_sizes=[64]",
+    "data.val_size=64",
+    "model.net.width=8",
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "callbacks.model_summary.max_depth=0",
+]
+
+
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Create and migrate one SQLite store per session (migrations take seconds); tests copy it."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, _migrated_store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh project directory (outputs/, data/) with its own MLflow store, as the current directory."""
+    (tmp_path / "outputs").mkdir()
+    shutil.copy(_migrated_store, tmp_path / "outputs" / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def tracking_uri(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}"
+
+
+def run_cli(entry: str, *overrides: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline.<entry> overrides…` in cwd as a user would; fail with its output on error."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"pipeline.{entry}", *overrides],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline.{entry} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_dirs(workdir: Path, task: str = "train") -> list[Path]:
+    return sorted((workdir / "outputs" / task / "runs").iterdir())

@@ -1,0 +1,84 @@
+"""End to end through the real entry points: training writes MLflow records; eval and predict use the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
+
+
+def _only_run(workdir: Path):
+    client = MlflowClient(tracking_uri(workdir))
+    experiment = client.get_experiment_by_name("pipeline")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`pipeline.kind` != 'evaluation'")
+    training = [r for r in runs if "pipeline.kind" not in r.data.tags]
+    assert len(training) == 1, [r.info.run_id for r in training]
+    return client, experiment, training[0]
+
+
+def test_one_epoch_writes_run_params_metrics_config_and_checkpoints(workdir: Path):
+    proc = run_cli("train", *TINY, "trainer.max_epochs=2", cwd=workdir)
+    assert "mlflow ui --backend-store-uri" in proc.stdout
+
+    client, experiment, run = _only_run(workdir)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.net.variant"] == "8s"
+    assert params["trainer.max_epochs"] == "2"
+    assert params["data.spec.image_size"] == "64"
+    assert run.data.tags["pipeline.task"] == "SegmentationTask"
+    assert "trainer.max_epochs=2" in run.data.tags["pipeline.overrides"]
+    assert run.data.tags["mlflow.source.git.commit"]
+
+    miou = client.get_metric_history(run.info.run_id, "val/mIoU")
+    assert len(miou) == 2 and all(0.0 <= m.value <= 1.0 for m in miou)
+    assert client.get_metric_history(run.info.run_id, "train/loss_step")
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "overrides.yaml", "last", "best", "val_images"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "last")} >= {"last/last.ckpt"}
+    config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml")).read_text())
+    assert config["model"]["net"]["variant"] == "8s"
+
+    (run_dir,) = run_dirs(workdir)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (workdir / "data" / "shapes" / "annotations" / "instances_train.json").is_file()
+
+
+def test_eval_and_predict_from_a_checkpoint(workdir: Path):
+    run_cli("train", *TINY, cwd=workdir)
+    (run_dir,) = run_dirs(workdir)
+    _, _, train_run = _only_run(workdir)
+
+    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir)
+    (eval_dir,) = run_dirs(workdir, "eval")
+    metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= metrics["val/mIoU"] <= 1.0
+    client = MlflowClient(tracking_uri(workdir))
+    (eval_run,) = client.search_runs(
+        [train_run.info.experiment_id], filter_string="tags.`pipeline.kind` = 'evaluation'"
+    )
+    assert eval_run.data.tags["pipeline.train_run_id"] == train_run.info.run_id
+    assert eval_run.data.metrics["val/mIoU"] == metrics["val/mIoU"]
+
+    images = workdir / "data" / "shapes" / "images" / "val"
+    run_cli("predict", f"ckpt_path={run_dir}/checkpoints/last.ckpt", f"input={images}", "device=cpu", cwd=workdir)
+    (predict_dir,) = run_dirs(workdir, "predict")
+    masks = sorted((predict_dir / "masks").glob("*.png"))
+    assert len(masks) == 8 and len(list((predict_dir / "overlays").glob("*.png"))) == 8
+    mask = np.asarray(Image.open(masks[0]))
+    assert mask.shape == (64, 64) and mask.max() < 4
+
+
+def test_missing_checkpoint_is_an_error_not_a_fresh_start(workdir: Path):
+    proc = run_cli("train", *TINY, f"ckpt_path={workdir / 'nope.ckpt'}", cwd=workdir, check=False)
+    assert proc.returncode != 0
+    assert "does not exist; refusing to start from scratch" in proc.stderr
+    assert not (workdir / "outputs" / "train").exists()
