@@ -27,7 +27,11 @@ def _accepted_keys(target: str, where: str) -> set[str] | None:
         obj = get_object(target)
     except Exception as err:  # Hydra wraps import errors in several types
         raise ConfigError(f"{where}._target_: cannot import '{target}' ({err})") from None
-    inits = [cls.__dict__["__init__"] for cls in obj.__mro__ if "__init__" in cls.__dict__] if inspect.isclass(obj) else [obj]
+    inits = (
+        [cls.__dict__["__init__"] for cls in obj.__mro__ if "__init__" in cls.__dict__]
+        if inspect.isclass(obj)
+        else [obj]
+    )
     names: set[str] = set()
     for func in inits:
         params = inspect.signature(func).parameters.values()
@@ -75,7 +79,9 @@ def validate_config(cfg: DictConfig, top_level: set[str]) -> None:
     _check_node(cfg, "")
     missing = OmegaConf.missing_keys(cfg)
     if missing:
-        raise ConfigError(f"Missing mandatory value(s): {', '.join(sorted(missing))} (pass e.g. {sorted(missing)[0]}=…).")
+        raise ConfigError(
+            f"Missing mandatory value(s): {', '.join(sorted(missing))} (pass e.g. {sorted(missing)[0]}=…)."
+        )
 
 
 TRAIN_KEYS = {

@@ -65,7 +65,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         client.log_metric(run_id, key, value)
     client.log_artifact(run_id, str(out_dir / "metrics.json"))
     client.set_terminated(run_id)
-    print(f"metrics.json: {out_dir / 'metrics.json'}\nMLflow eval run {run_id}: {tracking.ui_hint(cfg.logger.tracking_uri, run_id)}")
+    print(
+        f"metrics.json: {out_dir / 'metrics.json'}\n"
+        f"MLflow eval run {run_id}: {tracking.ui_hint(cfg.logger.tracking_uri, run_id)}"
+    )
     return metrics
 
 

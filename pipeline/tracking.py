@@ -83,7 +83,9 @@ def run_tags(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
     return {
         "mlflow.source.git.commit": _git_commit(cfg.paths.root_dir),
         f"{TAG_PREFIX}task": str(cfg.model._target_).rsplit(".", 1)[-1],
-        f"{TAG_PREFIX}model": f"{net.get('_target_', '?').rsplit('.', 1)[-1]}-{net.get('variant', '')}-{net.get('backbone', '')}",
+        f"{TAG_PREFIX}model": "-".join(
+            str(v) for v in (net.get("_target_", "?").rsplit(".", 1)[-1], net.get("variant"), net.get("backbone")) if v
+        ),
         f"{TAG_PREFIX}overrides": " ".join(overrides)[:MAX_PARAM_VAL_LENGTH] or "(none)",
         f"{TAG_PREFIX}run_dir": str(cfg.paths.output_dir),
         **{f"{TAG_PREFIX}tag.{t}": "1" for t in cfg.get("tags", [])},

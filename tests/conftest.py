@@ -54,7 +54,9 @@ def tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}"
 
 
-def run_cli(entry: str, *overrides: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    entry: str, *overrides: str, cwd: Path, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run `python -m pipeline.<entry> overrides…` in cwd as a user would; fail with its output on error."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -63,7 +65,9 @@ def run_cli(entry: str, *overrides: str, cwd: Path, check: bool = True, timeout:
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     if check and proc.returncode != 0:
-        raise AssertionError(f"pipeline.{entry} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"pipeline.{entry} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

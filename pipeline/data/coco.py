@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,8 @@ class CocoSemanticSource:
 
     def __init__(self, images_dir: str | Path, annotations: str | Path, ignore_index: int = 255) -> None:
         self.images_dir = Path(images_dir)
-        self.coco = COCO(str(annotations))
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+            self.coco = COCO(str(annotations))
         self.image_ids = sorted(self.coco.getImgIds())
         self.label_of = {cat_id: i + 1 for i, cat_id in enumerate(sorted(self.coco.getCatIds()))}
         self.ignore_index = ignore_index

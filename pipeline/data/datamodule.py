@@ -119,7 +119,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         # No padding: each val image is scored exactly once across ranks, so synced metrics equal one process's.
-        sampler = ShardedSampler(len(self.val_set), shuffle=False, seed=self.seed, rank=rank, world_size=world, pad=False)
+        sampler = ShardedSampler(
+            len(self.val_set), shuffle=False, seed=self.seed, rank=rank, world_size=world, pad=False
+        )
         batches = MultiScaleBatchSampler(sampler, self.batch_size, [self.val_size], 1, drop_last=False)
         return self._loader(self.val_set, batches)
 
@@ -131,7 +133,10 @@ class ShapesDataModule(SegmentationDataModule):
         self.root = Path(root)
         self.spec = ShapesSpec(**spec)
         files = {
-            split: {"images": self.root / "images" / split, "annotations": self.root / "annotations" / f"instances_{split}.json"}
+            split: {
+                "images": self.root / "images" / split,
+                "annotations": self.root / "annotations" / f"instances_{split}.json",
+            }
             for split in ("train", "val")
         }
         super().__init__(train=files["train"], val=files["val"], **kwargs)

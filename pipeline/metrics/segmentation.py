@@ -25,7 +25,8 @@ class ConfusionMatrixIoU(MulticlassJaccardIndex):
         bad = (target < 0) | (target >= n)
         if bad.any():
             raise ValueError(
-                f"target holds label {int(target[bad][0])} outside 0..{n - 1} (and not ignore_index={self.ignore_index})"
+                f"target holds label {int(target[bad][0])} outside 0..{n - 1} "
+                f"(and not ignore_index={self.ignore_index})"
             )
         self.confmat += torch.bincount(target.long() * n + preds.long(), minlength=n * n).reshape(n, n)
 
