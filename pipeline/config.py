@@ -88,5 +88,5 @@ TRAIN_KEYS = {
     "data", "model", "trainer", "logger", "callbacks", "paths",
     "task_name", "tags", "seed", "deterministic", "ckpt_path", "resume_mode",
 }  # fmt: skip
-EVAL_KEYS = {"trainer", "logger", "paths", "task_name", "ckpt_path", "data"}
+EVAL_KEYS = {"trainer", "logger", "paths", "task_name", "ckpt_path", "data", "deterministic"}
 PREDICT_KEYS = {"paths", "task_name", "ckpt_path", "input", "device"}

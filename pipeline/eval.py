@@ -73,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def _print_table(metrics: dict[str, float], ckpt: Path) -> None:
-    table = Table(title=f"Validation metrics of {ckpt}")
+    table = Table(title="Validation metrics", caption=str(ckpt))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in sorted(metrics.items()):

@@ -65,7 +65,7 @@ class SegmentationTask(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         loss = self._loss(logits, batch["mask"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(logits))
         self.log("train/size", float(batch["image"].shape[-1]), on_step=True, on_epoch=False, batch_size=len(logits))
         return loss
 
@@ -81,11 +81,16 @@ class SegmentationTask(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         stats = self.val_iou.summary()  # synced across DDP ranks: every rank logs the same values
         self.val_iou.reset()
-        metrics = {"val/mIoU": stats["mIoU"], "val/pixel_acc": stats["pixel_acc"]}
-        for name, iou in zip(self.hparams.class_names, stats["per_class_IoU"], strict=True):
-            if not torch.isnan(iou):
-                metrics[f"val/IoU/{name}"] = iou
-        self.log_dict({k: v.float() for k, v in metrics.items()}, prog_bar=True)
+        # Already global; sync_dist only averages identical values (and keeps Lightning from warning).
+        self.log_dict(
+            {"val/mIoU": stats["mIoU"].float(), "val/pixel_acc": stats["pixel_acc"].float()},
+            prog_bar=True,
+            sync_dist=True,
+        )
+        per_class = zip(self.hparams.class_names, stats["per_class_IoU"], strict=True)
+        self.log_dict(
+            {f"val/IoU/{name}": iou.float() for name, iou in per_class if not torch.isnan(iou)}, sync_dist=True
+        )
         if self._vis is not None and not self.trainer.sanity_checking:
             panel = comparison_panel(self._vis["image"], self._vis["mask"], self._vis["pred"], self.hparams.num_classes)
             log_image(self.logger, panel, f"val_images/epoch_{self.current_epoch:03d}.png")
