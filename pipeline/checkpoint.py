@@ -7,6 +7,7 @@ finds nothing and silently trains from scratch. We resolve the checkpoint oursel
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,18 @@ def read_metadata(ckpt: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict) or "config" not in meta:
         raise CheckpointError(f"{ckpt} was not written by pipeline-train (no 'pipeline' metadata).")
     return meta
+
+
+def temp_files_beside(run_dir: str | os.PathLike) -> None:
+    """Make this process's temporary files live under `<run_dir>/.tmp`.
+
+    Lightning writes a checkpoint to a temporary file and then moves it into place; from $TMPDIR on another
+    filesystem that move is a copy, and a kill during it leaves a truncated last.ckpt. On the same
+    filesystem it is an atomic rename.
+    """
+    path = Path(run_dir) / ".tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(path)
 
 
 class RunMetadata(pl.Callback):

@@ -47,7 +47,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     train_run = meta.get("mlflow_run_id") or ""
     client = MlflowClient(cfg.logger.tracking_uri)
     tracking.check_reachable(cfg.logger.tracking_uri)
-    exp_id = tracking.experiment_id(client, cfg.logger.experiment_name)
+    exp_id = tracking.experiment_id(client, cfg.logger.experiment_name, cfg.paths.log_dir)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     run = client.create_run(
         exp_id,

@@ -40,12 +40,18 @@ def check_reachable(uri: str) -> None:
         ) from None
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created (and tagged as a model-training experiment) if missing."""
+def experiment_id(client: MlflowClient, name: str, log_dir: str | Path | None = None) -> str:
+    """The id of experiment `name`, created (and tagged as a model-training experiment) if missing.
+
+    With a local database store its artifacts go to `<log_dir>/mlartifacts`, next to the database, instead of
+    MLflow's default `./mlruns` under whatever directory the command happened to run in.
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage != "deleted":
         return experiment.experiment_id
-    new_id = client.create_experiment(name)
+    local = client.tracking_uri.startswith("sqlite:") and log_dir is not None
+    location = (Path(log_dir).resolve() / "mlartifacts").as_uri() if local else None
+    new_id = client.create_experiment(name, artifact_location=location)
     # MLflow 3's UI otherwise opens the experiment on its GenAI overview instead of the runs table.
     client.set_experiment_tag(new_id, "mlflow.experimentKind", "custom_model_development")
     return new_id
@@ -71,7 +77,8 @@ def _git_commit(root: str) -> str:
         return "unknown"
 
 
-def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    """Log string params in batches of 100 (MLflow's limit)."""
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow's batch limit
         client.log_batch(run_id, params=items[i : i + 100])
@@ -99,7 +106,7 @@ def start_run(cfg: DictConfig, overrides: list[str], run_name: str, parent: dict
     and with the config keys that differ.
     """
     client = MlflowClient(cfg.logger.tracking_uri)
-    exp_id = experiment_id(client, cfg.logger.experiment_name)
+    exp_id = experiment_id(client, cfg.logger.experiment_name, cfg.paths.log_dir)
     tags = run_tags(cfg, overrides) | {"mlflow.runName": run_name}
     config = OmegaConf.to_container(cfg, resolve=True)
     if parent is not None:
@@ -107,7 +114,7 @@ def start_run(cfg: DictConfig, overrides: list[str], run_name: str, parent: dict
         tags |= {"mlflow.parentRunId": parent["run_id"] or "", f"{TAG_PREFIX}forked_from": parent["run_id"] or ""}
         tags[f"{TAG_PREFIX}fork_changed_keys"] = ", ".join(sorted(changed))[:MAX_PARAM_VAL_LENGTH] or "(none)"
     run = client.create_run(exp_id, tags=tags, run_name=run_name)
-    _log_params(client, run.info.run_id, flatten(config))
+    log_params(client, run.info.run_id, flatten(config))
     client.log_text(run.info.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     client.log_text(run.info.run_id, "\n".join(overrides) + "\n", "overrides.yaml")
     return run.info.run_id
@@ -130,7 +137,7 @@ def continue_run(cfg: DictConfig, overrides: list[str], run_id: str) -> None:
     new = flatten(config)
     old = run.data.params
     n = int(run.data.tags.get(f"{TAG_PREFIX}resume_count", "0")) + 1
-    _log_params(client, run_id, {k: v for k, v in new.items() if k not in old})
+    log_params(client, run_id, {k: v for k, v in new.items() if k not in old})
     changed = {k: v for k, v in changed_keys(old, new).items() if k in old}
     tags = {
         f"{TAG_PREFIX}resume_count": str(n),

@@ -13,7 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline import tracking
-from pipeline.checkpoint import CheckpointError, RunMetadata, argv_for_resume, read_metadata, resolve_checkpoint
+from pipeline.checkpoint import (
+    CheckpointError,
+    RunMetadata,
+    argv_for_resume,
+    read_metadata,
+    resolve_checkpoint,
+    temp_files_beside,
+)
 from pipeline.cli import CONF_DIR, exit_on_user_error
 from pipeline.config import TRAIN_KEYS, ConfigError, validate_config
 
@@ -34,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     task = instantiate(cfg.model)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     run_dir = str(cfg.paths.output_dir)
+    temp_files_beside(run_dir)
 
     run_id = None
     if rank_zero_only.rank == 0:

@@ -50,6 +50,8 @@ def test_one_epoch_writes_run_params_metrics_config_and_checkpoints(workdir: Pat
     (run_dir,) = run_dirs(workdir)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert (workdir / "data" / "shapes" / "annotations" / "instances_train.json").is_file()
+    # artifacts live next to the database, not in ./mlruns of whatever directory the command ran in
+    assert list((workdir / "outputs" / "mlartifacts").rglob("last.ckpt")) and not (workdir / "mlruns").exists()
 
 
 def test_eval_and_predict_from_a_checkpoint(workdir: Path):

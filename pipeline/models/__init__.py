@@ -1,0 +1,1 @@
+"""Nets only: tensors in, tensors out (backbones, FCN, dense-to-conv surgery)."""

@@ -1,0 +1,106 @@
+"""FCN: input-sized logits for any image size, bilinear upsampling init, zero-initialised skips, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.fcn import FCN, bilinear_kernel, transposed_upsampler
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("upsample", ["transposed", "bilinear", "nearest"])
+@pytest.mark.parametrize("variant", ["32s", "16s", "8s"])
+@pytest.mark.parametrize("dilate_last", [False, True])
+def test_logits_have_the_input_size(dilate_last: bool, variant: str, upsample: str) -> None:
+    net = FCN(5, variant=variant, upsample=upsample, dilate_last=dilate_last, width=8).eval()
+    with torch.no_grad():
+        for h, w in [(33, 47), (64, 64), (97, 61), (5, 3)]:
+            assert net(torch.randn(2, 3, h, w)).shape == (2, 5, h, w)
+
+
+@pytest.mark.parametrize("upsample", ["transposed", "bilinear", "nearest"])
+@pytest.mark.parametrize("variant", ["32s", "16s", "8s"])
+def test_logits_have_the_input_size_resnet(variant: str, upsample: str) -> None:
+    for dilate_last in (False, True):
+        net = FCN(5, variant=variant, backbone="resnet18", upsample=upsample, dilate_last=dilate_last).eval()
+        with torch.no_grad():
+            assert net(torch.randn(1, 3, 49, 38)).shape == (1, 5, 49, 38)
+
+
+@pytest.mark.parametrize("factor", [2, 8, 32])
+def test_transposed_upsampling_starts_bilinear(factor: int) -> None:
+    n = 5
+    y, x = torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="ij")
+    ramp = torch.stack([x + 2 * y, 3 - x * y])[None]  # two channels: channel i must map only to channel i
+    up = transposed_upsampler(2, factor)
+    with torch.no_grad():
+        out = up(ramp)
+    expected = F.interpolate(ramp, scale_factor=factor, mode="bilinear", align_corners=False)
+    assert out.shape == expected.shape == (1, 2, n * factor, n * factor)
+    # The outer factor/2 pixels differ: interpolate clamps to the edge value, the transposed conv sees zeros.
+    inner = slice(factor // 2, -(factor // 2))
+    torch.testing.assert_close(out[..., inner, inner], expected[..., inner, inner], atol=1e-4, rtol=1e-5)
+    assert up.weight.requires_grad
+
+
+def test_bilinear_kernel_is_diagonal() -> None:
+    k = bilinear_kernel(3, 4)
+    assert k.shape == (3, 3, 4, 4)
+    off_diagonal = k.clone()
+    off_diagonal[range(3), range(3)] = 0
+    assert bool((off_diagonal == 0).all())
+    torch.testing.assert_close(k[1, 1, :, 1], torch.tensor([0.1875, 0.5625, 0.5625, 0.1875]))
+
+
+def _same_start(variants: list[str], **kwargs: object) -> dict[str, FCN]:
+    """Nets of each variant sharing the 32s net's backbone and c5 scores, as the paper initialises them."""
+    nets = {v: FCN(4, variant=v, **kwargs).eval() for v in variants}
+    shared = {k: t for k, t in nets["32s"].state_dict().items() if k.startswith(("backbone.", "score.c5."))}
+    for net in nets.values():
+        net.load_state_dict(shared, strict=False)
+    return nets
+
+
+@pytest.mark.parametrize(("backbone", "dilate_last"), [("vgg_tiny", False), ("resnet18", True)])
+def test_variants_start_from_the_coarse_net_output(backbone: str, dilate_last: bool) -> None:
+    """With nearest upsampling (x2 then x2 then x8 is exactly x32), 8s and 16s at init predict what 32s does."""
+    nets = _same_start(["32s", "16s", "8s"], backbone=backbone, dilate_last=dilate_last, upsample="nearest", width=8)
+    x = torch.randn(2, 3, 45, 70)
+    with torch.no_grad():
+        out = {v: net(x) for v, net in nets.items()}
+    torch.testing.assert_close(out["16s"], out["32s"])
+    torch.testing.assert_close(out["8s"], out["32s"])
+
+
+@pytest.mark.parametrize("upsample", ["transposed", "bilinear", "nearest"])
+def test_skip_taps_contribute_nothing_at_init(upsample: str) -> None:
+    net = FCN(4, variant="8s", upsample=upsample, width=8).eval()
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        before = net(x)
+        net.backbone.register_forward_hook(
+            lambda module, args, out: {**out, "c3": torch.randn_like(out["c3"]), "c4": torch.randn_like(out["c4"])}
+        )
+        after = net(x)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_every_parameter_learns() -> None:
+    """Zero-initialised skip scores still get gradients, so training moves away from the coarse net."""
+    net = FCN(4, variant="8s", width=8)
+    F.cross_entropy(net(torch.randn(2, 3, 48, 48)), torch.randint(0, 4, (2, 48, 48))).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+
+
+def test_invalid_variant_and_upsample_list_the_choices() -> None:
+    with pytest.raises(ValueError, match="'4s'.*32s, 16s, 8s"):
+        FCN(3, variant="4s")
+    with pytest.raises(ValueError, match="'bicubic'.*transposed, bilinear, nearest"):
+        FCN(3, upsample="bicubic")
