@@ -52,8 +52,8 @@ def predict(cfg: DictConfig) -> list[Path]:
         for path in track(images, description="Predicting"):
             rgb = torch.from_numpy(read_rgb(path)).permute(2, 0, 1)
             labels = task.predict_masks(rgb.float().div(255).unsqueeze(0).to(device))[0].cpu()
-            mask = Image.fromarray(labels.numpy().astype(np.uint8), mode="P")
-            mask.putpalette(colours)  # an index PNG: pixel value = class id, shown in class colours
+            mask = Image.fromarray(labels.numpy().astype(np.uint8))
+            mask.putpalette(colours)  # makes it an index PNG: pixel value = class id, shown in class colours
             mask.save(out_dir / "masks" / f"{path.stem}.png")
             picture = overlay(rgb, labels, num_classes).permute(1, 2, 0).numpy()
             Image.fromarray(picture).save(out_dir / "overlays" / f"{path.stem}.png")

@@ -87,3 +87,14 @@ def test_cli_typo_fails_before_any_work(tmp_path: Path, override: str, message: 
     assert message in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()  # nothing generated, nothing trained
+
+
+@pytest.mark.parametrize("model", _options("model"))
+def test_every_model_config_builds_a_task_that_keeps_the_input_size(model: str):
+    import torch
+    from hydra.utils import instantiate
+
+    task = instantiate(_compose("train", [f"model={model}", "model.net.width=8"]).model)
+    with torch.no_grad():
+        logits = task.eval()(torch.rand(2, 3, 45, 67))
+    assert logits.shape == (2, 4, 45, 67)
