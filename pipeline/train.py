@@ -77,12 +77,10 @@ def _model_name(cfg: DictConfig) -> str:
 
 def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], run_id: str | None) -> None:
     """Print where the results are: metrics, checkpoints, the run directory, the MLflow UI link."""
-    ckpt = trainer.checkpoint_callback
     lines = ["", "Training finished."]
     lines += [f"  {k:<28} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/")]
-    if ckpt is not None:
-        lines.append(f"  best checkpoint: {ckpt.best_model_path or '(none)'}")
-        lines.append(f"  last checkpoint: {ckpt.last_model_path or '(none)'}")
+    for ckpt in trainer.checkpoint_callbacks:
+        lines.append(f"  checkpoint:      {ckpt.best_model_path or '(none)'}")
     lines.append(f"  run directory:   {cfg.paths.output_dir}")
     if run_id:
         lines.append(f"  MLflow run {run_id}: {tracking.ui_hint(cfg.logger.tracking_uri, run_id)}")
