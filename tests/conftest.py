@@ -55,11 +55,16 @@ def tracking_uri(workdir: Path) -> str:
 
 
 def run_cli(
-    entry: str, *overrides: str, cwd: Path, check: bool = True, timeout: int = 600
+    entry: str, *overrides: str, cwd: Path, check: bool = True, timeout: int = 600, tracking_uri: str | None = None
 ) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline.<entry> overrides…` in cwd as a user would; fail with its output on error."""
+    """Run `python -m pipeline.<entry> overrides…` in cwd as a user would; fail with its output on error.
+
+    The run logs to cwd's outputs/mlflow.db unless `tracking_uri` sets MLFLOW_TRACKING_URI.
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     proc = subprocess.run(
         [sys.executable, "-m", f"pipeline.{entry}", *overrides],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,

@@ -4,7 +4,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from omegaconf import OmegaConf
