@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
@@ -16,6 +18,10 @@ T = TypeVar("T")
 
 # Absolute, so Hydra finds conf/ whether we run as a console script or as `python -m pipeline.<entry>`.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+# `${cwd:}`: the directory the command was started in (Hydra does not chdir). Unlike `${hydra:runtime.cwd}` it
+# also resolves while a multirun sweeper computes its sweep dir, before any job's HydraConfig exists.
+OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 
 USER_ERRORS = (ConfigError, CheckpointError, ConnectionError, InstantiationException)
 

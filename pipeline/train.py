@@ -51,9 +51,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             tracking.continue_run(cfg, overrides, run_id)
         else:
             parent = {"run_id": meta["mlflow_run_id"], "config": meta["config"]} if meta else None
-            run_id = tracking.start_run(
-                cfg, overrides, run_name=f"{_model_name(cfg)}-{Path(run_dir).name}", parent=parent
-            )
+            # runs/<time> -> "<model>-<time>"; multiruns/<time>/<job> -> "<model>-<time>-<job>"
+            stamp = "-".join(p for p in Path(run_dir).parts[-2:] if p != "runs")
+            run_id = tracking.start_run(cfg, overrides, run_name=f"{_model_name(cfg)}-{stamp}", parent=parent)
 
     logger = instantiate(cfg.logger, run_id=run_id)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
