@@ -72,10 +72,10 @@ def argv_for_resume(argv: list[str]) -> list[str]:
     `hydra.run.dir=…`) is resolved here first; this invocation's Hydra files go to `.hydra/resume-<time>`.
     DDP child processes (LOCAL_RANK set) already get the parent's run dir from Lightning.
     """
-    args = dict(a.split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
+    args = dict(a.lstrip("+").split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
     ckpt = args.get("ckpt_path")
     if (
-        "LOCAL_RANK" in os.environ
+        os.environ.get("LOCAL_RANK", "0") != "0"
         or ckpt in (None, "", "null")
         or args.get("resume_mode", "continue") == "fork"
         or "hydra.run.dir" in args
@@ -83,4 +83,4 @@ def argv_for_resume(argv: list[str]) -> list[str]:
         return argv
     run_dir = read_metadata(resolve_checkpoint(ckpt))["run_dir"]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    return [*argv, f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
+    return [*argv, f'hydra.run.dir="{run_dir}"', f"hydra.output_subdir=.hydra/resume-{stamp}"]

@@ -23,7 +23,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # also resolves while a multirun sweeper computes its sweep dir, before any job's HydraConfig exists.
 OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 
-USER_ERRORS = (ConfigError, CheckpointError, ConnectionError, InstantiationException)
+USER_ERRORS = (ConfigError, CheckpointError, ConnectionError, FileNotFoundError, InstantiationException)
 
 
 def exit_on_user_error(func: Callable[..., T], *args: object) -> T:

@@ -31,6 +31,7 @@ def load_task(ckpt: Path) -> tuple[pl.LightningModule, DictConfig, dict]:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate the checkpoint on its (or an overridden) validation set; write metrics.json, log to MLflow."""
     validate_config(cfg, EVAL_KEYS)
+    tracking.check_reachable(cfg.logger.tracking_uri)
     ckpt = resolve_checkpoint(cfg.ckpt_path)
     task, train_cfg, meta = load_task(ckpt)
     data_cfg = OmegaConf.merge(train_cfg.data, cfg.data)
@@ -46,7 +47,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     _print_table(metrics, ckpt)
     train_run = meta.get("mlflow_run_id") or ""
     client = MlflowClient(cfg.logger.tracking_uri)
-    tracking.check_reachable(cfg.logger.tracking_uri)
     exp_id = tracking.experiment_id(client, cfg.logger.experiment_name, cfg.paths.log_dir)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     run = client.create_run(

@@ -16,23 +16,27 @@ from typing import Any
 
 import numpy as np
 from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
 
-# An unreachable tracking server otherwise blocks for minutes in MLflow's default retries.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+from pipeline.config import ConfigError
 
 TAG_PREFIX = "pipeline."
 
 
 def check_reachable(uri: str) -> None:
-    """Fail in seconds with a clear message when an http(s) tracking server does not answer."""
+    """Fail in seconds with a clear message when an http(s) tracking server does not answer.
+
+    MLflow's own client would retry an unreachable server with back-off for minutes before failing.
+    """
     if not uri.startswith(("http://", "https://")):
         return
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+    except urllib.error.HTTPError:
+        return  # it answered (an auth proxy or a server without /health): reachable
     except (urllib.error.URLError, OSError) as err:
         raise ConnectionError(
             f"MLflow tracking server {uri} is not reachable ({err}). Start it, fix MLFLOW_TRACKING_URI / "
@@ -47,7 +51,9 @@ def experiment_id(client: MlflowClient, name: str, log_dir: str | Path | None = 
     MLflow's default `./mlruns` under whatever directory the command happened to run in.
     """
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None and experiment.lifecycle_stage != "deleted":
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":  # its name stays taken until `mlflow gc`
+            client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
     local = client.tracking_uri.startswith("sqlite:") and log_dir is not None
     location = (Path(log_dir).resolve() / "mlartifacts").as_uri() if local else None
@@ -88,7 +94,7 @@ def run_tags(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
     """Tags that make runs comparable: git commit, task, model, Hydra overrides."""
     net = cfg.model.get("net", {})
     return {
-        "mlflow.source.git.commit": _git_commit(cfg.paths.root_dir),
+        "mlflow.source.git.commit": _git_commit(str(Path(__file__).resolve().parent)),
         f"{TAG_PREFIX}task": str(cfg.model._target_).rsplit(".", 1)[-1],
         f"{TAG_PREFIX}model": "-".join(
             str(v) for v in (net.get("_target_", "?").rsplit(".", 1)[-1], net.get("variant"), net.get("backbone")) if v
@@ -125,14 +131,21 @@ def changed_keys(old: dict[str, str], new: dict[str, str]) -> dict[str, tuple[st
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
-def continue_run(cfg: DictConfig, overrides: list[str], run_id: str) -> None:
+def continue_run(cfg: DictConfig, overrides: list[str], run_id: str, original_uri: str | None = None) -> None:
     """Re-open `run_id` for a resumed training; record changed settings instead of re-logging params.
 
     MLflow refuses to change a logged param, so new keys are logged as params and changed ones are recorded
     in a `pipeline.resume.<n>.changed` tag (JSON {key: [old, new]}) next to that resume's config artifact.
     """
     client = MlflowClient(cfg.logger.tracking_uri)
-    run = client.get_run(run_id)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(
+            f"The checkpoint's MLflow run {run_id} is not in {cfg.logger.tracking_uri} (it was logged to "
+            f"{original_uri}). Run from the same directory, set MLFLOW_TRACKING_URI={original_uri}, or pass "
+            "resume_mode=fork to start a new run from the checkpoint."
+        ) from None
     config = OmegaConf.to_container(cfg, resolve=True)
     new = flatten(config)
     old = run.data.params
@@ -155,11 +168,6 @@ def log_image(logger: Any, image: np.ndarray, artifact_file: str) -> None:
 
     if isinstance(logger, MLFlowLogger) and logger.run_id is not None:
         logger.experiment.log_image(logger.run_id, image, artifact_file=artifact_file)
-
-
-def log_file(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-    """Upload one file to a run's artifacts."""
-    MlflowClient(tracking_uri).log_artifact(run_id, str(path), artifact_path)
 
 
 def ui_hint(tracking_uri: str, run_id: str) -> str:

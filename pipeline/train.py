@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -48,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tracking.check_reachable(cfg.logger.tracking_uri)
         if meta is not None and cfg.resume_mode == "continue" and meta.get("mlflow_run_id"):
             run_id = meta["mlflow_run_id"]
-            tracking.continue_run(cfg, overrides, run_id)
+            tracking.continue_run(cfg, overrides, run_id, meta.get("tracking_uri"))
         else:
             parent = {"run_id": meta["mlflow_run_id"], "config": meta["config"]} if meta else None
             # runs/<time> -> "<model>-<time>"; multiruns/<time>/<job> -> "<model>-<time>-<job>"
@@ -60,6 +61,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks.append(RunMetadata(OmegaConf.to_container(cfg, resolve=True), run_id, run_dir, cfg.logger.tracking_uri))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
+    if resume is not None and cfg.resume_mode == "fork":
+        # A fork starts from the weights only, so its own optimizer, schedule and epochs apply (restoring the
+        # optimizer state would silently bring back the parent's learning rate).
+        task.load_state_dict(torch.load(resume, map_location="cpu", weights_only=True)["state_dict"])
+        resume = None
     if _USER_ARGV:
         sys.argv = list(_USER_ARGV)  # DDP children re-run this command; Lightning adds the run dir itself
     trainer.fit(task, datamodule=datamodule, ckpt_path=resume)

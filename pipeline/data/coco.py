@@ -44,7 +44,13 @@ class CocoSemanticSource:
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Image RGB uint8 [H, W, 3] and semantic mask uint8 [H, W] of the index-th image (sorted by id)."""
         info = self.coco.imgs[self.image_ids[index]]
-        image = read_rgb(self.images_dir / info["file_name"])
+        path = self.images_dir / info["file_name"]
+        image = read_rgb(path)
+        if image.shape[:2] != (info["height"], info["width"]):
+            raise ValueError(
+                f"{path}: image is {image.shape[1]}x{image.shape[0]} (after EXIF rotation) but image id {info['id']} "
+                f"in the annotations says {info['width']}x{info['height']}."
+            )
         mask = np.zeros(image.shape[:2], dtype=np.uint8)
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=info["id"]))
         for ann in sorted(anns, key=lambda a: -a["area"]):

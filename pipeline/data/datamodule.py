@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.config import ConfigError
 from pipeline.data.coco import CocoSemanticSource
 from pipeline.data.samplers import MultiScaleBatchSampler, ShardedSampler
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
@@ -42,6 +43,10 @@ class SegmentationSamples(Dataset):
 def _worker_init(_: int) -> None:
     # OpenCV's own thread pool inside every loader worker would oversubscribe the cores.
     cv2.setNumThreads(0)
+    # Forked workers inherit one albumentations generator state: give each its own, from torch's worker seed
+    # (itself derived from the seeded main process, so runs stay reproducible).
+    info = torch.utils.data.get_worker_info()
+    info.dataset.augment.set_random_seed(info.seed % 2**32)
 
 
 def auto_num_workers(devices: int = 1) -> int:
@@ -76,13 +81,19 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.num_classes, self.class_names, self.ignore_index = num_classes, list(class_names), ignore_index
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_sizes, self.size_every, self.val_size = list(train_sizes), size_every, val_size
-        self.train_augment, self.val_augment = compose(train_transforms), compose(val_transforms)
+        self.train_augment, self.val_augment = compose(train_transforms, seed), compose(val_transforms, seed)
         self.seed = seed
         self.train_set: SegmentationSamples | None = None
         self.val_set: SegmentationSamples | None = None
 
     def _source(self, files: dict) -> CocoSemanticSource:
-        return CocoSemanticSource(files["images"], files["annotations"], self.ignore_index)
+        source = CocoSemanticSource(files["images"], files["annotations"], self.ignore_index)
+        if len(source.label_of) + 1 != self.num_classes:
+            raise ConfigError(
+                f"{files['annotations']} has {len(source.label_of)} categories, so data.num_classes must be "
+                f"{len(source.label_of) + 1} (background + categories), not {self.num_classes}."
+            )
+        return source
 
     def setup(self, stage: str | None = None) -> None:
         """Read the annotation files (every rank)."""
@@ -118,6 +129,10 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
+        if len(self.val_set) < world:
+            raise ConfigError(
+                f"The validation set has {len(self.val_set)} images for {world} processes: every process needs one."
+            )
         # No padding: each val image is scored exactly once across ranks, so synced metrics equal one process's.
         sampler = ShardedSampler(
             len(self.val_set), shuffle=False, seed=self.seed, rank=rank, world_size=world, pad=False

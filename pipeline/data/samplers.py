@@ -34,7 +34,7 @@ class ShardedSampler(Sampler[int]):
             order = list(range(self.size))
         if self.pad and self.size:
             total = math.ceil(self.size / self.world_size) * self.world_size
-            order += order[: total - self.size]
+            order = (order * math.ceil(total / self.size))[:total]
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:

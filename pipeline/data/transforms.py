@@ -10,9 +10,13 @@ import cv2
 import numpy as np
 
 
-def compose(transforms: Sequence[A.BasicTransform]) -> A.Compose:
-    """Chain transforms instantiated from config (a list of `_target_: albumentations.X` nodes)."""
-    return A.Compose(list(transforms))
+def compose(transforms: Sequence[A.BasicTransform], seed: int | None = None) -> A.Compose:
+    """Chain transforms instantiated from config (a list of `_target_: albumentations.X` nodes).
+
+    albumentations keeps its own random generator and ignores global seeds, so it is seeded here (and
+    re-seeded per loader worker by the DataModule, or every worker would repeat the same augmentations).
+    """
+    return A.Compose(list(transforms), seed=seed)
 
 
 @lru_cache(maxsize=32)

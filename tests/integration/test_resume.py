@@ -89,4 +89,6 @@ def test_fork_starts_a_new_run_tagged_with_its_parent(workdir: Path):
     assert child.data.tags["pipeline.forked_from"] == parent.info.run_id
     changed = child.data.tags["pipeline.fork_changed_keys"]
     assert "model.optimizer.lr" in changed and "trainer.max_epochs" in changed
-    assert _epoch_steps(client, child.info.run_id) == [2 * STEPS_PER_EPOCH - 1]
+    # a fork starts from the weights with its own schedule: epochs from 0 and the new learning rate
+    assert _epoch_steps(client, child.info.run_id) == [STEPS_PER_EPOCH - 1, 2 * STEPS_PER_EPOCH - 1]
+    assert client.get_metric_history(child.info.run_id, "lr-AdamW")[0].value == 0.01
