@@ -90,15 +90,19 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
         client.log_batch(run_id, params=items[i : i + 100])
 
 
+def model_name(cfg: DictConfig) -> str:
+    """A short name of the configured net, e.g. "FCN-8s-vgg_tiny", for run names and tags."""
+    net = cfg.model.get("net", {})
+    parts = (str(net.get("_target_", "model")).rsplit(".", 1)[-1], net.get("variant"), net.get("backbone"))
+    return "-".join(str(p) for p in parts if p)
+
+
 def run_tags(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
     """Tags that make runs comparable: git commit, task, model, Hydra overrides."""
-    net = cfg.model.get("net", {})
     return {
         "mlflow.source.git.commit": _git_commit(str(Path(__file__).resolve().parent)),
         f"{TAG_PREFIX}task": str(cfg.model._target_).rsplit(".", 1)[-1],
-        f"{TAG_PREFIX}model": "-".join(
-            str(v) for v in (net.get("_target_", "?").rsplit(".", 1)[-1], net.get("variant"), net.get("backbone")) if v
-        ),
+        f"{TAG_PREFIX}model": model_name(cfg),
         f"{TAG_PREFIX}overrides": " ".join(overrides)[:MAX_PARAM_VAL_LENGTH] or "(none)",
         f"{TAG_PREFIX}run_dir": str(cfg.paths.output_dir),
         **{f"{TAG_PREFIX}tag.{t}": "1" for t in cfg.get("tags", [])},

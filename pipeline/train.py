@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             parent = {"run_id": meta["mlflow_run_id"], "config": meta["config"]} if meta else None
             # runs/<time> -> "<model>-<time>"; multiruns/<time>/<job> -> "<model>-<time>-<job>"
             stamp = "-".join(p for p in Path(run_dir).parts[-2:] if p != "runs")
-            run_id = tracking.start_run(cfg, overrides, run_name=f"{_model_name(cfg)}-{stamp}", parent=parent)
+            run_id = tracking.start_run(cfg, overrides, run_name=f"{tracking.model_name(cfg)}-{stamp}", parent=parent)
 
     logger = instantiate(cfg.logger, run_id=run_id)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
@@ -74,11 +74,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         _report(cfg, trainer, metrics, run_id)
     return metrics
-
-
-def _model_name(cfg: DictConfig) -> str:
-    net = cfg.model.get("net", {})
-    return f"{net.get('_target_', 'model').rsplit('.', 1)[-1].lower()}{net.get('variant', '')}"
 
 
 def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], run_id: str | None) -> None:

@@ -41,7 +41,9 @@ class ShardedSampler(Sampler[int]):
         return iter(self._indices())
 
     def __len__(self) -> int:
-        return len(self._indices())
+        if self.pad:
+            return math.ceil(self.size / self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
 
 
 class MultiScaleBatchSampler(Sampler[list[tuple[int, int]]]):

@@ -58,9 +58,9 @@ class SegmentationTask(pl.LightningModule):
         return self.net((images - self.mean) / self.std)
 
     def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        if bool((masks == self.hparams.ignore_index).all()):
-            return logits.sum() * 0.0  # an all-void batch: zero loss instead of cross-entropy's NaN
-        return F.cross_entropy(logits, masks, ignore_index=self.hparams.ignore_index)
+        """Mean cross-entropy over non-void pixels; 0 (not cross-entropy's NaN) for an all-void batch."""
+        total = F.cross_entropy(logits, masks, ignore_index=self.hparams.ignore_index, reduction="sum")
+        return total / (masks != self.hparams.ignore_index).sum().clamp(min=1)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])

@@ -34,3 +34,11 @@ def test_order_is_a_function_of_seed_and_epoch():
 def test_validation_sharding_scores_each_image_once():
     shards = [list(ShardedSampler(7, shuffle=False, seed=0, rank=r, world_size=2, pad=False)) for r in range(2)]
     assert sorted(shards[0] + shards[1]) == list(range(7))
+
+
+def test_len_matches_the_indices_it_yields():
+    for size, world, pad in [(7, 2, False), (7, 2, True), (1, 4, True), (0, 2, True), (50, 3, False)]:
+        for rank in range(world):
+            sampler = ShardedSampler(size, shuffle=True, seed=0, rank=rank, world_size=world, pad=pad)
+            assert len(sampler) == len(list(sampler))
+    assert len(list(ShardedSampler(1, shuffle=False, seed=0, rank=3, world_size=4))) == 1  # padded, not empty
