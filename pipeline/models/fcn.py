@@ -47,19 +47,15 @@ class FCN(nn.Module):
 
     variant: "32s" scores c5 only; "16s" adds c4's scores, "8s" also c3's (the skip fusion of the paper).
     upsample: "transposed" (learnable, bilinear init, as in the paper), or a fixed "bilinear"/"nearest".
-    The other arguments go to `build_backbone`.
+    backbone: `build_backbone`'s arguments (name, pretrained, weights, dilate_last, width).
     """
 
     def __init__(
         self,
         num_classes: int,
+        backbone: dict,
         variant: str = "8s",
-        backbone: str = "vgg_tiny",
-        pretrained: bool = False,
-        weights: str | None = None,
         upsample: str = "transposed",
-        dilate_last: bool = False,
-        width: int = 32,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -70,7 +66,7 @@ class FCN(nn.Module):
         self.variant = variant
         self.upsample = upsample
         self.taps = VARIANTS[variant]
-        self.backbone = build_backbone(backbone, pretrained, weights, dilate_last, width)
+        self.backbone = build_backbone(**backbone)
         strides = self.backbone.strides
         self.size_divisor = max(strides.values())
 

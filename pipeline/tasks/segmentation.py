@@ -9,20 +9,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from pipeline.metrics.segmentation import ConfusionMatrixIoU
+from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, to_primitive
 from pipeline.tracking import log_image
 from pipeline.viz import comparison_panel
-
-# Backbones expect ImageNet-normalised input (so pretrained weights work); batches carry RGB in 0..1.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def to_primitive(value: Any) -> Any:
-    """OmegaConf containers as plain dicts/lists (resolved); anything else unchanged."""
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 class SegmentationTask(pl.LightningModule):
@@ -30,7 +21,10 @@ class SegmentationTask(pl.LightningModule):
 
     The net, optimizer and scheduler arrive as config dicts (`_target_` + args) and are built here, so the
     checkpoint's hyper-parameters are primitives and load under torch's weights-only unpickler.
+    `monitor` names the validation metric that ranks checkpoints and that sweeps optimise.
     """
+
+    TARGETS = "semantic"
 
     def __init__(
         self,
@@ -40,6 +34,7 @@ class SegmentationTask(pl.LightningModule):
         num_classes: int,
         class_names: Sequence[str],
         ignore_index: int = 255,
+        monitor: str = "val/mIoU",
         scheduler_interval: str = "epoch",
         num_vis_images: int = 4,
     ) -> None:
@@ -101,11 +96,4 @@ class SegmentationTask(pl.LightningModule):
         return self(images).argmax(1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.hparams.optimizer, params=self.parameters())
-        if not self.hparams.scheduler:
-            return optimizer
-        scheduler = instantiate(self.hparams.scheduler, optimizer=optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval},
-        }
+        return build_optimizers(self)

@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from pipeline.models.fcn import FCN, bilinear_kernel, transposed_upsampler
 
 
+def _tiny(**kwargs: object) -> dict:
+    """A vgg_tiny backbone config of width 8."""
+    return {"name": "vgg_tiny", "width": 8, **kwargs}
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
@@ -18,7 +23,7 @@ def _seed() -> None:
 @pytest.mark.parametrize("variant", ["32s", "16s", "8s"])
 @pytest.mark.parametrize("dilate_last", [False, True])
 def test_logits_have_the_input_size(dilate_last: bool, variant: str, upsample: str) -> None:
-    net = FCN(5, variant=variant, upsample=upsample, dilate_last=dilate_last, width=8).eval()
+    net = FCN(5, _tiny(dilate_last=dilate_last), variant=variant, upsample=upsample).eval()
     with torch.no_grad():
         for h, w in [(33, 47), (64, 64), (97, 61), (5, 3)]:
             assert net(torch.randn(2, 3, h, w)).shape == (2, 5, h, w)
@@ -28,7 +33,7 @@ def test_logits_have_the_input_size(dilate_last: bool, variant: str, upsample: s
 @pytest.mark.parametrize("variant", ["32s", "16s", "8s"])
 def test_logits_have_the_input_size_resnet(variant: str, upsample: str) -> None:
     for dilate_last in (False, True):
-        net = FCN(5, variant=variant, backbone="resnet18", upsample=upsample, dilate_last=dilate_last).eval()
+        net = FCN(5, {"name": "resnet18", "dilate_last": dilate_last}, variant=variant, upsample=upsample).eval()
         with torch.no_grad():
             assert net(torch.randn(1, 3, 49, 38)).shape == (1, 5, 49, 38)
 
@@ -70,7 +75,8 @@ def _same_start(variants: list[str], **kwargs: object) -> dict[str, FCN]:
 @pytest.mark.parametrize(("backbone", "dilate_last"), [("vgg_tiny", False), ("resnet18", True)])
 def test_variants_start_from_the_coarse_net_output(backbone: str, dilate_last: bool) -> None:
     """With nearest upsampling (x2 then x2 then x8 is exactly x32), 8s and 16s at init predict what 32s does."""
-    nets = _same_start(["32s", "16s", "8s"], backbone=backbone, dilate_last=dilate_last, upsample="nearest", width=8)
+    config = {"name": backbone, "dilate_last": dilate_last, "width": 8}
+    nets = _same_start(["32s", "16s", "8s"], backbone=config, upsample="nearest")
     x = torch.randn(2, 3, 45, 70)
     with torch.no_grad():
         out = {v: net(x) for v, net in nets.items()}
@@ -80,7 +86,7 @@ def test_variants_start_from_the_coarse_net_output(backbone: str, dilate_last: b
 
 @pytest.mark.parametrize("upsample", ["transposed", "bilinear", "nearest"])
 def test_skip_taps_contribute_nothing_at_init(upsample: str) -> None:
-    net = FCN(4, variant="8s", upsample=upsample, width=8).eval()
+    net = FCN(4, _tiny(), variant="8s", upsample=upsample).eval()
     x = torch.randn(2, 3, 40, 56)
     with torch.no_grad():
         before = net(x)
@@ -93,7 +99,7 @@ def test_skip_taps_contribute_nothing_at_init(upsample: str) -> None:
 
 def test_every_parameter_learns() -> None:
     """Zero-initialised skip scores still get gradients, so training moves away from the coarse net."""
-    net = FCN(4, variant="8s", width=8)
+    net = FCN(4, _tiny(), variant="8s")
     F.cross_entropy(net(torch.randn(2, 3, 48, 48)), torch.randint(0, 4, (2, 48, 48))).backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
@@ -101,6 +107,6 @@ def test_every_parameter_learns() -> None:
 
 def test_invalid_variant_and_upsample_list_the_choices() -> None:
     with pytest.raises(ValueError, match="'4s'.*32s, 16s, 8s"):
-        FCN(3, variant="4s")
+        FCN(3, _tiny(), variant="4s")
     with pytest.raises(ValueError, match="'bicubic'.*transposed, bilinear, nearest"):
-        FCN(3, upsample="bicubic")
+        FCN(3, _tiny(), upsample="bicubic")
