@@ -56,13 +56,17 @@ def temp_files_beside(run_dir: str | os.PathLike) -> None:
 
 
 class RunMetadata(pl.Callback):
-    """Stores the resolved config, MLflow run id and run dir in every checkpoint (plain dicts and strings)."""
+    """Stores the resolved config, MLflow run id and run dir in every checkpoint (plain dicts and strings).
+
+    Also the dataset's category ids (label i = category_ids[i - 1]), so predictions name the training file's ids.
+    """
 
     def __init__(self, config: dict, run_id: str | None, run_dir: str, tracking_uri: str) -> None:
         self.meta = {"config": config, "mlflow_run_id": run_id, "run_dir": run_dir, "tracking_uri": tracking_uri}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint["pipeline"] = self.meta
+        category_ids = getattr(trainer.datamodule, "category_ids", None)
+        checkpoint["pipeline"] = {**self.meta, "category_ids": list(category_ids) if category_ids else None}
 
 
 def argv_for_resume(argv: list[str]) -> list[str]:

@@ -89,4 +89,4 @@ TRAIN_KEYS = {
     "task_name", "tags", "seed", "deterministic", "ckpt_path", "resume_mode",
 }  # fmt: skip
 EVAL_KEYS = {"trainer", "logger", "paths", "task_name", "ckpt_path", "data", "deterministic"}
-PREDICT_KEYS = {"paths", "task_name", "ckpt_path", "input", "device"}
+PREDICT_KEYS = {"paths", "task_name", "ckpt_path", "input", "device", "min_score"}

@@ -1,4 +1,8 @@
-"""`pipeline-eval ckpt_path=…`: recompute validation metrics of a checkpoint, print them, log an eval run."""
+"""`pipeline-eval ckpt_path=…`: recompute validation metrics of a checkpoint, print them, log an eval run.
+
+Detection checkpoints also write `predictions.json`: every detection in COCO results format, with the image
+and category ids of the evaluated annotation file, so pycocotools (or any COCO tool) can score it.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt = resolve_checkpoint(cfg.ckpt_path)
     task, train_cfg, meta = load_task(ckpt)
     data_cfg = OmegaConf.merge(train_cfg.data, cfg.data)
-    datamodule = instantiate(data_cfg)
+    datamodule = instantiate(data_cfg, targets=task.TARGETS)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[RichProgressBar()], max_epochs=1)
     (results,) = trainer.validate(task, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in results.items()}
@@ -44,6 +48,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     out_dir = Path(cfg.paths.output_dir)
     tracking.write_json(out_dir / "metrics.json", {"checkpoint": str(ckpt), "metrics": metrics})
+    artifacts = [out_dir / "metrics.json"]
+    if task.TARGETS == "boxes":
+        results = coco_results(task.results, datamodule.category_ids)
+        tracking.write_json(out_dir / "predictions.json", results)
+        artifacts.append(out_dir / "predictions.json")
     _print_table(metrics, ckpt)
     train_run = meta.get("mlflow_run_id") or ""
     client = MlflowClient(cfg.logger.tracking_uri)
@@ -63,13 +72,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_id = run.info.run_id
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
-    client.log_artifact(run_id, str(out_dir / "metrics.json"))
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
     client.set_terminated(run_id)
-    print(
-        f"metrics.json: {out_dir / 'metrics.json'}\n"
-        f"MLflow eval run {run_id}: {tracking.ui_hint(cfg.logger.tracking_uri, run_id)}"
-    )
+    print("\n".join(f"{p.name}: {p}" for p in artifacts))
+    print(f"MLflow eval run {run_id}: {tracking.ui_hint(cfg.logger.tracking_uri, run_id)}")
     return metrics
+
+
+def coco_results(detections: list[dict], category_ids: list[int]) -> list[dict]:
+    """Detections {"image_id", "label" 1..K, "bbox" xywh, "score"} as COCO results (label -> category id)."""
+    return [
+        {"image_id": d["image_id"], "category_id": category_ids[d["label"] - 1], "bbox": d["bbox"], "score": d["score"]}
+        for d in detections
+    ]
 
 
 def _print_table(metrics: dict[str, float], ckpt: Path) -> None:

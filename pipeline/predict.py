@@ -1,4 +1,4 @@
-"""`pipeline-predict ckpt_path=… input=<image or folder>`: write mask overlays and raw label masks."""
+"""`pipeline-predict ckpt_path=… input=<image or folder>`: masks and overlays, or boxes drawn plus COCO JSON."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 from rich.progress import track
+from torchvision.ops import box_convert
 
+from pipeline import tracking
 from pipeline.checkpoint import resolve_checkpoint
 from pipeline.cli import CONF_DIR, exit_on_user_error
 from pipeline.config import PREDICT_KEYS, ConfigError, validate_config
 from pipeline.data.coco import read_rgb
+from pipeline.data.transforms import letterbox
 from pipeline.eval import load_task
-from pipeline.viz import overlay, palette
+from pipeline.ops.boxes import letterbox_scale, unletterbox
+from pipeline.viz import draw_boxes, overlay, palette
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -33,33 +37,70 @@ def list_images(path: Path) -> list[Path]:
     raise ConfigError(f"input={path}: no such file or folder.")
 
 
-def predict(cfg: DictConfig) -> list[Path]:
-    """Predict every input image at its own size; returns the written mask paths."""
+def _to_input(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
+    """RGB uint8 [H, W, 3] -> [1, 3, H, W] float in 0..1 on `device`."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(255).unsqueeze(0).to(device)
+
+
+def _predict_masks(task: torch.nn.Module, images: list[Path], out_dir: Path, train_cfg: DictConfig, device) -> None:
+    """Segmentation at each image's own size: index-PNG masks (pixel = class id) and overlays."""
+    num_classes = int(train_cfg.data.num_classes)
+    colours = palette(num_classes).numpy().astype(np.uint8).reshape(-1).tolist()
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    for path in track(images, description="Predicting"):
+        rgb = read_rgb(path)
+        labels = task.predict_masks(_to_input(rgb, device))[0].cpu()
+        mask = Image.fromarray(labels.numpy().astype(np.uint8))
+        mask.putpalette(colours)  # makes it an index PNG: pixel value = class id, shown in class colours
+        mask.save(out_dir / "masks" / f"{path.stem}.png")
+        picture = overlay(torch.from_numpy(rgb).permute(2, 0, 1), labels, num_classes).permute(1, 2, 0).numpy()
+        Image.fromarray(picture).save(out_dir / "overlays" / f"{path.stem}.png")
+    print(f"Wrote {len(images)} masks to {out_dir / 'masks'} and overlays to {out_dir / 'overlays'}")
+
+
+def _predict_boxes(
+    task: torch.nn.Module, images: list[Path], out_dir: Path, meta: dict, min_score: float, device
+) -> None:
+    """Detection at the training input size (letterboxed): boxes drawn in original pixels, COCO results JSON."""
+    size = int(task.hparams.input_size)
+    names = list(task.hparams.class_names)
+    category_ids = meta.get("category_ids") or list(range(1, len(names)))
+    (out_dir / "boxes").mkdir(parents=True, exist_ok=True)
+    results = []
+    for image_id, path in enumerate(track(images, description="Predicting"), start=1):
+        rgb = read_rgb(path)
+        height, width = rgb.shape[:2]
+        det = task.detect(_to_input(letterbox(size, 0)(image=rgb)["image"], device))[0]
+        keep = det["scores"] >= min_score
+        boxes = unletterbox(det["boxes"][keep].cpu(), letterbox_scale(height, width, size), height, width)
+        scores, labels = det["scores"][keep].cpu(), det["labels"][keep].cpu()
+        picture = draw_boxes(torch.from_numpy(rgb).permute(2, 0, 1), boxes, labels, names, scores)
+        Image.fromarray(picture.permute(1, 2, 0).numpy()).save(out_dir / "boxes" / f"{path.stem}.png")
+        for box, score, label in zip(box_convert(boxes, "xyxy", "xywh").tolist(), scores.tolist(), labels.tolist(),
+                                     strict=True):  # fmt: skip
+            results.append({"image_id": image_id, "file_name": path.name, "category_id": category_ids[label - 1],
+                            "bbox": box, "score": score})  # fmt: skip
+    tracking.write_json(out_dir / "predictions.json", results)
+    print(f"Wrote {len(results)} boxes (score >= {min_score}) to {out_dir / 'predictions.json'} and drawings to "
+          f"{out_dir / 'boxes'}")  # fmt: skip
+
+
+def predict(cfg: DictConfig) -> Path:
+    """Predict every input image; returns the output directory."""
     validate_config(cfg, PREDICT_KEYS)
     images = list_images(Path(cfg.input).expanduser())
-    task, train_cfg, _ = load_task(resolve_checkpoint(cfg.ckpt_path))
+    task, train_cfg, meta = load_task(resolve_checkpoint(cfg.ckpt_path))
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
     task.to(device)
-    num_classes = int(train_cfg.data.num_classes)
-    colours = palette(num_classes).numpy().astype(np.uint8).reshape(-1).tolist()
-
     out_dir = Path(cfg.paths.output_dir)
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    written = []
     with torch.inference_mode():
-        for path in track(images, description="Predicting"):
-            rgb = torch.from_numpy(read_rgb(path)).permute(2, 0, 1)
-            labels = task.predict_masks(rgb.float().div(255).unsqueeze(0).to(device))[0].cpu()
-            mask = Image.fromarray(labels.numpy().astype(np.uint8))
-            mask.putpalette(colours)  # makes it an index PNG: pixel value = class id, shown in class colours
-            mask.save(out_dir / "masks" / f"{path.stem}.png")
-            picture = overlay(rgb, labels, num_classes).permute(1, 2, 0).numpy()
-            Image.fromarray(picture).save(out_dir / "overlays" / f"{path.stem}.png")
-            written.append(out_dir / "masks" / f"{path.stem}.png")
-    print(f"Wrote {len(written)} masks to {out_dir / 'masks'} and overlays to {out_dir / 'overlays'}")
-    return written
+        if task.TARGETS == "boxes":
+            _predict_boxes(task, images, out_dir, meta, float(cfg.min_score), device)
+        else:
+            _predict_masks(task, images, out_dir, train_cfg, device)
+    return out_dir
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")

@@ -187,7 +187,7 @@ def ui_hint(tracking_uri: str, run_id: str) -> str:
     return f"{start}{base}/#/experiments/{exp}/runs/{run_id}  (all runs: {base}/#/experiments/{exp}/runs)"
 
 
-def write_json(path: str | Path, data: dict) -> None:
+def write_json(path: str | Path, data: dict | list) -> None:
     """Write JSON atomically (temp file + rename), so a kill never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

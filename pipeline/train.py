@@ -30,7 +30,7 @@ _USER_ARGV: list[str] = []
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train `cfg.model` on `cfg.data`; returns the final callback metrics (val/mIoU, …)."""
+    """Train `cfg.model` on `cfg.data`; returns the final callback metrics (val/mIoU or val/map, …)."""
     validate_config(cfg, TRAIN_KEYS)
     if cfg.resume_mode not in ("continue", "fork"):
         raise ConfigError(f"resume_mode={cfg.resume_mode!r}: choose 'continue' or 'fork'.")
@@ -38,8 +38,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     meta = read_metadata(resume) if resume else None
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
     task = instantiate(cfg.model)
+    datamodule = instantiate(cfg.data, targets=task.TARGETS)  # the task says what a sample must carry
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     run_dir = str(cfg.paths.output_dir)
     temp_files_beside(run_dir)
@@ -91,7 +91,7 @@ def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], run
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     metrics = exit_on_user_error(train, cfg)
-    return metrics.get("val/mIoU")  # the value Hydra sweepers optimise
+    return metrics.get(cfg.model.monitor)  # the value Hydra sweepers optimise
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
-"""Pictures people would rather look at than read: masks overlaid on images, side-by-side panels."""
+"""Pictures people would rather look at than read: masks and boxes drawn on images, side-by-side panels."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.utils import draw_segmentation_masks, make_grid
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 
 def palette(num_classes: int) -> torch.Tensor:
@@ -36,4 +36,48 @@ def comparison_panel(images: torch.Tensor, targets: torch.Tensor, preds: torch.T
         plain = (image.clamp(0, 1) * 255).to(torch.uint8).cpu()
         tiles += [plain, overlay(plain, target, num_classes), overlay(plain, pred, num_classes)]
     grid = make_grid(tiles, nrow=3, padding=2, pad_value=255)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def draw_boxes(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: list[str],
+    scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boxes [N, 4] (x1, y1, x2, y2), labels 1..K, drawn in class colours on an image [3, H, W] -> uint8 [3, H, W]."""
+    if image.is_floating_point():
+        image = (image.clamp(0, 1) * 255).to(torch.uint8)
+    image = image.cpu()
+    if len(boxes) == 0:
+        return image
+    colours = palette(len(class_names))
+    names = [class_names[int(c)] for c in labels]
+    if scores is not None:
+        names = [f"{n} {float(s):.2f}" for n, s in zip(names, scores, strict=True)]
+    return draw_bounding_boxes(
+        image,
+        boxes.detach().cpu().float(),
+        labels=names,
+        colors=[tuple(int(v) for v in colours[int(c)]) for c in labels],
+        width=max(1, image.shape[-1] // 160),
+    )
+
+
+def detection_panel(
+    images: torch.Tensor,
+    gt_boxes: list[torch.Tensor],
+    gt_labels: list[torch.Tensor],
+    detections: list[dict[str, torch.Tensor]],
+    class_names: list[str],
+    min_score: float = 0.3,
+) -> np.ndarray:
+    """One row per image: ground truth | detections scoring at least `min_score`, as uint8 [H, W, 3]."""
+    tiles = []
+    for image, boxes, labels, det in zip(images, gt_boxes, gt_labels, detections, strict=True):
+        shown = det["scores"] >= min_score
+        tiles.append(draw_boxes(image, boxes, labels, class_names))
+        tiles.append(draw_boxes(image, det["boxes"][shown], det["labels"][shown], class_names, det["scores"][shown]))
+    grid = make_grid(tiles, nrow=2, padding=2, pad_value=255)
     return grid.permute(1, 2, 0).numpy()

@@ -1,4 +1,4 @@
-"""COCO instances files read as semantic-segmentation samples (the format the shapes dataset is written in)."""
+"""COCO instances files read as semantic masks or as boxes (the format the shapes dataset is written in)."""
 
 from __future__ import annotations
 
@@ -22,27 +22,22 @@ def read_rgb(path: str | Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-class CocoSemanticSource:
-    """Images of a COCO instances file with semantic masks rasterised from the instances.
+class CocoSource:
+    """Images of a COCO instances file, sorted by image id; category ids sorted ascending are labels 1..K."""
 
-    Labels: 0 is background, category ids sorted ascending map to 1..K. Overlaps: larger instances are painted
-    first, so a small object lying on a big one stays visible. `iscrowd` regions are painted `ignore_index`
-    (void), as COCO ignores them for matching.
-    """
-
-    def __init__(self, images_dir: str | Path, annotations: str | Path, ignore_index: int = 255) -> None:
+    def __init__(self, images_dir: str | Path, annotations: str | Path) -> None:
         self.images_dir = Path(images_dir)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
             self.coco = COCO(str(annotations))
         self.image_ids = sorted(self.coco.getImgIds())
-        self.label_of = {cat_id: i + 1 for i, cat_id in enumerate(sorted(self.coco.getCatIds()))}
-        self.ignore_index = ignore_index
+        self.category_ids = sorted(self.coco.getCatIds())
+        self.label_of = {cat_id: i + 1 for i, cat_id in enumerate(self.category_ids)}
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image RGB uint8 [H, W, 3] and semantic mask uint8 [H, W] of the index-th image (sorted by id)."""
+    def read(self, index: int) -> tuple[np.ndarray, dict, list[dict]]:
+        """Image RGB uint8 [H, W, 3], its image record and its annotations, checked against each other."""
         info = self.coco.imgs[self.image_ids[index]]
         path = self.images_dir / info["file_name"]
         image = read_rgb(path)
@@ -51,9 +46,53 @@ class CocoSemanticSource:
                 f"{path}: image is {image.shape[1]}x{image.shape[0]} (after EXIF rotation) but image id {info['id']} "
                 f"in the annotations says {info['width']}x{info['height']}."
             )
+        return image, info, self.coco.loadAnns(self.coco.getAnnIds(imgIds=info["id"]))
+
+
+class CocoSemanticSource(CocoSource):
+    """Semantic masks rasterised from the instances.
+
+    Labels: 0 is background, categories 1..K. Overlaps: larger instances are painted first, so a small object
+    lying on a big one stays visible. `iscrowd` regions are painted `ignore_index` (void), as COCO ignores them
+    for matching.
+    """
+
+    def __init__(self, images_dir: str | Path, annotations: str | Path, ignore_index: int = 255) -> None:
+        super().__init__(images_dir, annotations)
+        self.ignore_index = ignore_index
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image RGB uint8 [H, W, 3] and semantic mask uint8 [H, W] of the index-th image (sorted by id)."""
+        image, _, anns = self.read(index)
         mask = np.zeros(image.shape[:2], dtype=np.uint8)
-        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=info["id"]))
         for ann in sorted(anns, key=lambda a: -a["area"]):
             value = self.ignore_index if ann.get("iscrowd", 0) else self.label_of[ann["category_id"]]
             mask[self.coco.annToMask(ann).astype(bool)] = value
         return image, mask
+
+
+class CocoBoxSource(CocoSource):
+    """Boxes of the instances: labels 1..K, `iscrowd` flags and the annotation areas COCO evaluation uses."""
+
+    def load(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Image RGB uint8 [H, W, 3] and {"image_id", "boxes" [N, 4] xywh float32, "labels", "iscrowd", "area"}."""
+        image, info, anns = self.read(index)
+        return image, {
+            "image_id": info["id"],
+            "boxes": np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4),
+            "labels": np.array([self.label_of[a["category_id"]] for a in anns], dtype=np.int64),
+            "iscrowd": np.array([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
+            "area": np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], dtype=np.float32),
+        }
+
+    def box_sizes(self, size: int) -> np.ndarray:
+        """(w, h) [N, 2] of every non-crowd box with positive size, as letterboxed to `size` (for anchor k-means)."""
+        sizes = []
+        for image_id in self.image_ids:
+            info = self.coco.imgs[image_id]
+            scale = size / max(info["height"], info["width"])
+            for ann in self.coco.imgToAnns[image_id]:
+                w, h = ann["bbox"][2:]
+                if not ann.get("iscrowd", 0) and w > 0 and h > 0:
+                    sizes.append((w * scale, h * scale))
+        return np.array(sizes, dtype=np.float32).reshape(-1, 2)

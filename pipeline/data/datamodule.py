@@ -1,4 +1,9 @@
-"""LightningDataModules: samples as {"image": [3, H, W] float in 0..1, "mask": [H, W] long}, multi-scale batches."""
+"""LightningDataModules over COCO files: semantic masks or boxes, letterboxed multi-scale batches.
+
+The task decides what a sample carries (`targets`): "semantic" gives {"image": [3, S, S] float in 0..1,
+"mask": [S, S] long}; "boxes" gives the image with its boxes in letterboxed pixels plus what evaluation in
+original pixels needs (see `BoxSamples`).
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import ConfigError
-from pipeline.data.coco import CocoSemanticSource
+from pipeline.data.coco import CocoBoxSource, CocoSemanticSource
 from pipeline.data.samplers import MultiScaleBatchSampler, ShardedSampler
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
-from pipeline.data.transforms import apply, compose, letterbox
+from pipeline.data.transforms import apply, apply_boxes, compose, letterbox
+from pipeline.ops.boxes import letterbox_scale
+
+TARGETS = ("semantic", "boxes")
 
 
 class SegmentationSamples(Dataset):
@@ -34,10 +42,57 @@ class SegmentationSamples(Dataset):
         image, mask = self.source.load(index)
         image, mask = apply(self.augment, image, mask)
         image, mask = apply(letterbox(size, self.ignore_index), image, mask)
+        return {"image": _to_tensor(image), "mask": torch.from_numpy(np.ascontiguousarray(mask)).long()}
+
+    collate = staticmethod(torch.utils.data.default_collate)
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """RGB uint8 [H, W, 3] -> float [3, H, W] in 0..1."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+class BoxSamples(Dataset):
+    """Augmented, letterboxed samples with boxes; a key is an index or an (index, size) pair from the sampler.
+
+    A sample: "image" [3, S, S]; "boxes" [N, 4] (x1, y1, x2, y2 letterboxed pixels), "labels" [N] (1..K) and
+    "iscrowd" [N] after augmentation; "image_id" and "scale" (sx, sy), "orig_size" (H, W) to map predictions
+    back; "gt": the image's annotations untouched (boxes xywh in original pixels, labels, iscrowd, area), the
+    ground truth COCO evaluation compares against.
+    """
+
+    def __init__(self, source: CocoBoxSource, augment: A.Compose, size: int) -> None:
+        self.source, self.augment, self.size = source, augment, size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, size = key if isinstance(key, tuple) else (key, self.size)
+        image, ann = self.source.load(index)
+        xyxy = np.concatenate([ann["boxes"][:, :2], ann["boxes"][:, :2] + ann["boxes"][:, 2:]], axis=1)
+        out = apply_boxes(self.augment, image, xyxy, labels=ann["labels"], iscrowd=ann["iscrowd"])
+        height, width = out["image"].shape[:2]
+        out = apply_boxes(letterbox(size, 0, boxes=True), out["image"], out["boxes"], **{
+            k: out[k] for k in ("labels", "iscrowd")
+        })  # fmt: skip
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
+            "image": _to_tensor(out["image"]),
+            "boxes": torch.from_numpy(out["boxes"]),
+            "labels": torch.from_numpy(out["labels"]),
+            "iscrowd": torch.from_numpy(out["iscrowd"]).bool(),
+            "image_id": ann["image_id"],
+            "scale": letterbox_scale(height, width, size),
+            "orig_size": (height, width),
+            "gt": {k: torch.from_numpy(ann[k]) for k in ("boxes", "labels", "iscrowd", "area")},
         }
+
+    @staticmethod
+    def collate(samples: list[dict]) -> dict:
+        """Stack the images [B, 3, S, S]; every other field becomes a list of B per-image values."""
+        batch = {key: [s[key] for s in samples] for key in samples[0]}
+        batch["image"] = torch.stack(batch["image"])
+        return batch
 
 
 def _worker_init(_: int) -> None:
@@ -55,8 +110,12 @@ def auto_num_workers(devices: int = 1) -> int:
     return max(0, min(4, cores // max(1, devices) - 1))
 
 
-class SegmentationDataModule(pl.LightningDataModule):
-    """Semantic segmentation over COCO instances files (train/val image folder + annotation json)."""
+class CocoDataModule(pl.LightningDataModule):
+    """COCO instances files (train/val image folder + annotation json) as semantic masks or boxes.
+
+    `targets` is set by the task ("semantic" or "boxes"), not by the data config; `bbox_params` filters boxes
+    after augmentation (albumentations' min_visibility, min_area, ...).
+    """
 
     def __init__(
         self,
@@ -72,22 +131,31 @@ class SegmentationDataModule(pl.LightningDataModule):
         val_size: int = 128,
         train_transforms: Sequence[A.BasicTransform] = (),
         val_transforms: Sequence[A.BasicTransform] = (),
+        bbox_params: dict | None = None,
         seed: int = 0,
+        targets: str = "semantic",
     ) -> None:
         super().__init__()
+        if targets not in TARGETS:
+            raise ValueError(f"targets={targets!r}: choose one of {', '.join(TARGETS)}")
         if len(class_names) != num_classes:
             raise ValueError(f"data.class_names has {len(class_names)} names but data.num_classes is {num_classes}")
         self.train_files, self.val_files = dict(train), dict(val)
         self.num_classes, self.class_names, self.ignore_index = num_classes, list(class_names), ignore_index
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_sizes, self.size_every, self.val_size = list(train_sizes), size_every, val_size
-        self.train_augment, self.val_augment = compose(train_transforms, seed), compose(val_transforms, seed)
-        self.seed = seed
-        self.train_set: SegmentationSamples | None = None
-        self.val_set: SegmentationSamples | None = None
+        boxes = (bbox_params or {}) if targets == "boxes" else None
+        self.train_augment = compose(train_transforms, seed, boxes)
+        self.val_augment = compose(val_transforms, seed, boxes)
+        self.seed, self.targets = seed, targets
+        self.train_set: SegmentationSamples | BoxSamples | None = None
+        self.val_set: SegmentationSamples | BoxSamples | None = None
 
-    def _source(self, files: dict) -> CocoSemanticSource:
-        source = CocoSemanticSource(files["images"], files["annotations"], self.ignore_index)
+    def _source(self, files: dict) -> CocoSemanticSource | CocoBoxSource:
+        if self.targets == "boxes":
+            source = CocoBoxSource(files["images"], files["annotations"])
+        else:
+            source = CocoSemanticSource(files["images"], files["annotations"], self.ignore_index)
         if len(source.label_of) + 1 != self.num_classes:
             raise ConfigError(
                 f"{files['annotations']} has {len(source.label_of)} categories, so data.num_classes must be "
@@ -95,16 +163,29 @@ class SegmentationDataModule(pl.LightningDataModule):
             )
         return source
 
+    def _samples(self, files: dict, augment: A.Compose, size: int) -> SegmentationSamples | BoxSamples:
+        source = self._source(files)
+        if self.targets == "boxes":
+            return BoxSamples(source, augment, size)
+        return SegmentationSamples(source, augment, size, self.ignore_index)
+
     def setup(self, stage: str | None = None) -> None:
         """Read the annotation files (every rank)."""
         if self.train_set is None and stage in (None, "fit"):
-            self.train_set = SegmentationSamples(
-                self._source(self.train_files), self.train_augment, max(self.train_sizes), self.ignore_index
-            )
+            self.train_set = self._samples(self.train_files, self.train_augment, max(self.train_sizes))
         if self.val_set is None:
-            self.val_set = SegmentationSamples(
-                self._source(self.val_files), self.val_augment, self.val_size, self.ignore_index
-            )
+            self.val_set = self._samples(self.val_files, self.val_augment, self.val_size)
+
+    def train_box_sizes(self, size: int) -> np.ndarray:
+        """(w, h) [N, 2] of the training boxes letterboxed to `size`: what anchor k-means clusters."""
+        if self.train_set is None or self.targets != "boxes":
+            raise RuntimeError("train_box_sizes needs targets='boxes' and setup('fit') first")
+        return self.train_set.source.box_sizes(size)
+
+    @property
+    def category_ids(self) -> list[int]:
+        """The annotation file's category id of each label 1..K (index label - 1): for COCO results files."""
+        return (self.val_set or self.train_set).source.category_ids
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -118,6 +199,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             worker_init_fn=_worker_init if workers > 0 else None,
+            collate_fn=dataset.collate,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -141,7 +223,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, batches)
 
 
-class ShapesDataModule(SegmentationDataModule):
+class ShapesDataModule(CocoDataModule):
     """The embedded shapes dataset: generated under `root` on first use, then read as COCO files."""
 
     def __init__(self, root: str, spec: dict, **kwargs) -> None:

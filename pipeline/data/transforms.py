@@ -9,18 +9,39 @@ import albumentations as A
 import cv2
 import numpy as np
 
+# Per-box fields that travel with the boxes through a pipeline (and are dropped with them).
+BOX_FIELDS = ("labels", "iscrowd")
 
-def compose(transforms: Sequence[A.BasicTransform], seed: int | None = None) -> A.Compose:
+
+def _box_params(bbox_params: dict | None) -> A.BboxParams | None:
+    """Box handling that never raises on real data: boxes are clipped to the image, degenerate ones dropped.
+
+    `bbox_params` adds albumentations' filters, e.g. min_visibility (keep it below 1.0: 1.0 drops boxes that are
+    fully inside) and min_area in pixels (so a crop leaves no 1-pixel slivers).
+    """
+    if bbox_params is None:
+        return None
+    return A.BboxParams(
+        format="pascal_voc", label_fields=list(BOX_FIELDS), clip=True, filter_invalid_bboxes=True, **bbox_params
+    )
+
+
+def compose(
+    transforms: Sequence[A.BasicTransform], seed: int | None = None, bbox_params: dict | None = None
+) -> A.Compose:
     """Chain transforms instantiated from config (a list of `_target_: albumentations.X` nodes).
 
     albumentations keeps its own random generator and ignores global seeds, so it is seeded here (and
     re-seeded per loader worker by the DataModule, or every worker would repeat the same augmentations).
+    With `bbox_params` (a dict, possibly empty) the pipeline also transforms boxes (x1, y1, x2, y2 pixels).
     """
-    return A.Compose(list(transforms), seed=seed)
+    transforms = list(transforms)
+    # No transforms: no box processor either (albumentations warns about one with nothing to process).
+    return A.Compose(transforms, seed=seed, bbox_params=_box_params(bbox_params) if transforms else None)
 
 
 @lru_cache(maxsize=32)
-def letterbox(size: int, ignore_index: int) -> A.Compose:
+def letterbox(size: int, ignore_index: int, boxes: bool = False) -> A.Compose:
     """Resize the longer side to `size` and pad to size x size; padded mask pixels are void (ignore_index)."""
     return A.Compose(
         [
@@ -33,7 +54,8 @@ def letterbox(size: int, ignore_index: int) -> A.Compose:
                 fill=0,
                 fill_mask=ignore_index,
             ),
-        ]
+        ],
+        bbox_params=_box_params({}) if boxes else None,
     )
 
 
@@ -41,3 +63,16 @@ def apply(pipeline: A.Compose, image: np.ndarray, mask: np.ndarray) -> tuple[np.
     """Run an albumentations pipeline on an image [H, W, 3] and its mask [H, W]."""
     out = pipeline(image=image, mask=mask)
     return out["image"], out["mask"]
+
+
+def apply_boxes(pipeline: A.Compose, image: np.ndarray, boxes: np.ndarray, **fields: np.ndarray) -> dict:
+    """Run a box-aware pipeline on an image [H, W, 3] and boxes [N, 4] (x1, y1, x2, y2) with per-box `fields`.
+
+    Returns {"image", "boxes" [M, 4] float32, **fields [M]}: boxes cropped away or filtered out are gone.
+    """
+    if not pipeline.transforms:
+        return {"image": image, "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4), **fields}
+    out = pipeline(image=image, bboxes=boxes, **fields)
+    result = {"image": out["image"], "boxes": np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)}
+    result.update({name: np.asarray(out[name], dtype=np.int64) for name in fields})
+    return result

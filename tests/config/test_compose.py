@@ -39,9 +39,18 @@ def test_every_group_option_composes_and_validates(override: str):
     validate_config(_compose("train", [override]), TRAIN_KEYS)
 
 
+@pytest.mark.parametrize("model", ["fcn8s", "yolo"])
+@pytest.mark.parametrize("backbone", _options("model/backbone"))
+def test_one_backbone_group_serves_every_model(model: str, backbone: str):
+    cfg = _compose("train", [f"model={model}", f"model/backbone={backbone}"])
+    validate_config(cfg, TRAIN_KEYS)
+    assert cfg.model.net.backbone.name == backbone
+
+
 def test_every_conf_file_is_covered():
     assert {g for g in GROUPS} <= {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
-    assert _options("model") == ["fcn16s", "fcn32s", "fcn8s"]
+    assert _options("model") == ["fcn16s", "fcn32s", "fcn8s", "yolo"]
+    assert _options("model/backbone") == ["resnet18", "resnet34", "resnet50", "vgg16", "vgg_tiny"]
 
 
 def test_eval_and_predict_configs_compose():
@@ -89,12 +98,28 @@ def test_cli_typo_fails_before_any_work(tmp_path: Path, override: str, message: 
     assert not (tmp_path / "data").exists()  # nothing generated, nothing trained
 
 
-@pytest.mark.parametrize("model", _options("model"))
-def test_every_model_config_builds_a_task_that_keeps_the_input_size(model: str):
+@pytest.mark.parametrize("model", [m for m in _options("model") if m.startswith("fcn")])
+def test_every_segmentation_model_config_builds_a_task_that_keeps_the_input_size(model: str):
     import torch
     from hydra.utils import instantiate
 
-    task = instantiate(_compose("train", [f"model={model}", "model.net.width=8"]).model)
+    task = instantiate(_compose("train", [f"model={model}", "model.net.backbone.width=8"]).model)
     with torch.no_grad():
         logits = task.eval()(torch.rand(2, 3, 45, 67))
     assert logits.shape == (2, 4, 45, 67)
+
+
+def test_the_detector_config_builds_a_task_that_detects_at_any_multiple_of_32():
+    import torch
+    from hydra.utils import instantiate
+
+    anchors = "[" + ",".join(f"[{4 * i},{3 * i}]" for i in range(1, 10)) + "]"
+    task = instantiate(
+        _compose("train", ["model=yolo", "model.net.backbone.width=8", f"model.anchors={anchors}"]).model
+    )
+    with torch.no_grad():
+        detections = task.eval().detect(torch.rand(2, 3, 64, 96))
+    assert len(detections) == 2
+    for det in detections:
+        assert det["boxes"].shape[1:] == (4,) and len(det["boxes"]) <= 100
+        assert set(det["labels"].tolist()) <= {1, 2, 3}

@@ -1,0 +1,99 @@
+"""COCO box mAP whose numbers equal pycocotools' COCOeval, plus VOC 11-point AP and precision-recall curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchmetrics.detection import MeanAveragePrecision
+
+COCO_STATS = (
+    "map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+    "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large",
+)  # fmt: skip
+# pycocotools' thresholds in float64; torchmetrics' float32 defaults put recalls that land exactly on a
+# threshold on the other side (../shared/DESIGN.md measured up to 7e-5 of mAP difference).
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()
+REC_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
+
+
+class CocoMAP(MeanAveragePrecision):
+    """torchmetrics' MeanAveragePrecision (bbox, pycocotools backend) with pycocotools' exact thresholds.
+
+    Boxes are xywh in original image pixels; targets may carry the annotation file's `area` (pycocotools uses
+    it, not the box area, for small/medium/large) and `iscrowd`. Detections with a non-finite box or score are
+    dropped before the metric (pycocotools counts NaN boxes as matches) and counted in `nonfinite`.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(
+            box_format="xywh",
+            iou_type="bbox",
+            iou_thresholds=IOU_THRESHOLDS,
+            rec_thresholds=REC_THRESHOLDS,
+            max_detection_thresholds=[1, 10, 100],
+            extended_summary=True,
+            backend="pycocotools",
+            **kwargs,
+        )
+        self.warn_on_many_detections = False  # more than 100 per image is normal at score threshold 0.001
+        self.add_state("nonfinite", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds: list[dict[str, Tensor]], target: list[dict[str, Tensor]]) -> None:
+        """Add one batch: preds {"boxes" [N, 4], "scores" [N], "labels" [N]}, target {"boxes", "labels", …}."""
+        finite = []
+        for pred in preds:
+            ok = torch.isfinite(pred["boxes"]).all(1) & torch.isfinite(pred["scores"])
+            self.nonfinite += int((~ok).sum())
+            finite.append({key: value[ok] for key, value in pred.items()})
+        super().update(finite, target)
+
+    def summary(self) -> dict:
+        """The 12 COCO stats, per-class AP, VOC 11-point AP@0.5, PR curves at IoU 0.5 and the non-finite count.
+
+        Keys: COCO_STATS (floats, -1 where pycocotools gives -1: no ground truth in that range),
+        "map_per_class" {label: AP} and "pr_curves" {label: (recall [101], precision [101])} for labels with
+        ground truth, "map_50_voc" and "nonfinite".
+        """
+        result = self.compute()
+        stats = {key: float(result[key]) for key in COCO_STATS}
+        # precision [T, R, K, A, M]: IoU threshold, recall threshold, class (sorted labels), area, max dets.
+        precision = result["precision"].double().numpy() if "precision" in result else np.zeros((10, 101, 0, 4, 3))
+        labels = [int(c) for c in result["classes"].reshape(-1).tolist()]
+        per_class, curves, voc = {}, {}, []
+        for k, label in enumerate(labels[: precision.shape[2]]):
+            p = precision[:, :, k, 0, -1]  # area "all", 100 detections
+            if (p == -1).all():  # no ground truth of this class
+                continue
+            per_class[label] = float(p[p > -1].mean())
+            at_50 = np.clip(p[0], 0.0, None)  # -1 there: no detection reaches that recall -> precision 0
+            curves[label] = (np.asarray(REC_THRESHOLDS), at_50)
+            # VOC 11-point: mean over recall 0, 0.1, …, 1 of the max precision at recall >= r, which is what
+            # pycocotools' interpolated precision at those recall thresholds is.
+            voc.append(float(at_50[::10].mean()))
+        return {
+            **stats,
+            "map_per_class": per_class,
+            "map_50_voc": float(np.mean(voc)) if voc else 0.0,
+            "pr_curves": curves,
+            "nonfinite": int(self.nonfinite),
+        }
+
+
+def pr_curve_figure(curves: dict[int, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str]) -> np.ndarray:
+    """Precision-recall curves at IoU 0.5, one line per class with its AP@0.5 in the legend, as RGB uint8 [H, W, 3]."""
+    figure = Figure(figsize=(5, 4), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for label, (recall, precision) in sorted(curves.items()):
+        axes.plot(recall, precision, label=f"{class_names[label]} (AP@0.5 {precision.mean():.3f})")
+    axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="Precision-recall at IoU 0.5")
+    axes.grid(alpha=0.3)
+    if curves:
+        axes.legend(loc="lower left")
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

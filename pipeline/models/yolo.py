@@ -1,0 +1,85 @@
+"""A YOLOv3-style detector: backbone taps at strides 8/16/32, a top-down neck, one head per stride."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.models.backbones import build_backbone
+
+TAPS = ("c3", "c4", "c5")
+# Initial objectness probability: most slots hold no object, so start near "no object" (as RetinaNet's prior).
+OBJECTNESS_PRIOR = 0.01
+
+
+def conv_bn_act(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
+    """Conv (no bias) + BatchNorm + LeakyReLU(0.1), the YOLOv3 building block."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.LeakyReLU(0.1, inplace=True),
+    )
+
+
+class YOLO(nn.Module):
+    """[B, 3, H, W] (ImageNet-normalised; H, W multiples of 32) -> per stride 8/16/32 [B, A, H_s, W_s, 5 + K].
+
+    The last dimension holds tx, ty, tw, th, objectness logit and K class logits for each of A anchors; anchor
+    sizes and decoding live outside the net (`pipeline.ops.boxes`), so the net is independent of the data.
+    `backbone` holds `build_backbone`'s arguments; `neck_width` is the channel count of the coarsest neck level
+    (finer levels halve it, as YOLOv3's 512/256/128).
+    """
+
+    def __init__(self, num_classes: int, backbone: dict, num_anchors: int = 3, neck_width: int = 128) -> None:
+        super().__init__()
+        self.backbone = build_backbone(**backbone)
+        self.strides = [self.backbone.strides[tap] for tap in TAPS]
+        if self.strides != [8, 16, 32]:
+            raise ValueError(f"the detector needs backbone taps at strides 8/16/32, got {self.strides} (dilate_last?)")
+        self.num_classes, self.num_anchors = num_classes, num_anchors
+        widths = [neck_width // 4, neck_width // 2, neck_width]  # strides 8, 16, 32
+        channels = [self.backbone.channels[tap] for tap in TAPS]
+        self.lateral = nn.ModuleList()
+        self.reduce = nn.ModuleList()
+        for level in range(3):
+            from_coarser = widths[level + 1] // 2 if level < 2 else 0
+            self.lateral.append(
+                nn.Sequential(
+                    conv_bn_act(channels[level] + from_coarser, widths[level], 1),
+                    conv_bn_act(widths[level], widths[level], 3),
+                )
+            )
+            # What the level passes up to the next finer one (YOLOv3's 1x1 conv before upsampling).
+            self.reduce.append(conv_bn_act(widths[level], widths[level] // 2, 1) if level > 0 else nn.Identity())
+        self.heads = nn.ModuleList(
+            nn.Sequential(conv_bn_act(w, 2 * w, 3), nn.Conv2d(2 * w, num_anchors * (5 + num_classes), 1))
+            for w in widths
+        )
+        for head in self.heads:
+            bias = head[-1].bias.view(num_anchors, 5 + num_classes)
+            with torch.no_grad():
+                bias.zero_()
+                bias[:, 4] = math.log(OBJECTNESS_PRIOR / (1 - OBJECTNESS_PRIOR))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x: [B, 3, H, W] -> [[B, A, H/8, W/8, 5+K], [B, A, H/16, W/16, 5+K], [B, A, H/32, W/32, 5+K]]."""
+        if x.shape[-1] % 32 or x.shape[-2] % 32:
+            raise ValueError(f"detector input must be a multiple of 32 in height and width, got {tuple(x.shape[-2:])}")
+        features = self.backbone(x)
+        levels: list[Tensor] = [torch.empty(0)] * 3
+        coarser = None
+        for level in (2, 1, 0):
+            feature = features[TAPS[level]]
+            if coarser is not None:
+                feature = torch.cat([feature, F.interpolate(coarser, size=feature.shape[-2:], mode="nearest")], 1)
+            levels[level] = self.lateral[level](feature)
+            coarser = self.reduce[level](levels[level])
+        outputs = []
+        for level, head in zip(levels, self.heads, strict=True):
+            out = head(level)
+            b, _, h, w = out.shape
+            outputs.append(out.view(b, self.num_anchors, 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2))
+        return outputs

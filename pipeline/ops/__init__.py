@@ -1,0 +1,1 @@
+"""Pure tensor functions: box coding, anchors, target assignment."""

@@ -1,0 +1,234 @@
+"""Object detection (YOLOv3-style): data-driven anchors, objectness/class/GIoU losses, COCO mAP in original pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from pytorch_lightning.utilities import rank_zero_only
+from torch import Tensor
+from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
+
+from pipeline.metrics.detection import COCO_STATS, CocoMAP, pr_curve_figure
+from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall, kmeans_anchors
+from pipeline.ops.assign import assign, ignored
+from pipeline.ops.boxes import SlotGrid, decode, flatten_levels, unletterbox
+from pipeline.ops.nms import select_detections
+from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, to_primitive
+from pipeline.tracking import log_image
+from pipeline.viz import detection_panel
+
+LOSS_KEYS = {"box", "obj", "cls", "anchor_iou", "ignore_iou", "obj_balance"}
+
+
+def box_iou_pairs(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of matching rows of a [N, 4] and b [N, 4] (x1, y1, x2, y2) -> [N]."""
+    return box_iou(a, b).diagonal() if len(a) else a.new_zeros(0)
+
+
+class DetectionTask(pl.LightningModule):
+    """Trains an anchor-based detector `net: [B, 3, H, W] -> per stride [B, A, H_s, W_s, 5 + K]` on box batches.
+
+    Labels 1..K are the data's (class_names[0] is the background of the shared label space); the net's class
+    logits are over the K foreground classes. Anchors [3, A, 2] (pixels at `input_size`, one row per stride
+    8/16/32) come from `anchors` or, when null, from k-means over the training boxes when fitting starts; they
+    then become the `anchors` hyper-parameter, so checkpoints carry them to eval and predict. At other input
+    sizes they scale with the input. `loss` and `postprocess` hold the keys of LOSS_KEYS and `select_detections`.
+    """
+
+    TARGETS = "boxes"
+
+    def __init__(
+        self,
+        net: dict,
+        optimizer: dict,
+        scheduler: dict | None,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_size: int,
+        loss: dict,
+        postprocess: dict,
+        anchors: list[list[float]] | None = None,
+        monitor: str = "val/map",
+        scheduler_interval: str = "epoch",
+        num_vis_images: int = 4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        net, optimizer, scheduler, class_names, anchors, loss, postprocess = (
+            to_primitive(v) for v in (net, optimizer, scheduler, class_names, anchors, loss, postprocess)
+        )
+        if set(loss) != LOSS_KEYS:
+            raise ValueError(f"model.loss needs exactly the keys {sorted(LOSS_KEYS)}, got {sorted(loss)}")
+        self.save_hyperparameters(logger=False)
+        self.net = instantiate(net, num_classes=num_classes - 1)
+        self.anchors = self._check_anchors(anchors) if anchors is not None else None
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.val_map = CocoMAP()
+        self._vis: dict[str, Any] | None = None
+        self.results: list[dict] = []  # the last validation's detections (original pixels), for predictions.json
+
+    def _check_anchors(self, anchors: list[list[float]]) -> Tensor:
+        """[3A] [w, h] pairs -> [3, A, 2] sorted by area: the smallest go to stride 8, the largest to stride 32."""
+        given = torch.tensor(anchors, dtype=torch.float32)
+        count = 3 * self.net.num_anchors
+        if given.shape != (count, 2) or not bool((given > 0).all()):
+            raise ValueError(f"model.anchors needs {count} positive [w, h] pairs, got {anchors}")
+        return given[given.prod(1).argsort()].reshape(3, -1, 2)
+
+    # ---- anchors -------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Before fitting: k-means anchors from the training boxes unless given; log them.
+
+        They become the `anchors` hyper-parameter, so every checkpoint (and eval/predict) carries them. A plain
+        tensor, not a buffer: weight averaging (EMA) must not average them.
+        """
+        if stage != "fit":
+            return
+        sizes = torch.from_numpy(self.trainer.datamodule.train_box_sizes(self.hparams.input_size))
+        if self.anchors is None:
+            found = kmeans_anchors(sizes, k=3 * self.net.num_anchors, seed=self.hparams.seed)
+            self.anchors = self._check_anchors([[round(float(v), 1) for v in wh] for wh in found])
+            self.hparams.anchors = self.anchors.reshape(-1, 2).tolist()
+        self._log_anchors(sizes)
+
+    @rank_zero_only
+    def _log_anchors(self, sizes: Tensor) -> None:
+        anchors = self.anchors.reshape(-1, 2)
+        fit, recall = anchor_fit(sizes, anchors), best_possible_recall(sizes, anchors)
+        text = " ".join(f"{w:g}x{h:g}" for w, h in anchors.tolist())
+        print(f"Anchors at {self.hparams.input_size}px: {text} (fit: mean best IoU {fit:.3f}, recall {recall:.3f})")
+        logger = self.logger
+        if logger is None or not hasattr(logger, "run_id"):
+            return
+        logger.experiment.log_param(logger.run_id, "anchors", text)
+        logger.experiment.log_metric(logger.run_id, "anchors/fit", fit)
+        logger.experiment.log_metric(logger.run_id, "anchors/best_possible_recall", recall)
+        title = f"{len(sizes)} training boxes at {self.hparams.input_size}px"
+        log_image(logger, anchor_plot(sizes, anchors, title), "anchors.png")
+
+    def level_anchors(self, size: int) -> Tensor:
+        """Anchors [3, A, 2] in pixels of a `size` input (they scale with the input)."""
+        if self.anchors is None:
+            raise RuntimeError("the detector has no anchors yet: set model.anchors or fit it (k-means runs then)")
+        return self.anchors.to(self.device) * (size / self.hparams.input_size)
+
+    # ---- forward and loss ----------------------------------------------------------------------------------
+
+    def forward(self, images: Tensor) -> tuple[Tensor, SlotGrid]:
+        """images: [B, 3, S, S] RGB in 0..1 -> (raw slot predictions [B, P, 5 + K], the slots' geometry)."""
+        outputs = self.net((images - self.mean) / self.std)
+        shapes = [tuple(o.shape[2:4]) for o in outputs]
+        return flatten_levels(outputs), SlotGrid.build(shapes, self.net.strides, self.level_anchors(images.shape[-1]))
+
+    def _loss(self, pred: Tensor, grid: SlotGrid, batch: dict) -> dict[str, Tensor]:
+        """YOLOv3 loss over a batch: GIoU and class BCE on assigned slots, objectness BCE on the rest not ignored."""
+        cfg = self.hparams.loss
+        boxes = decode(pred[..., :4], grid)
+        level_anchors = self.level_anchors(batch["image"].shape[-1])
+        obj_target = torch.zeros_like(pred[..., 4])
+        keep = torch.ones_like(obj_target, dtype=torch.bool)
+        pos_boxes, gt_boxes, pos_cls, gt_labels = [], [], [], []
+        for b, (gt, labels, crowd) in enumerate(zip(batch["boxes"], batch["labels"], batch["iscrowd"], strict=True)):
+            gt, labels, crowd = gt.to(pred.device), labels.to(pred.device), crowd.to(pred.device)
+            slots, index = assign(gt[~crowd], level_anchors, self.net.strides, grid, cfg["anchor_iou"])
+            keep[b] = ~ignored(boxes[b].detach(), gt, cfg["ignore_iou"])
+            keep[b, slots] = True
+            # Objectness learns the IoU its box reaches (YOLOv5), so scores rank detections by localisation too.
+            obj_target[b, slots] = box_iou_pairs(boxes[b, slots].detach(), gt[~crowd][index]).clamp(min=0)
+            pos_boxes.append(boxes[b, slots])
+            pos_cls.append(pred[b, slots, 5:])
+            gt_boxes.append(gt[~crowd][index])
+            gt_labels.append(labels[~crowd][index] - 1)
+        bce = F.binary_cross_entropy_with_logits(pred[..., 4], obj_target, reduction="none")
+        obj = pred.new_zeros(())
+        ends = [*grid.offsets[1:], pred.shape[1]]
+        for weight, start, end in zip(cfg["obj_balance"], grid.offsets, ends, strict=True):
+            level_keep = keep[:, start:end]
+            obj = obj + weight * (bce[:, start:end] * level_keep).sum() / level_keep.sum().clamp(min=1)
+        pos_boxes, gt_boxes = torch.cat(pos_boxes), torch.cat(gt_boxes)
+        if len(pos_boxes):
+            box = generalized_box_iou_loss(pos_boxes, gt_boxes, reduction="mean")
+            cls_target = F.one_hot(torch.cat(gt_labels), pred.shape[-1] - 5).to(pred.dtype)
+            cls = F.binary_cross_entropy_with_logits(torch.cat(pos_cls), cls_target)
+        else:  # no objects in the batch: objectness alone
+            box = cls = pred.new_zeros(())
+        total = cfg["box"] * box + cfg["obj"] * obj + cfg["cls"] * cls
+        return {"loss": total, "box": box.detach(), "obj": obj.detach(), "cls": cls.detach()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        pred, grid = self(batch["image"])
+        losses = self._loss(pred, grid, batch)
+        n = len(pred)
+        self.log("train/loss", losses["loss"], on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
+        self.log_dict({f"train/loss_{k}": losses[k] for k in ("box", "obj", "cls")}, on_epoch=True, batch_size=n)
+        self.log("train/size", float(batch["image"].shape[-1]), on_step=True, on_epoch=False, batch_size=n)
+        return losses["loss"]
+
+    # ---- detections and validation -------------------------------------------------------------------------
+
+    def detect(self, images: Tensor) -> list[dict[str, Tensor]]:
+        """images: [B, 3, S, S] in 0..1 -> per image {"boxes" [D, 4] (x1, y1, x2, y2), "scores", "labels" 1..K}."""
+        pred, grid = self(images)
+        boxes = decode(pred[..., :4], grid)
+        detections = []
+        for b in range(len(pred)):
+            kept_boxes, scores, labels = select_detections(
+                boxes[b], pred[b, :, 4], pred[b, :, 5:], **self.hparams.postprocess
+            )
+            detections.append({"boxes": kept_boxes, "scores": scores, "labels": labels + 1})
+        return detections
+
+    def on_validation_epoch_start(self) -> None:
+        self.results = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        pred, grid = self(batch["image"])
+        self.log("val/loss", self._loss(pred, grid, batch)["loss"], on_epoch=True, sync_dist=True, batch_size=len(pred))
+        detections = self.detect(batch["image"])
+        preds, targets = [], []
+        for det, image_id, scale, (h, w), gt in zip(
+            detections, batch["image_id"], batch["scale"], batch["orig_size"], batch["gt"], strict=True
+        ):
+            xywh = box_convert(unletterbox(det["boxes"], scale, h, w), "xyxy", "xywh")
+            preds.append({"boxes": xywh, "scores": det["scores"], "labels": det["labels"]})
+            targets.append({k: v.to(self.device) for k, v in gt.items()})
+            self.results += [
+                {"image_id": image_id, "label": int(label), "bbox": box, "score": float(score)}
+                for box, score, label in zip(xywh.tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True)
+            ]
+        self.val_map.update(preds, targets)
+        if batch_idx == 0:
+            k = self.hparams.num_vis_images
+            self._vis = {"image": batch["image"][:k], "boxes": batch["boxes"][:k], "labels": batch["labels"][:k],
+                         "detections": detections[:k]}  # fmt: skip
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.val_map.summary()  # synced across DDP ranks
+        self.val_map.reset()
+        # Already global; sync_dist only averages identical values (and keeps Lightning from warning).
+        headline = ("map", "map_50")
+        self.log_dict({f"val/{k}": float(stats[k]) for k in headline}, prog_bar=True, sync_dist=True)
+        values = {f"val/{k}": stats[k] for k in COCO_STATS if k not in headline}
+        values["val/map_50_voc"] = stats["map_50_voc"]
+        values["val/nonfinite_detections"] = stats["nonfinite"]
+        names = self.hparams.class_names
+        values.update({f"val/AP/{names[label]}": ap for label, ap in stats["map_per_class"].items()})
+        self.log_dict({k: float(v) for k, v in values.items()}, sync_dist=True)
+        if self._vis is not None and not self.trainer.sanity_checking:
+            v = self._vis
+            panel = detection_panel(v["image"], v["boxes"], v["labels"], v["detections"], names)
+            log_image(self.logger, panel, f"val_images/epoch_{self.current_epoch:03d}.png")
+            log_image(
+                self.logger, pr_curve_figure(stats["pr_curves"], names), f"pr_curves/epoch_{self.current_epoch:03d}.png"
+            )
+        self._vis = None
+
+    def configure_optimizers(self) -> Any:
+        return build_optimizers(self)

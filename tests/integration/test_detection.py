@@ -1,0 +1,96 @@
+"""The detector end to end: anchors and mAP in MLflow, eval's predictions.json scored by pycocotools, predict."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
+
+COCO_STATS = (
+    "map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+    "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large",
+)  # fmt: skip
+# The shapes smoke run as a detector: 64 px inputs (a multiple of 32), a narrow neck, a few epochs.
+DETECTION = ["experiment=shapes_yolo", *TINY, "model.net.neck_width=32", "trainer.max_epochs=3"]
+
+
+def _pycocotools_stats(annotations: Path, predictions: Path) -> list[float]:
+    """The 12 COCO summary numbers of pycocotools itself."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+        evaluator = COCOeval(gt, gt.loadRes(str(predictions)), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(s) for s in evaluator.stats]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Path:
+    """One small detector training shared by the tests of this module (its own project dir and store)."""
+    workdir = tmp_path_factory.mktemp("detector")
+    (workdir / "outputs").mkdir()
+    (workdir / "outputs" / "mlflow.db").write_bytes(_migrated_store.read_bytes())
+    run_cli("train", *DETECTION, cwd=workdir)
+    return workdir
+
+
+def test_training_logs_anchors_map_and_pictures(trained: Path) -> None:
+    client = MlflowClient(tracking_uri(trained))
+    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["pipeline.task"] == "DetectionTask"
+    anchors = [tuple(map(float, a.split("x"))) for a in run.data.params["anchors"].split()]
+    assert len(anchors) == 9 and [w * h for w, h in anchors] == sorted(w * h for w, h in anchors)
+    assert 0.5 < run.data.metrics["anchors/fit"] <= 1.0
+    history = client.get_metric_history(run.info.run_id, "val/map")
+    assert len(history) == 3 and all(0.0 <= m.value <= 1.0 for m in history)
+    for key in ("val/map_50", "val/map_75", "val/map_small", "val/mar_100", "val/map_50_voc", "val/AP/circle"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["val/nonfinite_detections"] == 0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"anchors.png", "val_images", "pr_curves", "best", "last"} <= artifacts
+    (run_dir,) = run_dirs(trained)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    stored = checkpoint["hyper_parameters"]["anchors"]
+    assert [f"{w:g}x{h:g}" for w, h in stored] == run.data.params["anchors"].split()
+    assert checkpoint["pipeline"]["category_ids"] == [1, 2, 3]
+
+
+def test_eval_map_equals_pycocotools_on_its_own_predictions_json(trained: Path) -> None:
+    (run_dir,) = run_dirs(trained)
+    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=trained)
+    (eval_dir,) = run_dirs(trained, "eval")
+    metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
+    predictions = json.loads((eval_dir / "predictions.json").read_text())
+    annotations = trained / "data" / "shapes" / "annotations" / "instances_val.json"
+    val_ids = {image["id"] for image in json.loads(annotations.read_text())["images"]}
+    assert predictions and {p["image_id"] for p in predictions} <= val_ids
+    assert {p["category_id"] for p in predictions} <= {1, 2, 3}
+    assert all(len(p["bbox"]) == 4 and 0.0 <= p["score"] <= 1.0 for p in predictions)
+    reference = _pycocotools_stats(annotations, eval_dir / "predictions.json")
+    ours = [metrics[f"val/{key}"] for key in COCO_STATS]
+    assert ours == pytest.approx(reference, abs=1e-6)
+
+
+def test_predict_draws_boxes_and_writes_coco_results(trained: Path) -> None:
+    (run_dir,) = run_dirs(trained)
+    images = trained / "data" / "shapes" / "images" / "val"
+    run_cli("predict", f"ckpt_path={run_dir}", f"input={images}", "device=cpu", "min_score=0.0", cwd=trained)
+    (predict_dir,) = run_dirs(trained, "predict")
+    drawn = sorted((predict_dir / "boxes").glob("*.png"))
+    assert len(drawn) == 8 and Image.open(drawn[0]).size == (64, 64)
+    results = json.loads((predict_dir / "predictions.json").read_text())
+    assert results and {r["file_name"] for r in results} <= {p.name for p in images.iterdir()}
+    for r in results:
+        x, y, w, h = r["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 64 + 1e-3 and y + h <= 64 + 1e-3 and r["score"] >= 0.0
