@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 
+from pipeline.config import ConfigError
 from pipeline.metrics.detection import COCO_STATS, CocoMAP, pr_curve_figure
 from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall, kmeans_anchors
 from pipeline.ops.assign import assign, ignored
@@ -91,12 +92,21 @@ class DetectionTask(pl.LightningModule):
         """
         if stage != "fit":
             return
-        sizes = torch.from_numpy(self.trainer.datamodule.train_box_sizes(self.hparams.input_size))
+        datamodule = self.trainer.datamodule
+        odd = [s for s in [*datamodule.train_sizes, datamodule.val_size, self.hparams.input_size] if s % 32]
+        if odd:
+            raise ConfigError(f"the detector needs input sizes that are multiples of 32 (strides 8/16/32), got {odd}: "
+                              "check data.train_sizes, data.val_size and model.input_size")  # fmt: skip
+        sizes = torch.from_numpy(datamodule.train_box_sizes(self.hparams.input_size))
         if self.anchors is None:
             found = kmeans_anchors(sizes, k=3 * self.net.num_anchors, seed=self.hparams.seed)
             self.anchors = self._check_anchors([[round(float(v), 1) for v in wh] for wh in found])
             self.hparams.anchors = self.anchors.reshape(-1, 2).tolist()
         self._log_anchors(sizes)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed run keeps the checkpoint's anchors (whatever k-means gives on today's data)."""
+        self.anchors = self._check_anchors(checkpoint["hyper_parameters"]["anchors"])
 
     @rank_zero_only
     def _log_anchors(self, sizes: Tensor) -> None:
@@ -175,7 +185,10 @@ class DetectionTask(pl.LightningModule):
 
     def detect(self, images: Tensor) -> list[dict[str, Tensor]]:
         """images: [B, 3, S, S] in 0..1 -> per image {"boxes" [D, 4] (x1, y1, x2, y2), "scores", "labels" 1..K}."""
-        pred, grid = self(images)
+        return self._select(*self(images))
+
+    def _select(self, pred: Tensor, grid: SlotGrid) -> list[dict[str, Tensor]]:
+        """Slot predictions [B, P, 5 + K] -> per image detections after score threshold and NMS."""
         boxes = decode(pred[..., :4], grid)
         detections = []
         for b in range(len(pred)):
@@ -191,7 +204,7 @@ class DetectionTask(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         pred, grid = self(batch["image"])
         self.log("val/loss", self._loss(pred, grid, batch)["loss"], on_epoch=True, sync_dist=True, batch_size=len(pred))
-        detections = self.detect(batch["image"])
+        detections = self._select(pred, grid)
         preds, targets = [], []
         for det, image_id, scale, (h, w), gt in zip(
             detections, batch["image_id"], batch["scale"], batch["orig_size"], batch["gt"], strict=True

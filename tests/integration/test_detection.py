@@ -94,3 +94,24 @@ def test_predict_draws_boxes_and_writes_coco_results(trained: Path) -> None:
     for r in results:
         x, y, w, h = r["bbox"]
         assert 0 <= x and 0 <= y and x + w <= 64 + 1e-3 and y + h <= 64 + 1e-3 and r["score"] >= 0.0
+
+
+def test_resume_continues_the_run_with_its_anchors_and_weight_average(trained: Path) -> None:
+    (run_dir,) = run_dirs(trained)
+    run_cli("train", *DETECTION, f"ckpt_path={run_dir}", "trainer.max_epochs=4", cwd=trained)
+    assert run_dirs(trained) == [run_dir]
+    client = MlflowClient(tracking_uri(trained))
+    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id],
+                                filter_string="tags.`pipeline.kind` != 'evaluation'")  # fmt: skip
+    assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "val/map"), key=lambda m: m.step)][-1] > 0
+    assert len(client.get_metric_history(run.info.run_id, "val/map")) == 4
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 3 and "averaging_state" in checkpoint
+    assert [f"{w:g}x{h:g}" for w, h in checkpoint["hyper_parameters"]["anchors"]] == run.data.params["anchors"].split()
+
+
+def test_input_sizes_not_divisible_by_32_fail_before_training(workdir: Path) -> None:
+    proc = run_cli("train", *DETECTION, "data.val_size=48", cwd=workdir, check=False)
+    assert proc.returncode != 0
+    assert "multiples of 32" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+    assert not list((workdir / "outputs" / "train" / "runs").glob("*/checkpoints/*.ckpt"))
