@@ -10,6 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 COCO_STATS = (
     "map", "map_50", "map_75", "map_small", "map_medium", "map_large",
@@ -51,6 +52,22 @@ class CocoMAP(MeanAveragePrecision):
             self.nonfinite += int((~ok).sum())
             finite.append({key: value[ok] for key, value in pred.items()})
         super().update(finite, target)
+
+    def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:  # noqa: ANN001 (torchmetrics' signature)
+        """Pad every rank to the same image count with empty images, then gather.
+
+        torchmetrics gathers list states element by element, so ranks holding different numbers of images (our
+        unpadded validation split) would hang; an image with neither ground truth nor detections changes no
+        COCO number.
+        """
+        count = torch.tensor([len(self.groundtruth_labels)], device=self.device)
+        counts = gather_all_tensors(count, group=process_group or self.process_group)
+        missing = int(torch.stack(counts).max()) - len(self.groundtruth_labels)
+        for name in self._reductions:
+            state = getattr(self, name)
+            if isinstance(state, list) and state and isinstance(state[0], Tensor):
+                state.extend(state[0].new_zeros((0, *state[0].shape[1:])) for _ in range(missing))
+        super()._sync_dist(dist_sync_fn=dist_sync_fn, process_group=process_group)
 
     def summary(self) -> dict:
         """The 12 COCO stats, per-class AP, VOC 11-point AP@0.5, PR curves at IoU 0.5 and the non-finite count.

@@ -28,3 +28,19 @@ def test_two_process_ddp_gives_one_run_whose_miou_equals_single_process_eval(wor
     (eval_dir,) = run_dirs(workdir, "eval")
     single = json.loads((eval_dir / "metrics.json").read_text())["metrics"]["val/mIoU"]
     assert run.data.metrics["val/mIoU"] == pytest.approx(single, abs=1e-6)
+
+
+def test_two_process_ddp_detector_map_equals_single_process_eval(workdir: Path):
+    # The COCO metric gathers every rank's detections: the logged mAP must equal one process scoring all images.
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.spec.num_val=7"]
+    run_cli("train", "experiment=shapes_yolo", *TINY, "model.net.neck_width=32", *ddp, cwd=workdir, timeout=900)
+    (run_dir,) = run_dirs(workdir)
+    client = MlflowClient(tracking_uri(workdir))
+    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    assert run.info.status == "FINISHED" and len(run.data.params["anchors"].split()) == 9
+
+    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "trainer.devices=1", cwd=workdir)
+    (eval_dir,) = run_dirs(workdir, "eval")
+    single = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
+    for key in ("val/map", "val/map_50", "val/mar_100"):
+        assert run.data.metrics[key] == pytest.approx(single[key], abs=1e-6), key

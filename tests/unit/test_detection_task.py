@@ -1,0 +1,60 @@
+"""The detector's loss: finite with or without objects, objectness-only on empty images; anchors from config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.tasks.detection import DetectionTask
+
+ANCHORS = [[8, 8], [12, 10], [10, 14], [16, 16], [24, 20], [20, 28], [32, 32], [48, 40], [40, 56]]
+LOSS = {"box": 1.0, "obj": 1.0, "cls": 0.5, "anchor_iou": 0.5, "ignore_iou": 0.5, "obj_balance": [4.0, 1.0, 0.4]}
+POST = {"score_threshold": 0.001, "iou_threshold": 0.6, "max_detections": 100, "pre_nms_top_k": 1000}
+
+
+def _task(**kwargs: object) -> DetectionTask:
+    net = {"_target_": "pipeline.models.yolo.YOLO", "backbone": {"name": "vgg_tiny", "width": 4}, "neck_width": 16}
+    optimizer = {"_target_": "torch.optim.SGD", "lr": 0.1}
+    args = {"anchors": ANCHORS, "loss": LOSS, "postprocess": POST, **kwargs}
+    return DetectionTask(net, optimizer, None, 4, ["background", "a", "b", "c"], input_size=64, **args)
+
+
+def _batch(boxes: list[list[list[float]]]) -> dict:
+    return {
+        "image": torch.rand(len(boxes), 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+        "boxes": [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes],
+        "labels": [torch.ones(len(b), dtype=torch.long) for b in boxes],
+        "iscrowd": [torch.zeros(len(b), dtype=torch.bool) for b in boxes],
+    }
+
+
+def test_images_without_objects_train_objectness_only() -> None:
+    task = _task()
+    batch = _batch([[], []])
+    pred, grid = task(batch["image"])
+    losses = task._loss(pred, grid, batch)
+    assert losses["box"] == 0 and losses["cls"] == 0 and torch.isfinite(losses["loss"]) and losses["obj"] > 0
+    losses["loss"].backward()
+    head = task.net.heads[0][-1]
+    grad = head.weight.grad.view(3, 8, -1)  # [anchor, 5 + K, in]
+    assert grad[:, 4].abs().sum() > 0 and grad[:, :4].abs().sum() == 0 and grad[:, 5:].abs().sum() == 0
+
+
+def test_a_batch_with_objects_trains_every_term() -> None:
+    task = _task()
+    batch = _batch([[[4.0, 4.0, 20.0, 18.0], [30.0, 30.0, 62.0, 60.0]], []])
+    pred, grid = task(batch["image"])
+    losses = task._loss(pred, grid, batch)
+    assert all(torch.isfinite(losses[k]) and losses[k] > 0 for k in ("box", "obj", "cls"))
+
+
+def test_anchors_from_config_are_sorted_by_area_and_checked() -> None:
+    task = _task(anchors=list(reversed(ANCHORS)))
+    areas = task.anchors.reshape(-1, 2).prod(1)
+    assert task.anchors.shape == (3, 3, 2) and torch.equal(areas, areas.sort().values)
+    with pytest.raises(ValueError, match="needs 9 positive"):
+        _task(anchors=ANCHORS[:4])
+    with pytest.raises(ValueError, match="model.loss needs exactly the keys"):
+        _task(loss={**LOSS, "typo": 1.0})
+    with pytest.raises(RuntimeError, match="no anchors yet"):
+        _task(anchors=None).level_anchors(64)
