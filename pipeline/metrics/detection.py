@@ -28,6 +28,8 @@ class CocoMAP(MeanAveragePrecision):
     Boxes are xywh in original image pixels; targets may carry the annotation file's `area` (pycocotools uses
     it, not the box area, for small/medium/large) and `iscrowd`. Detections with a non-finite box or score are
     dropped before the metric (pycocotools counts NaN boxes as matches) and counted in `nonfinite`.
+    `class_metrics` stays off: it re-runs COCOeval once per class (twice the compute time) for per-class APs that
+    `summary` reads from the extended summary's precision array instead.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -45,12 +47,17 @@ class CocoMAP(MeanAveragePrecision):
         self.add_state("nonfinite", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, preds: list[dict[str, Tensor]], target: list[dict[str, Tensor]]) -> None:
-        """Add one batch: preds {"boxes" [N, 4], "scores" [N], "labels" [N]}, target {"boxes", "labels", …}."""
+        """Add one batch: preds {"boxes" [N, 4], "scores" [N], "labels" [N]}, target {"boxes", "labels", …}.
+
+        A target `area` of 0 becomes the smallest positive float: torchmetrics replaces areas <= 0 by the box area,
+        pycocotools keeps 0 (small range).
+        """
         finite = []
         for pred in preds:
-            ok = torch.isfinite(pred["boxes"]).all(1) & torch.isfinite(pred["scores"])
+            ok = torch.isfinite(pred["boxes"].reshape(-1, 4)).all(1) & torch.isfinite(pred["scores"])
             self.nonfinite += int((~ok).sum())
             finite.append({key: value[ok] for key, value in pred.items()})
+        target = [_positive_area(item) for item in target]
         super().update(finite, target)
 
     def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:  # noqa: ANN001 (torchmetrics' signature)
@@ -74,7 +81,13 @@ class CocoMAP(MeanAveragePrecision):
 
         Keys: COCO_STATS (floats, -1 where pycocotools gives -1: no ground truth in that range),
         "map_per_class" {label: AP} and "pr_curves" {label: (recall [101], precision [101])} for labels with
-        ground truth, "map_50_voc" and "nonfinite".
+        ground truth, "map_50_voc" and "nonfinite". Without any detection the stats are 0 (-1 for an area range
+        without ground truth), where pycocotools' loadRes would crash.
+
+        "map_50_voc" is PASCAL VOC's 11-point AP at IoU 0.5 (area all, 100 detections) averaged over the labels
+        with ground truth: the mean over recall r = 0, 0.1, …, 1 of the highest precision at recall >= r. That is
+        exactly pycocotools' interpolated precision at recall thresholds 0, 0.1, …, 1 (indices 0, 10, …, 100 of
+        the precision array); pycocotools already puts 0 at recalls no detection reaches.
         """
         result = self.compute()
         stats = {key: float(result[key]) for key in COCO_STATS}
@@ -87,10 +100,8 @@ class CocoMAP(MeanAveragePrecision):
             if (p == -1).all():  # no ground truth of this class
                 continue
             per_class[label] = float(p[p > -1].mean())
-            at_50 = np.clip(p[0], 0.0, None)  # -1 there: no detection reaches that recall -> precision 0
+            at_50 = np.clip(p[0], 0.0, None)  # -1 marks "no ground truth" only; unreached recalls are already 0
             curves[label] = (np.asarray(REC_THRESHOLDS), at_50)
-            # VOC 11-point: mean over recall 0, 0.1, …, 1 of the max precision at recall >= r, which is what
-            # pycocotools' interpolated precision at those recall thresholds is.
             voc.append(float(at_50[::10].mean()))
         return {
             **stats,
@@ -99,6 +110,14 @@ class CocoMAP(MeanAveragePrecision):
             "pr_curves": curves,
             "nonfinite": int(self.nonfinite),
         }
+
+
+def _positive_area(item: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The target with `area` 0 raised to the smallest positive float, which torchmetrics passes on unchanged."""
+    if "area" not in item:
+        return item
+    area = item["area"] if item["area"].is_floating_point() else item["area"].float()
+    return {**item, "area": area.clamp_min(torch.finfo(area.dtype).tiny)}
 
 
 def pr_curve_figure(curves: dict[int, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str]) -> np.ndarray:
