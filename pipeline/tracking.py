@@ -93,7 +93,11 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
 def model_name(cfg: DictConfig) -> str:
     """A short name of the configured net, e.g. "FCN-8s-vgg_tiny", for run names and tags."""
     net = cfg.model.get("net", {})
-    parts = (str(net.get("_target_", "model")).rsplit(".", 1)[-1], net.get("variant"), net.get("backbone"))
+    parts = (
+        str(net.get("_target_", "model")).rsplit(".", 1)[-1],
+        net.get("variant"),
+        net.get("backbone", {}).get("name"),
+    )
     return "-".join(str(p) for p in parts if p)
 
 

@@ -61,11 +61,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks.append(RunMetadata(OmegaConf.to_container(cfg, resolve=True), run_id, run_dir, cfg.logger.tracking_uri))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
-    if resume is not None and cfg.resume_mode == "fork":
-        # A fork starts from the weights only, so its own optimizer, schedule and epochs apply (restoring the
-        # optimizer state would silently bring back the parent's learning rate).
-        task.load_state_dict(torch.load(resume, map_location="cpu", weights_only=True)["state_dict"])
-        resume = None
+    if resume is not None:
+        checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
+        # Task state that fitting starts from before Lightning restores the rest (the detector's anchors).
+        task.on_load_checkpoint(checkpoint)
+        if cfg.resume_mode == "fork":
+            # A fork starts from the weights only, so its own optimizer, schedule and epochs apply (restoring the
+            # optimizer state would silently bring back the parent's learning rate).
+            task.load_state_dict(checkpoint["state_dict"])
+            resume = None
     if _USER_ARGV:
         sys.argv = list(_USER_ARGV)  # DDP children re-run this command; Lightning adds the run dir itself
     trainer.fit(task, datamodule=datamodule, ckpt_path=resume)

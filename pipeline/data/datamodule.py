@@ -170,11 +170,18 @@ class CocoDataModule(pl.LightningDataModule):
         return SegmentationSamples(source, augment, size, self.ignore_index)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the annotation files (every rank)."""
+        """Read the annotation files (every rank); train and val must share one label space."""
         if self.train_set is None and stage in (None, "fit"):
             self.train_set = self._samples(self.train_files, self.train_augment, max(self.train_sizes))
         if self.val_set is None:
             self.val_set = self._samples(self.val_files, self.val_augment, self.val_size)
+        if self.train_set is not None:
+            train, val = self.train_set.source.category_ids, self.val_set.source.category_ids
+            if train != val:
+                raise ConfigError(
+                    f"{self.train_files['annotations']} has category ids {train} but {self.val_files['annotations']} "
+                    f"has {val}: labels 1..K would mean different classes in training and validation."
+                )
 
     def train_box_sizes(self, size: int) -> np.ndarray:
         """(w, h) [N, 2] of the training boxes letterboxed to `size`: what anchor k-means clusters."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
@@ -24,6 +26,7 @@ from pipeline.tracking import log_image
 from pipeline.viz import detection_panel
 
 LOSS_KEYS = {"box", "obj", "cls", "anchor_iou", "ignore_iou", "obj_balance"}
+POSTPROCESS_KEYS = set(inspect.signature(select_detections).parameters) - {"boxes", "objectness", "class_logits"}
 
 
 def box_iou_pairs(a: Tensor, b: Tensor) -> Tensor:
@@ -63,8 +66,13 @@ class DetectionTask(pl.LightningModule):
         net, optimizer, scheduler, class_names, anchors, loss, postprocess = (
             to_primitive(v) for v in (net, optimizer, scheduler, class_names, anchors, loss, postprocess)
         )
-        if set(loss) != LOSS_KEYS:
-            raise ValueError(f"model.loss needs exactly the keys {sorted(LOSS_KEYS)}, got {sorted(loss)}")
+        if set(loss) != LOSS_KEYS or len(loss["obj_balance"]) != 3:
+            raise ValueError(
+                f"model.loss needs exactly the keys {sorted(LOSS_KEYS)} (obj_balance: 3 weights), got {loss}"
+            )
+        unknown = set(postprocess) - POSTPROCESS_KEYS
+        if unknown:
+            raise ValueError(f"model.postprocess: unknown keys {sorted(unknown)}; accepted: {sorted(POSTPROCESS_KEYS)}")
         self.save_hyperparameters(logger=False)
         self.net = instantiate(net, num_classes=num_classes - 1)
         self.anchors = self._check_anchors(anchors) if anchors is not None else None
@@ -85,7 +93,7 @@ class DetectionTask(pl.LightningModule):
     # ---- anchors -------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Before fitting: k-means anchors from the training boxes unless given; log them.
+        """Before fitting: k-means anchors from the training boxes unless given or resumed; log them.
 
         They become the `anchors` hyper-parameter, so every checkpoint (and eval/predict) carries them. A plain
         tensor, not a buffer: weight averaging (EMA) must not average them.
@@ -105,8 +113,9 @@ class DetectionTask(pl.LightningModule):
         self._log_anchors(sizes)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """A resumed run keeps the checkpoint's anchors (whatever k-means gives on today's data)."""
+        """A resumed or forked run keeps the checkpoint's anchors (whatever k-means gives on today's data)."""
         self.anchors = self._check_anchors(checkpoint["hyper_parameters"]["anchors"])
+        self.hparams.anchors = self.anchors.reshape(-1, 2).tolist()
 
     @rank_zero_only
     def _log_anchors(self, sizes: Tensor) -> None:
@@ -201,6 +210,11 @@ class DetectionTask(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.results = []
 
+    @property
+    def _collecting(self) -> bool:
+        """Detections are kept for predictions.json only in `trainer.validate` (pipeline-eval), not while fitting."""
+        return self.trainer.state.fn == TrainerFn.VALIDATING
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         pred, grid = self(batch["image"])
         self.log("val/loss", self._loss(pred, grid, batch)["loss"], on_epoch=True, sync_dist=True, batch_size=len(pred))
@@ -212,10 +226,13 @@ class DetectionTask(pl.LightningModule):
             xywh = box_convert(unletterbox(det["boxes"], scale, h, w), "xyxy", "xywh")
             preds.append({"boxes": xywh, "scores": det["scores"], "labels": det["labels"]})
             targets.append({k: v.to(self.device) for k, v in gt.items()})
-            self.results += [
-                {"image_id": image_id, "label": int(label), "bbox": box, "score": float(score)}
-                for box, score, label in zip(xywh.tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True)
-            ]
+            if self._collecting:
+                self.results += [
+                    {"image_id": image_id, "label": int(label), "bbox": box, "score": float(score)}
+                    for box, score, label in zip(
+                        xywh.tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
+                    )
+                ]
         self.val_map.update(preds, targets)
         if batch_idx == 0:
             k = self.hparams.num_vis_images
@@ -224,6 +241,10 @@ class DetectionTask(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         stats = self.val_map.summary()  # synced across DDP ranks
+        if self._collecting and self.trainer.world_size > 1:  # every rank holds its shard: gather them all
+            shards: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(shards, self.results)
+            self.results = sorted((r for shard in shards for r in shard), key=lambda r: r["image_id"])
         self.val_map.reset()
         # Already global; sync_dist only averages identical values (and keeps Lightning from warning).
         headline = ("map", "map_50")

@@ -41,6 +41,9 @@ class SegmentationTask(pl.LightningModule):
         super().__init__()
         # save_hyperparameters reads these locals: make them plain dicts/lists (no OmegaConf containers).
         net, optimizer, scheduler, class_names = (to_primitive(v) for v in (net, optimizer, scheduler, class_names))
+        if isinstance(net.get("backbone", {}), str):  # a checkpoint written before the model/backbone group
+            flat = {k: net.pop(k) for k in ("backbone", "pretrained", "weights", "dilate_last", "width") if k in net}
+            net["backbone"] = {"name": flat.pop("backbone"), **flat}
         self.save_hyperparameters(logger=False)  # the full config goes to MLflow once, by pipeline.tracking
         self.net = instantiate(net)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

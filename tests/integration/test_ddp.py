@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,9 @@ def test_two_process_ddp_detector_map_equals_single_process_eval(workdir: Path):
     single = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     for key in ("val/map", "val/map_50", "val/mar_100"):
         assert run.data.metrics[key] == pytest.approx(single[key], abs=1e-6), key
+
+    # Eval on two processes writes every rank's detections to predictions.json, as one process does.
+    run_cli("eval", f"ckpt_path={run_dir}", *ddp[:3], cwd=workdir)
+    one, two = (json.loads((d / "predictions.json").read_text()) for d in run_dirs(workdir, "eval"))
+    per_image = [Counter(p["image_id"] for p in predictions) for predictions in (one, two)]
+    assert len(per_image[0]) == 7 and per_image[0] == per_image[1]

@@ -49,6 +49,7 @@ def test_training_logs_anchors_map_and_pictures(trained: Path) -> None:
     client = MlflowClient(tracking_uri(trained))
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["pipeline.task"] == "DetectionTask"
+    assert run.data.tags["pipeline.model"] == "YOLO-vgg_tiny"
     anchors = [tuple(map(float, a.split("x"))) for a in run.data.params["anchors"].split()]
     assert len(anchors) == 9 and [w * h for w, h in anchors] == sorted(w * h for w, h in anchors)
     assert 0.5 < run.data.metrics["anchors/fit"] <= 1.0
@@ -115,3 +116,20 @@ def test_input_sizes_not_divisible_by_32_fail_before_training(workdir: Path) -> 
     assert proc.returncode != 0
     assert "multiples of 32" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
     assert not list((workdir / "outputs" / "train" / "runs").glob("*/checkpoints/*.ckpt"))
+
+
+def test_fork_keeps_the_parent_anchors_even_with_another_seed(trained: Path) -> None:
+    (parent_dir,) = run_dirs(trained)
+    run_cli("train", *DETECTION, f"ckpt_path={parent_dir}", "resume_mode=fork", "seed=7", "trainer.max_epochs=1",
+            cwd=trained)  # fmt: skip
+    client = MlflowClient(tracking_uri(trained))
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+            if "pipeline.kind" not in r.data.tags]  # fmt: skip
+    fork = next(r for r in runs if "pipeline.forked_from" in r.data.tags)
+    parent = next(r for r in runs if r.info.run_id != fork.info.run_id)
+    assert fork.data.params["anchors"] == parent.data.params["anchors"]
+    (fork_dir,) = [d for d in run_dirs(trained) if d != parent_dir]
+    checkpoint = torch.load(fork_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert [f"{w:g}x{h:g}" for w, h in checkpoint["hyper_parameters"]["anchors"]] == parent.data.params[
+        "anchors"
+    ].split()

@@ -33,6 +33,7 @@ def test_one_epoch_writes_run_params_metrics_config_and_checkpoints(workdir: Pat
     assert params["trainer.max_epochs"] == "2"
     assert params["data.spec.image_size"] == "64"
     assert run.data.tags["pipeline.task"] == "SegmentationTask"
+    assert run.data.tags["pipeline.model"] == "FCN-8s-vgg_tiny" and run.info.run_name.startswith("FCN-8s-vgg_tiny-")
     assert "trainer.max_epochs=2" in run.data.tags["pipeline.overrides"]
     assert run.data.tags["mlflow.source.git.commit"]
 

@@ -20,3 +20,14 @@ def test_loss_equals_cross_entropy_ignoring_void_and_is_zero_on_an_all_void_batc
     assert torch.allclose(task._loss(logits, masks), expected)
     void = torch.full_like(masks, 255)
     assert task._loss(logits, void).item() == 0.0
+
+
+def test_checkpoints_with_the_old_flat_backbone_keys_still_build():
+    """FCN configs before the model/backbone group had backbone/width/... directly under net."""
+    net = {"_target_": "pipeline.models.fcn.FCN", "num_classes": 3, "variant": "8s", "backbone": "vgg_tiny",
+           "width": 8, "pretrained": False, "weights": None, "upsample": "transposed",
+           "dilate_last": False}  # fmt: skip
+    task = SegmentationTask(net, {"_target_": "torch.optim.SGD", "lr": 0.1}, None, 3, ["bg", "a", "b"])
+    assert task.hparams.net["backbone"] == {"name": "vgg_tiny", "width": 8, "pretrained": False, "weights": None,
+                                            "dilate_last": False}  # fmt: skip
+    assert task(torch.rand(1, 3, 40, 40)).shape == (1, 3, 40, 40)
