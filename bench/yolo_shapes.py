@@ -14,8 +14,6 @@ shows its 12 numbers beside the pipeline's, and the largest difference.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -27,11 +25,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from pipeline.cli import CONF_DIR
-from pipeline.metrics.detection import COCO_STATS
+from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
 
 
 def run_ours(workdir: Path, overrides: list[str], targets: dict[str, float]) -> dict:
@@ -64,18 +60,6 @@ def run_eval(workdir: Path) -> tuple[dict, Path]:
     return json.loads((eval_dir / "metrics.json").read_text())["metrics"], eval_dir / "predictions.json"
 
 
-def pycocotools_stats(annotations: Path, predictions: Path) -> tuple[list[float], float]:
-    """COCOeval's 12 summary numbers on the files, and the seconds it took."""
-    start = time.time()
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(annotations))
-        evaluator = COCOeval(gt, gt.loadRes(str(predictions)), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return [float(s) for s in evaluator.stats], time.time() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs (default: config)")
@@ -93,7 +77,9 @@ def main() -> None:
         ours = run_ours(workdir, overrides, {"map": args.map, "map_50": args.map50})
         metrics, predictions = run_eval(workdir)
         annotations = workdir / "data" / "shapes" / "annotations" / "instances_val.json"
-        reference, reference_s = pycocotools_stats(annotations, predictions)
+        start = time.time()
+        reference = pycocotools_stats(annotations, predictions)
+        reference_s = time.time() - start
 
     print(
         f"\nYOLO on shapes, {epochs} epochs, {torch.get_num_threads()} torch threads, overrides: {overrides or 'none'}"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 from torchmetrics.utilities.distributed import gather_all_tensors
@@ -118,6 +123,17 @@ def _positive_area(item: dict[str, Tensor]) -> dict[str, Tensor]:
         return item
     area = item["area"] if item["area"].is_floating_point() else item["area"].float()
     return {**item, "area": area.clamp_min(torch.finfo(area.dtype).tiny)}
+
+
+def pycocotools_stats(annotations: str | Path, predictions: str | Path) -> list[float]:
+    """pycocotools' own 12 COCO box numbers for a results file against an instances file (the reference)."""
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the summary table
+        gt = COCO(str(annotations))
+        evaluator = COCOeval(gt, gt.loadRes(str(predictions)), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(s) for s in evaluator.stats]
 
 
 def pr_curve_figure(curves: dict[int, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str]) -> np.ndarray:

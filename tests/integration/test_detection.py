@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -11,28 +9,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
+from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
 from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
 
-COCO_STATS = (
-    "map", "map_50", "map_75", "map_small", "map_medium", "map_large",
-    "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large",
-)  # fmt: skip
 # The shapes smoke run as a detector: 64 px inputs (a multiple of 32), a narrow neck, a few epochs.
 DETECTION = ["experiment=shapes_yolo", *TINY, "model.net.neck_width=32", "trainer.max_epochs=3"]
-
-
-def _pycocotools_stats(annotations: Path, predictions: Path) -> list[float]:
-    """The 12 COCO summary numbers of pycocotools itself."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(annotations))
-        evaluator = COCOeval(gt, gt.loadRes(str(predictions)), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return [float(s) for s in evaluator.stats]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +60,7 @@ def test_eval_map_equals_pycocotools_on_its_own_predictions_json(trained: Path) 
     assert predictions and {p["image_id"] for p in predictions} <= val_ids
     assert {p["category_id"] for p in predictions} <= {1, 2, 3}
     assert all(len(p["bbox"]) == 4 and 0.0 <= p["score"] <= 1.0 for p in predictions)
-    reference = _pycocotools_stats(annotations, eval_dir / "predictions.json")
+    reference = pycocotools_stats(annotations, eval_dir / "predictions.json")
     ours = [metrics[f"val/{key}"] for key in COCO_STATS]
     assert ours == pytest.approx(reference, abs=1e-6)
 
