@@ -157,13 +157,14 @@ class DetectionTask(pl.LightningModule):
         for b, (gt, labels, crowd) in enumerate(zip(batch["boxes"], batch["labels"], batch["iscrowd"], strict=True)):
             gt, labels, crowd = gt.to(pred.device), labels.to(pred.device), crowd.to(pred.device)
             slots, index = assign(gt[~crowd], level_anchors, self.net.strides, grid, cfg["anchor_iou"])
-            keep[b] = ~ignored(boxes[b].detach(), gt, cfg["ignore_iou"])
+            targets = gt[~crowd][index]
+            keep[b] = ~ignored(boxes[b].detach(), gt, cfg["ignore_iou"])  # crowd boxes only ignore
             keep[b, slots] = True
             # Objectness learns the IoU its box reaches (YOLOv5), so scores rank detections by localisation too.
-            obj_target[b, slots] = box_iou_pairs(boxes[b, slots].detach(), gt[~crowd][index]).clamp(min=0)
+            obj_target[b, slots] = box_iou_pairs(boxes[b, slots].detach(), targets).clamp(min=0)
             pos_boxes.append(boxes[b, slots])
             pos_cls.append(pred[b, slots, 5:])
-            gt_boxes.append(gt[~crowd][index])
+            gt_boxes.append(targets)
             gt_labels.append(labels[~crowd][index] - 1)
         bce = F.binary_cross_entropy_with_logits(pred[..., 4], obj_target, reduction="none")
         obj = pred.new_zeros(())
