@@ -144,6 +144,12 @@ class CocoDataModule(pl.LightningDataModule):
         self.num_classes, self.class_names, self.ignore_index = num_classes, list(class_names), ignore_index
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_sizes, self.size_every, self.val_size = list(train_sizes), size_every, val_size
+        moving = [type(t).__name__ for t in val_transforms if not isinstance(t, A.ImageOnlyTransform)]
+        if targets == "boxes" and moving:
+            raise ConfigError(
+                f"data.val_transforms has {', '.join(moving)}, which move(s) pixels: detection is scored against the "
+                "annotation file's boxes in original pixels, so validation allows only colour transforms."
+            )
         boxes = (bbox_params or {}) if targets == "boxes" else None
         self.train_augment = compose(train_transforms, seed, boxes)
         self.val_augment = compose(val_transforms, seed, boxes)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.data.coco import CocoBoxSource
 from pipeline.data.datamodule import BoxSamples, ShapesDataModule
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
@@ -62,5 +63,8 @@ def test_the_datamodule_gives_box_batches_and_anchor_sizes(tmp_path) -> None:
     annotations = sum(len(dm.train_set.source.load(i)[1]["boxes"]) for i in range(4))
     assert sizes.shape == (annotations, 2) and (sizes > 0).all()
     assert dm.category_ids == [1, 2, 3]
+    with pytest.raises(ConfigError, match="HorizontalFlip, which move"):
+        ShapesDataModule(root=str(tmp_path), spec={}, num_classes=4, class_names=["a"] * 4, targets="boxes",
+                         val_transforms=[A.ColorJitter(), A.HorizontalFlip()])  # fmt: skip
     with pytest.raises(ValueError, match="targets='points'"):
         ShapesDataModule(root=str(tmp_path), spec={}, num_classes=4, class_names=["a"] * 4, targets="points")
