@@ -157,23 +157,20 @@ class CocoDataModule(pl.LightningDataModule):
         self.train_set: SegmentationSamples | BoxSamples | None = None
         self.val_set: SegmentationSamples | BoxSamples | None = None
 
-    def _source(self, files: dict) -> CocoSemanticSource | CocoBoxSource:
+    def _samples(self, files: dict, augment: A.Compose, size: int) -> SegmentationSamples | BoxSamples:
+        """The samples of one split, in the form `targets` asks for; the file's categories must fit num_classes."""
         if self.targets == "boxes":
             source = CocoBoxSource(files["images"], files["annotations"])
+            samples = BoxSamples(source, augment, size)
         else:
             source = CocoSemanticSource(files["images"], files["annotations"], self.ignore_index)
+            samples = SegmentationSamples(source, augment, size, self.ignore_index)
         if len(source.label_of) + 1 != self.num_classes:
             raise ConfigError(
                 f"{files['annotations']} has {len(source.label_of)} categories, so data.num_classes must be "
                 f"{len(source.label_of) + 1} (background + categories), not {self.num_classes}."
             )
-        return source
-
-    def _samples(self, files: dict, augment: A.Compose, size: int) -> SegmentationSamples | BoxSamples:
-        source = self._source(files)
-        if self.targets == "boxes":
-            return BoxSamples(source, augment, size)
-        return SegmentationSamples(source, augment, size, self.ignore_index)
+        return samples
 
     def setup(self, stage: str | None = None) -> None:
         """Read the annotation files (every rank); train and val must share one label space."""

@@ -10,12 +10,10 @@ from pipeline.ops.anchors import shape_iou
 from pipeline.ops.boxes import SlotGrid
 
 
-def assign(
-    boxes: Tensor, level_anchors: Tensor, strides: list[int], grid: SlotGrid, anchor_iou: float = 1.0
-) -> tuple[Tensor, Tensor]:
+def assign(boxes: Tensor, grid: SlotGrid, anchor_iou: float = 1.0) -> tuple[Tensor, Tensor]:
     """Slots of ground-truth boxes [G, 4] (x1, y1, x2, y2, input pixels): (slot [U], box index [U]).
 
-    Each box goes to the cell holding its centre, at the stride and anchor (of `level_anchors` [S, A, 2]) whose
+    Each box goes to the cell holding its centre, at the stride and anchor (of `grid.level_anchors`) whose
     shape best matches it (YOLOv3), and also at every other anchor whose shape IoU with it reaches `anchor_iou`
     (YOLOv4's multi-anchor assignment; 1.0 keeps YOLOv3's single anchor). Two boxes landing in one slot keep
     the first box, so every slot has one target.
@@ -23,14 +21,14 @@ def assign(
     if len(boxes) == 0:
         empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
         return empty, empty
-    num_anchors = level_anchors.shape[1]
-    ious = shape_iou(boxes[:, 2:] - boxes[:, :2], level_anchors.reshape(-1, 2))  # [G, S * A]
+    num_anchors = grid.level_anchors.shape[1]
+    ious = shape_iou(boxes[:, 2:] - boxes[:, :2], grid.level_anchors.reshape(-1, 2))  # [G, S * A]
     chosen = ious >= anchor_iou
     chosen[torch.arange(len(boxes)), ious.argmax(1)] = True
     box_index, best = chosen.nonzero(as_tuple=True)
     boxes = boxes[box_index]
     level, anchor = best // num_anchors, best % num_anchors
-    stride = torch.tensor(strides, device=boxes.device, dtype=boxes.dtype)[level]
+    stride = torch.tensor(grid.level_strides, device=boxes.device, dtype=boxes.dtype)[level]
     heights = torch.tensor([h for h, _ in grid.shapes], device=boxes.device)[level]
     widths = torch.tensor([w for _, w in grid.shapes], device=boxes.device)[level]
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2

@@ -30,6 +30,8 @@ class SlotGrid:
     anchors: Tensor
     offsets: tuple[int, ...]  # first slot of each stride level
     shapes: tuple[tuple[int, int], ...]  # (H_s, W_s) of each level
+    level_strides: tuple[int, ...]  # stride of each level
+    level_anchors: Tensor  # [S, A, 2] (w, h) of each level's anchors
 
     @staticmethod
     def build(shapes: list[tuple[int, int]], strides: list[int], anchors: Tensor) -> SlotGrid:
@@ -49,6 +51,8 @@ class SlotGrid:
             anchors=torch.cat(slot_anchors).float(),
             offsets=tuple(offsets),
             shapes=tuple((int(h), int(w)) for h, w in shapes),
+            level_strides=tuple(int(s) for s in strides),
+            level_anchors=anchors.float(),
         )
 
     def index(self, level: Tensor, anchor: Tensor, cell_y: Tensor, cell_x: Tensor) -> Tensor:

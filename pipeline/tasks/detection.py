@@ -150,13 +150,12 @@ class DetectionTask(pl.LightningModule):
         """YOLOv3 loss over a batch: GIoU and class BCE on assigned slots, objectness BCE on the rest not ignored."""
         cfg = self.hparams.loss
         boxes = decode(pred[..., :4], grid)
-        level_anchors = self.level_anchors(batch["image"].shape[-1])
         obj_target = torch.zeros_like(pred[..., 4])
         keep = torch.ones_like(obj_target, dtype=torch.bool)
         pos_boxes, gt_boxes, pos_cls, gt_labels = [], [], [], []
         for b, (gt, labels, crowd) in enumerate(zip(batch["boxes"], batch["labels"], batch["iscrowd"], strict=True)):
             gt, labels, crowd = gt.to(pred.device), labels.to(pred.device), crowd.to(pred.device)
-            slots, index = assign(gt[~crowd], level_anchors, self.net.strides, grid, cfg["anchor_iou"])
+            slots, index = assign(gt[~crowd], grid, cfg["anchor_iou"])
             targets = gt[~crowd][index]
             keep[b] = ~ignored(boxes[b].detach(), gt, cfg["ignore_iou"])  # crowd boxes only ignore
             keep[b, slots] = True

@@ -82,7 +82,7 @@ def test_assignment_picks_the_cell_of_the_centre_at_the_best_shaped_anchor() -> 
             [120.0, 120.0, 128.0, 128.0],  # 8x8 at the border: stride 8 anchor 0, cell (15, 15)
         ]
     )
-    slots, index = assign(boxes, ANCHORS, STRIDES, grid)
+    slots, index = assign(boxes, grid)
     expected = grid.index(torch.tensor([0, 1, 2, 0]), torch.tensor([1, 1, 1, 0]), torch.tensor([3, 1, 2, 15]),
                           torch.tensor([2, 4, 1, 15]))  # fmt: skip
     assert dict(zip(index.tolist(), slots.tolist(), strict=True)) == dict(enumerate(expected.tolist()))
@@ -91,9 +91,9 @@ def test_assignment_picks_the_cell_of_the_centre_at_the_best_shaped_anchor() -> 
 def test_two_boxes_in_one_slot_keep_the_first_and_empty_images_assign_nothing() -> None:
     grid = _grid()
     boxes = torch.tensor([[10.0, 10.0, 18.0, 18.0], [11.0, 11.0, 19.0, 19.0], [50.0, 50.0, 58.0, 58.0]])
-    slots, index = assign(boxes, ANCHORS, STRIDES, grid)
+    slots, index = assign(boxes, grid)
     assert sorted(index.tolist()) == [0, 2] and len(slots) == 2
-    slots, index = assign(torch.zeros(0, 4), ANCHORS, STRIDES, grid)
+    slots, index = assign(torch.zeros(0, 4), grid)
     assert slots.numel() == index.numel() == 0
 
 
