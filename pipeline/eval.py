@@ -1,7 +1,8 @@
 """`pipeline-eval ckpt_path=…`: recompute validation metrics of a checkpoint, print them, log an eval run.
 
-Detection checkpoints also write `predictions.json`: every detection in COCO results format, with the image
-and category ids of the evaluated annotation file, so pycocotools (or any COCO tool) can score it.
+Detection and instance checkpoints also write `predictions.json`: every detection in COCO results format (with
+its mask as RLE for instances), with the image and category ids of the evaluated annotation file, so
+pycocotools (or any COCO tool) can score it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     tracking.write_json(out_dir / "metrics.json", {"checkpoint": str(ckpt), "metrics": metrics})
     artifacts = [out_dir / "metrics.json"]
-    if task.TARGETS == "boxes":
+    if task.TARGETS != "semantic":
         results = coco_results(task.results, datamodule.category_ids)
         tracking.write_json(out_dir / "predictions.json", results)
         artifacts.append(out_dir / "predictions.json")
@@ -81,11 +82,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def coco_results(detections: list[dict], category_ids: list[int]) -> list[dict]:
-    """Detections {"image_id", "label" 1..K, "bbox" xywh, "score"} as COCO results (label -> category id)."""
+    """Detections {"image_id", "label" 1..K, "bbox" xywh, "score"[, "segmentation" RLE]} as COCO results."""
     return [
-        {"image_id": d["image_id"], "category_id": category_ids[d["label"] - 1], "bbox": d["bbox"], "score": d["score"]}
+        {"image_id": d["image_id"], "category_id": category_ids[d["label"] - 1],
+         **{k: d[k] for k in ("bbox", "score", "segmentation") if k in d}}
         for d in detections
-    ]
+    ]  # fmt: skip
 
 
 def _print_table(metrics: dict[str, float], ckpt: Path) -> None:

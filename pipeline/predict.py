@@ -1,4 +1,4 @@
-"""`pipeline-predict ckpt_path=… input=<image or folder>`: masks and overlays, or boxes drawn plus COCO JSON."""
+"""`pipeline-predict ckpt_path=… input=<image or folder>`: masks and overlays, or detections drawn plus COCO JSON."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from pipeline.data.coco import read_rgb
 from pipeline.data.transforms import letterbox
 from pipeline.eval import load_task
 from pipeline.ops.boxes import letterbox_scale, unletterbox
-from pipeline.viz import draw_boxes, overlay, palette
+from pipeline.ops.masks import encode_rle, masks_to_original
+from pipeline.viz import draw_boxes, draw_instances, overlay, palette
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -59,31 +60,44 @@ def _predict_masks(task: torch.nn.Module, images: list[Path], out_dir: Path, tra
     print(f"Wrote {len(images)} masks to {out_dir / 'masks'} and overlays to {out_dir / 'overlays'}")
 
 
-def _predict_boxes(
+def _predict_detections(
     task: torch.nn.Module, images: list[Path], out_dir: Path, meta: dict, min_score: float, device
 ) -> None:
-    """Detection at the training input size (letterboxed): boxes drawn in original pixels, COCO results JSON."""
+    """Detection at the training input size (letterboxed), in original pixels: boxes (and instance masks) drawn
+    in class colours (`boxes/` or `overlays/`), and COCO results JSON (masks as RLE)."""
     size = int(task.hparams.input_size)
     names = list(task.hparams.class_names)
     category_ids = meta.get("category_ids") or list(range(1, len(names)))
-    (out_dir / "boxes").mkdir(parents=True, exist_ok=True)
+    instances = task.TARGETS == "instances"
+    pictures = out_dir / ("overlays" if instances else "boxes")
+    pictures.mkdir(parents=True, exist_ok=True)
     results = []
     for image_id, path in enumerate(track(images, description="Predicting"), start=1):
         rgb = read_rgb(path)
         height, width = rgb.shape[:2]
         det = task.detect(_to_input(letterbox(size, 0)(image=rgb)["image"], device))[0]
-        keep = det["scores"] >= min_score
-        boxes = unletterbox(det["boxes"][keep].cpu(), letterbox_scale(height, width, size), height, width)
-        scores, labels = det["scores"][keep].cpu(), det["labels"][keep].cpu()
-        picture = draw_boxes(torch.from_numpy(rgb).permute(2, 0, 1), boxes, labels, names, scores)
-        Image.fromarray(picture.permute(1, 2, 0).numpy()).save(out_dir / "boxes" / f"{path.stem}.png")
-        for box, score, label in zip(box_convert(boxes, "xyxy", "xywh").tolist(), scores.tolist(), labels.tolist(),
-                                     strict=True):  # fmt: skip
-            results.append({"image_id": image_id, "file_name": path.name, "category_id": category_ids[label - 1],
-                            "bbox": box, "score": score})  # fmt: skip
+        det = {k: v[det["scores"] >= min_score].cpu() for k, v in det.items()}
+        scale = letterbox_scale(height, width, size)
+        boxes, scores, labels = unletterbox(det["boxes"], scale, height, width), det["scores"], det["labels"]
+        image = torch.from_numpy(rgb).permute(2, 0, 1)
+        records = [
+            {"image_id": image_id, "file_name": path.name, "category_id": category_ids[label - 1], "bbox": box,
+             "score": score}
+            for box, score, label in zip(box_convert(boxes, "xyxy", "xywh").tolist(), scores.tolist(), labels.tolist(),
+                                         strict=True)
+        ]  # fmt: skip
+        if instances:
+            masks = masks_to_original(det, scale, height, width, task.hparams.masks["threshold"])
+            picture = draw_instances(image, boxes, labels, masks, names, scores)
+            for record, mask in zip(records, masks, strict=True):
+                record["segmentation"] = encode_rle(mask)
+        else:
+            picture = draw_boxes(image, boxes, labels, names, scores)
+        Image.fromarray(picture.permute(1, 2, 0).numpy()).save(pictures / f"{path.stem}.png")
+        results += records
     tracking.write_json(out_dir / "predictions.json", results)
-    print(f"Wrote {len(results)} boxes (score >= {min_score}) to {out_dir / 'predictions.json'} and drawings to "
-          f"{out_dir / 'boxes'}")  # fmt: skip
+    print(f"Wrote {len(results)} detections (score >= {min_score}) to {out_dir / 'predictions.json'} and drawings "
+          f"to {pictures}")  # fmt: skip
 
 
 def predict(cfg: DictConfig) -> Path:
@@ -96,8 +110,8 @@ def predict(cfg: DictConfig) -> Path:
     task.to(device)
     out_dir = Path(cfg.paths.output_dir)
     with torch.inference_mode():
-        if task.TARGETS == "boxes":
-            _predict_boxes(task, images, out_dir, meta, float(cfg.min_score), device)
+        if task.TARGETS in ("boxes", "instances"):
+            _predict_detections(task, images, out_dir, meta, float(cfg.min_score), device)
         else:
             _predict_masks(task, images, out_dir, train_cfg, device)
     return out_dir

@@ -81,3 +81,47 @@ def detection_panel(
         tiles.append(draw_boxes(image, det["boxes"][shown], det["labels"][shown], class_names, det["scores"][shown]))
     grid = make_grid(tiles, nrow=2, padding=2, pad_value=255)
     return grid.permute(1, 2, 0).numpy()
+
+
+def draw_instances(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    masks: torch.Tensor,
+    class_names: list[str],
+    scores: torch.Tensor | None = None,
+    alpha: float = 0.5,
+) -> torch.Tensor:
+    """Instance masks [N, H, W] (bool) in class colours, then their boxes, on an image [3, H, W] -> uint8 [3, H, W]."""
+    if image.is_floating_point():
+        image = (image.clamp(0, 1) * 255).to(torch.uint8)
+    image = image.cpu()
+    if len(masks):
+        colours = palette(len(class_names))
+        image = draw_segmentation_masks(
+            image, masks.cpu().bool(), alpha=alpha, colors=[tuple(int(v) for v in colours[int(c)]) for c in labels]
+        )
+    return draw_boxes(image, boxes, labels, class_names, scores)
+
+
+def instance_panel(
+    images: torch.Tensor,
+    gt_boxes: list[torch.Tensor],
+    gt_labels: list[torch.Tensor],
+    gt_masks: list[torch.Tensor],
+    detections: list[dict[str, torch.Tensor]],
+    class_names: list[str],
+    min_score: float = 0.3,
+) -> np.ndarray:
+    """One row per image: ground-truth instances | detections scoring at least `min_score` (masks [D, H, W] bool)."""
+    tiles = []
+    for image, boxes, labels, masks, det in zip(images, gt_boxes, gt_labels, gt_masks, detections, strict=True):
+        shown = det["scores"] >= min_score
+        tiles.append(draw_instances(image, boxes, labels, masks, class_names))
+        tiles.append(
+            draw_instances(
+                image, det["boxes"][shown], det["labels"][shown], det["masks"][shown], class_names, det["scores"][shown]
+            )
+        )
+    grid = make_grid(tiles, nrow=2, padding=2, pad_value=255)
+    return grid.permute(1, 2, 0).numpy()

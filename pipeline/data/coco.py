@@ -1,4 +1,4 @@
-"""COCO instances files read as semantic masks or as boxes (the format the shapes dataset is written in)."""
+"""COCO instances files read as semantic masks, boxes or instance masks (the shapes dataset is written in it)."""
 
 from __future__ import annotations
 
@@ -96,3 +96,15 @@ class CocoBoxSource(CocoSource):
                 if not ann.get("iscrowd", 0) and w > 0 and h > 0:
                     sizes.append((w * scale, h * scale))
         return np.array(sizes, dtype=np.float32).reshape(-1, 2)
+
+
+class CocoInstanceSource(CocoBoxSource):
+    """Boxes plus one binary mask per instance (polygons and RLE decoded by pycocotools), for instance segmentation."""
+
+    def load(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """As `CocoBoxSource.load`, plus "masks" uint8 [N, H, W] in the annotations' order."""
+        image, ann = super().load(index)
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=ann["image_id"]))
+        masks = [self.coco.annToMask(a) for a in anns]
+        ann["masks"] = np.stack(masks) if masks else np.zeros((0, *image.shape[:2]), dtype=np.uint8)
+        return image, ann

@@ -1,8 +1,8 @@
-"""LightningDataModules over COCO files: semantic masks or boxes, letterboxed multi-scale batches.
+"""LightningDataModules over COCO files: semantic masks, boxes or instance masks; letterboxed multi-scale batches.
 
 The task decides what a sample carries (`targets`): "semantic" gives {"image": [3, S, S] float in 0..1,
 "mask": [S, S] long}; "boxes" gives the image with its boxes in letterboxed pixels plus what evaluation in
-original pixels needs (see `BoxSamples`).
+original pixels needs (see `BoxSamples`); "instances" adds one mask per box.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import ConfigError
-from pipeline.data.coco import CocoBoxSource, CocoSemanticSource
+from pipeline.data.coco import CocoBoxSource, CocoInstanceSource, CocoSemanticSource
 from pipeline.data.samplers import MultiScaleBatchSampler, ShardedSampler
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
 from pipeline.data.transforms import apply, apply_boxes, compose, letterbox
 from pipeline.ops.boxes import letterbox_scale
 
-TARGETS = ("semantic", "boxes")
+TARGETS = ("semantic", "boxes", "instances")
 
 
 class SegmentationSamples(Dataset):
@@ -58,10 +58,11 @@ class BoxSamples(Dataset):
     A sample: "image" [3, S, S]; "boxes" [N, 4] (x1, y1, x2, y2 letterboxed pixels), "labels" [N] (1..K) and
     "iscrowd" [N] after augmentation; "image_id" and "scale" (sx, sy), "orig_size" (H, W) to map predictions
     back; "gt": the image's annotations untouched (boxes xywh in original pixels, labels, iscrowd, area), the
-    ground truth COCO evaluation compares against.
+    ground truth COCO evaluation compares against. From a `CocoInstanceSource` a sample also has "masks" uint8
+    [N, S, S] (letterboxed, one per box) and "gt" has "masks" bool [N, H, W] (original pixels).
     """
 
-    def __init__(self, source: CocoBoxSource, augment: A.Compose, size: int) -> None:
+    def __init__(self, source: CocoBoxSource | CocoInstanceSource, augment: A.Compose, size: int) -> None:
         self.source, self.augment, self.size = source, augment, size
 
     def __len__(self) -> int:
@@ -71,12 +72,13 @@ class BoxSamples(Dataset):
         index, size = key if isinstance(key, tuple) else (key, self.size)
         image, ann = self.source.load(index)
         xyxy = np.concatenate([ann["boxes"][:, :2], ann["boxes"][:, :2] + ann["boxes"][:, 2:]], axis=1)
-        out = apply_boxes(self.augment, image, xyxy, labels=ann["labels"], iscrowd=ann["iscrowd"])
+        masks = ann.get("masks")
+        out = apply_boxes(self.augment, image, xyxy, masks, labels=ann["labels"], iscrowd=ann["iscrowd"])
         height, width = out["image"].shape[:2]
-        out = apply_boxes(letterbox(size, 0, boxes=True), out["image"], out["boxes"], **{
+        out = apply_boxes(letterbox(size, 0, boxes=True), out["image"], out["boxes"], out.get("masks"), **{
             k: out[k] for k in ("labels", "iscrowd")
         })  # fmt: skip
-        return {
+        sample = {
             "image": _to_tensor(out["image"]),
             "boxes": torch.from_numpy(out["boxes"]),
             "labels": torch.from_numpy(out["labels"]),
@@ -86,6 +88,10 @@ class BoxSamples(Dataset):
             "orig_size": (height, width),
             "gt": {k: torch.from_numpy(ann[k]) for k in ("boxes", "labels", "iscrowd", "area")},
         }
+        if masks is not None:
+            sample["masks"] = torch.from_numpy(np.ascontiguousarray(out["masks"]))
+            sample["gt"]["masks"] = torch.from_numpy(masks).bool()
+        return sample
 
     @staticmethod
     def collate(samples: list[dict]) -> dict:
@@ -111,10 +117,10 @@ def auto_num_workers(devices: int = 1) -> int:
 
 
 class CocoDataModule(pl.LightningDataModule):
-    """COCO instances files (train/val image folder + annotation json) as semantic masks or boxes.
+    """COCO instances files (train/val image folder + annotation json) as semantic masks, boxes or instances.
 
-    `targets` is set by the task ("semantic" or "boxes"), not by the data config; `bbox_params` filters boxes
-    after augmentation (albumentations' min_visibility, min_area, ...).
+    `targets` is set by the task ("semantic", "boxes" or "instances"), not by the data config; `bbox_params`
+    filters boxes (and their masks) after augmentation (albumentations' min_visibility, min_area, ...).
     """
 
     def __init__(
@@ -145,12 +151,12 @@ class CocoDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_sizes, self.size_every, self.val_size = list(train_sizes), size_every, val_size
         moving = [type(t).__name__ for t in val_transforms if not isinstance(t, A.ImageOnlyTransform)]
-        if targets == "boxes" and moving:
+        if targets != "semantic" and moving:
             raise ConfigError(
                 f"data.val_transforms has {', '.join(moving)}, which move(s) pixels: detection is scored against the "
                 "annotation file's boxes in original pixels, so validation allows only colour transforms."
             )
-        boxes = (bbox_params or {}) if targets == "boxes" else None
+        boxes = (bbox_params or {}) if targets != "semantic" else None
         self.train_augment = compose(train_transforms, seed, boxes)
         self.val_augment = compose(val_transforms, seed, boxes)
         self.seed, self.targets = seed, targets
@@ -159,8 +165,9 @@ class CocoDataModule(pl.LightningDataModule):
 
     def _samples(self, files: dict, augment: A.Compose, size: int) -> SegmentationSamples | BoxSamples:
         """The samples of one split, in the form `targets` asks for; the file's categories must fit num_classes."""
-        if self.targets == "boxes":
-            source = CocoBoxSource(files["images"], files["annotations"])
+        if self.targets != "semantic":
+            kind = CocoInstanceSource if self.targets == "instances" else CocoBoxSource
+            source = kind(files["images"], files["annotations"])
             samples = BoxSamples(source, augment, size)
         else:
             source = CocoSemanticSource(files["images"], files["annotations"], self.ignore_index)
@@ -188,8 +195,8 @@ class CocoDataModule(pl.LightningDataModule):
 
     def train_box_sizes(self, size: int) -> np.ndarray:
         """(w, h) [N, 2] of the training boxes letterboxed to `size`: what anchor k-means clusters."""
-        if self.train_set is None or self.targets != "boxes":
-            raise RuntimeError("train_box_sizes needs targets='boxes' and setup('fit') first")
+        if self.train_set is None or self.targets == "semantic":
+            raise RuntimeError("train_box_sizes needs box targets and setup('fit') first")
         return self.train_set.source.box_sizes(size)
 
     @property

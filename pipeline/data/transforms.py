@@ -9,8 +9,9 @@ import albumentations as A
 import cv2
 import numpy as np
 
-# Per-box fields that travel with the boxes through a pipeline (and are dropped with them).
-BOX_FIELDS = ("labels", "iscrowd")
+# Per-box fields that travel with the boxes through a pipeline (and are dropped with them); "index" (each box's
+# position in the input) lets per-instance masks follow their boxes.
+BOX_FIELDS = ("labels", "iscrowd", "index")
 
 
 def _box_params(bbox_params: dict | None) -> A.BboxParams | None:
@@ -65,14 +66,23 @@ def apply(pipeline: A.Compose, image: np.ndarray, mask: np.ndarray) -> tuple[np.
     return out["image"], out["mask"]
 
 
-def apply_boxes(pipeline: A.Compose, image: np.ndarray, boxes: np.ndarray, **fields: np.ndarray) -> dict:
+def apply_boxes(
+    pipeline: A.Compose, image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None = None, **fields: np.ndarray
+) -> dict:
     """Run a box-aware pipeline on an image [H, W, 3] and boxes [N, 4] (x1, y1, x2, y2) with per-box `fields`.
 
-    Returns {"image", "boxes" [M, 4] float32, **fields [M]}: boxes cropped away or filtered out are gone.
+    Returns {"image", "boxes" [M, 4] float32, **fields [M]}: boxes cropped away or filtered out are gone. With
+    `masks` (uint8 [N, H, W], one per box) the result also has "masks" [M, H', W'] for the surviving boxes.
     """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if not pipeline.transforms:
-        return {"image": image, "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4), **fields}
-    out = pipeline(image=image, bboxes=boxes, **fields)
+        return {"image": image, "boxes": boxes, **fields, **({} if masks is None else {"masks": masks})}
+    extra = {"masks": masks} if masks is not None and len(masks) else {}  # albumentations fails on 0 masks
+    out = pipeline(image=image, bboxes=boxes, index=np.arange(len(boxes)), **fields, **extra)
     result = {"image": out["image"], "boxes": np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)}
     result.update({name: np.asarray(out[name], dtype=np.int64) for name in fields})
+    if masks is not None:
+        kept = np.asarray(out["index"], dtype=np.int64)
+        moved = np.asarray(out["masks"]) if extra else np.zeros((0, *out["image"].shape[:2]), dtype=np.uint8)
+        result["masks"] = moved[kept]
     return result

@@ -1,9 +1,10 @@
-"""COCO box mAP whose numbers equal pycocotools' COCOeval, plus VOC 11-point AP and precision-recall curves."""
+"""COCO box and mask mAP whose numbers equal pycocotools' COCOeval, plus VOC 11-point AP and precision-recall curves."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,19 +29,21 @@ REC_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
 
 
 class CocoMAP(MeanAveragePrecision):
-    """torchmetrics' MeanAveragePrecision (bbox, pycocotools backend) with pycocotools' exact thresholds.
+    """torchmetrics' MeanAveragePrecision (pycocotools backend) with pycocotools' exact thresholds.
 
-    Boxes are xywh in original image pixels; targets may carry the annotation file's `area` (pycocotools uses
-    it, not the box area, for small/medium/large) and `iscrowd`. Detections with a non-finite box or score are
-    dropped before the metric (pycocotools counts NaN boxes as matches) and counted in `nonfinite`.
+    `iou_types` ("bbox", "segm" or both): boxes are xywh in original image pixels, masks bool [N, H, W] in
+    original pixels; targets may carry the annotation file's `area` (pycocotools uses it, not the box or mask
+    area, for small/medium/large) and `iscrowd`. A detection's own area for the "segm" ranges is its mask area
+    (as COCO's segm results, detectron2 and mmdetection). Detections with a non-finite box or score are dropped
+    before the metric (pycocotools counts NaN boxes as matches) and counted in `nonfinite`.
     `class_metrics` stays off: it re-runs COCOeval once per class (twice the compute time) for per-class APs that
     `summary` reads from the extended summary's precision array instead.
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, iou_types: tuple[str, ...] = ("bbox",), **kwargs) -> None:
         super().__init__(
             box_format="xywh",
-            iou_type="bbox",
+            iou_type=tuple(iou_types),
             iou_thresholds=IOU_THRESHOLDS,
             rec_thresholds=REC_THRESHOLDS,
             max_detection_thresholds=[1, 10, 100],
@@ -79,10 +82,14 @@ class CocoMAP(MeanAveragePrecision):
             state = getattr(self, name)
             if isinstance(state, list) and state and isinstance(state[0], Tensor):
                 state.extend(state[0].new_zeros((0, *state[0].shape[1:])) for _ in range(missing))
+            elif name in ("detection_mask", "groundtruth_mask") and "segm" in self.iou_type:
+                state.extend(() for _ in range(missing))  # an image's masks are a tuple of RLEs
         super()._sync_dist(dist_sync_fn=dist_sync_fn, process_group=process_group)
 
-    def summary(self) -> dict:
+    def summary(self, iou_type: str = "bbox") -> dict:
         """The 12 COCO stats, per-class AP, VOC 11-point AP@0.5, PR curves at IoU 0.5 and the non-finite count.
+
+        Of one of the metric's `iou_types`; computing is cached, so asking for both evaluates once.
 
         Keys: COCO_STATS (floats, -1 where pycocotools gives -1: no ground truth in that range),
         "map_per_class" {label: AP} and "pr_curves" {label: (recall [101], precision [101])} for labels with
@@ -94,10 +101,14 @@ class CocoMAP(MeanAveragePrecision):
         exactly pycocotools' interpolated precision at recall thresholds 0, 0.1, …, 1 (indices 0, 10, …, 100 of
         the precision array); pycocotools already puts 0 at recalls no detection reaches.
         """
+        if iou_type not in self.iou_type:
+            raise ValueError(f"this metric computes {self.iou_type}, not {iou_type!r}")
+        prefix = "" if len(self.iou_type) == 1 else f"{iou_type}_"  # torchmetrics' key names
         result = self.compute()
-        stats = {key: float(result[key]) for key in COCO_STATS}
+        stats = {key: float(result[prefix + key]) for key in COCO_STATS}
         # precision [T, R, K, A, M]: IoU threshold, recall threshold, class (sorted labels), area, max dets.
-        precision = result["precision"].double().numpy() if "precision" in result else np.zeros((10, 101, 0, 4, 3))
+        key = prefix + "precision"
+        precision = result[key].double().numpy() if key in result else np.zeros((10, 101, 0, 4, 3))
         labels = [int(c) for c in result["classes"].reshape(-1).tolist()]
         per_class, curves, voc = {}, {}, []
         for k, label in enumerate(labels[: precision.shape[2]]):
@@ -125,11 +136,19 @@ def _positive_area(item: dict[str, Tensor]) -> dict[str, Tensor]:
     return {**item, "area": area.clamp_min(torch.finfo(area.dtype).tiny)}
 
 
-def pycocotools_stats(annotations: str | Path, predictions: str | Path) -> list[float]:
-    """pycocotools' own 12 COCO box numbers for a results file against an instances file (the reference)."""
+def pycocotools_stats(annotations: str | Path, predictions: str | Path, iou_type: str = "bbox") -> list[float]:
+    """pycocotools' own 12 COCO numbers for a results file against an instances file (the reference).
+
+    For "segm" the results' `bbox` fields are dropped first, as detectron2's and mmdetection's evaluators do:
+    with a bbox present, loadRes sizes each detection by its box instead of its mask, which moves only the
+    small/medium/large numbers (a detection's area decides in which range an unmatched one counts).
+    """
+    results = json.loads(Path(predictions).read_text())
+    if iou_type == "segm":
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the summary table
         gt = COCO(str(annotations))
-        evaluator = COCOeval(gt, gt.loadRes(str(predictions)), "bbox")
+        evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

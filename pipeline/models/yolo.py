@@ -40,7 +40,7 @@ class YOLO(nn.Module):
         if self.strides != [8, 16, 32]:
             raise ValueError(f"the detector needs backbone taps at strides 8/16/32, got {self.strides} (dilate_last?)")
         self.num_classes, self.num_anchors = num_classes, num_anchors
-        widths = [neck_width // 4, neck_width // 2, neck_width]  # strides 8, 16, 32
+        self.widths = widths = [neck_width // 4, neck_width // 2, neck_width]  # strides 8, 16, 32
         channels = [self.backbone.channels[tap] for tap in TAPS]
         self.lateral = nn.ModuleList()
         self.reduce = nn.ModuleList()
@@ -64,8 +64,8 @@ class YOLO(nn.Module):
                 bias.zero_()
                 bias[:, 4] = math.log(OBJECTNESS_PRIOR / (1 - OBJECTNESS_PRIOR))
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """x: [B, 3, H, W] -> [[B, A, H/8, W/8, 5+K], [B, A, H/16, W/16, 5+K], [B, A, H/32, W/32, 5+K]]."""
+    def neck(self, x: Tensor) -> list[Tensor]:
+        """x: [B, 3, H, W] -> neck levels [[B, W_8, H/8, W/8], [B, W_16, H/16, W/16], [B, W_32, H/32, W/32]]."""
         if x.shape[-1] % 32 or x.shape[-2] % 32:
             raise ValueError(f"detector input must be a multiple of 32 in height and width, got {tuple(x.shape[-2:])}")
         features = self.backbone(x)
@@ -77,9 +77,17 @@ class YOLO(nn.Module):
                 feature = torch.cat([feature, F.interpolate(coarser, size=feature.shape[-2:], mode="nearest")], 1)
             levels[level] = self.lateral[level](feature)
             coarser = self.reduce[level](levels[level])
+        return levels
+
+    def head(self, levels: list[Tensor]) -> list[Tensor]:
+        """Neck levels -> per stride 8/16/32 slot predictions [B, A, H_s, W_s, 5 + K]."""
         outputs = []
         for level, head in zip(levels, self.heads, strict=True):
             out = head(level)
             b, _, h, w = out.shape
             outputs.append(out.view(b, self.num_anchors, 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2))
         return outputs
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x: [B, 3, H, W] -> [[B, A, H/8, W/8, 5+K], [B, A, H/16, W/16, 5+K], [B, A, H/32, W/32, 5+K]]."""
+        return self.head(self.neck(x))

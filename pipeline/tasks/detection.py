@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,8 @@ class DetectionTask(pl.LightningModule):
     """
 
     TARGETS = "boxes"
+    LOSS_KEYS = LOSS_KEYS
+    IOU_TYPES: tuple[str, ...] = ("bbox",)
 
     def __init__(
         self,
@@ -66,9 +69,9 @@ class DetectionTask(pl.LightningModule):
         net, optimizer, scheduler, class_names, anchors, loss, postprocess = (
             to_primitive(v) for v in (net, optimizer, scheduler, class_names, anchors, loss, postprocess)
         )
-        if set(loss) != LOSS_KEYS or len(loss["obj_balance"]) != 3:
+        if set(loss) != self.LOSS_KEYS or len(loss["obj_balance"]) != 3:
             raise ValueError(
-                f"model.loss needs exactly the keys {sorted(LOSS_KEYS)} (obj_balance: 3 weights), got {loss}"
+                f"model.loss needs exactly the keys {sorted(self.LOSS_KEYS)} (obj_balance: 3 weights), got {loss}"
             )
         unknown = set(postprocess) - POSTPROCESS_KEYS
         if unknown:
@@ -78,7 +81,7 @@ class DetectionTask(pl.LightningModule):
         self.anchors = self._check_anchors(anchors) if anchors is not None else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.val_map = CocoMAP()
+        self.val_map = CocoMAP(iou_types=self.IOU_TYPES)
         self._vis: dict[str, Any] | None = None
         self.results: list[dict] = []  # the last validation's detections (original pixels), for predictions.json
 
@@ -142,9 +145,12 @@ class DetectionTask(pl.LightningModule):
 
     def forward(self, images: Tensor) -> tuple[Tensor, SlotGrid]:
         """images: [B, 3, S, S] RGB in 0..1 -> (raw slot predictions [B, P, 5 + K], the slots' geometry)."""
-        outputs = self.net((images - self.mean) / self.std)
+        return self._slots(self.net((images - self.mean) / self.std), images.shape[-1])
+
+    def _slots(self, outputs: list[Tensor], size: int) -> tuple[Tensor, SlotGrid]:
+        """The net's per stride outputs [B, A, H_s, W_s, 5 + K] for a `size` input -> ([B, P, 5 + K], the grid)."""
         shapes = [tuple(o.shape[2:4]) for o in outputs]
-        return flatten_levels(outputs), SlotGrid.build(shapes, self.net.strides, self.level_anchors(images.shape[-1]))
+        return flatten_levels(outputs), SlotGrid.build(shapes, self.net.strides, self.level_anchors(size))
 
     def _loss(self, pred: Tensor, grid: SlotGrid, batch: dict) -> dict[str, Tensor]:
         """YOLOv3 loss over a batch: GIoU and class BCE on assigned slots, objectness BCE on the rest not ignored."""
@@ -182,13 +188,17 @@ class DetectionTask(pl.LightningModule):
         return {"loss": total, "box": box.detach(), "obj": obj.detach(), "cls": cls.detach()}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        pred, grid = self(batch["image"])
-        losses = self._loss(pred, grid, batch)
-        n = len(pred)
+        losses = self._training_losses(batch)
+        n = len(batch["image"])
         self.log("train/loss", losses["loss"], on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
-        self.log_dict({f"train/loss_{k}": losses[k] for k in ("box", "obj", "cls")}, on_epoch=True, batch_size=n)
+        self.log_dict({f"train/loss_{k}": v for k, v in losses.items() if k != "loss"}, on_epoch=True, batch_size=n)
         self.log("train/size", float(batch["image"].shape[-1]), on_step=True, on_epoch=False, batch_size=n)
         return losses["loss"]
+
+    def _training_losses(self, batch: dict) -> dict[str, Tensor]:
+        """{"loss": the weighted total to optimise, <part>: each part detached} for a training batch."""
+        pred, grid = self(batch["image"])
+        return self._loss(pred, grid, batch)
 
     # ---- detections and validation -------------------------------------------------------------------------
 
@@ -216,31 +226,46 @@ class DetectionTask(pl.LightningModule):
         return self.trainer.state.fn == TrainerFn.VALIDATING
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        pred, grid = self(batch["image"])
-        self.log("val/loss", self._loss(pred, grid, batch)["loss"], on_epoch=True, sync_dist=True, batch_size=len(pred))
-        detections = self._select(pred, grid)
+        loss, detections = self._validation_outputs(batch)
+        if loss is not None:
+            self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(detections))
         preds, targets = [], []
         for det, image_id, scale, (h, w), gt in zip(
             detections, batch["image_id"], batch["scale"], batch["orig_size"], batch["gt"], strict=True
         ):
-            xywh = box_convert(unletterbox(det["boxes"], scale, h, w), "xyxy", "xywh")
-            preds.append({"boxes": xywh, "scores": det["scores"], "labels": det["labels"]})
+            pred = self._to_original(det, scale, h, w)
+            preds.append(pred)
             targets.append({k: v.to(self.device) for k, v in gt.items()})
             if self._collecting:
-                self.results += [
-                    {"image_id": image_id, "label": int(label), "bbox": box, "score": float(score)}
-                    for box, score, label in zip(
-                        xywh.tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
-                    )
-                ]
+                self.results += self._records(image_id, pred)
         self.val_map.update(preds, targets)
         if batch_idx == 0:
             k = self.hparams.num_vis_images
-            self._vis = {"image": batch["image"][:k], "boxes": batch["boxes"][:k], "labels": batch["labels"][:k],
-                         "detections": detections[:k]}  # fmt: skip
+            shown = {key: batch[key][:k] for key in ("image", "boxes", "labels", "masks") if key in batch}
+            self._vis = {"batch": shown, "detections": detections[:k]}
+
+    def _validation_outputs(self, batch: dict) -> tuple[Tensor | None, list[dict[str, Tensor]]]:
+        """The batch's total loss (None where the net has none in eval mode) and its detections in letterboxed
+        pixels (as `detect`)."""
+        pred, grid = self(batch["image"])
+        return self._loss(pred, grid, batch)["loss"], self._select(pred, grid)
+
+    def _to_original(self, det: dict[str, Tensor], scale: tuple[float, float], height: int, width: int) -> dict:
+        """Letterboxed detections -> the metric's form in original pixels: {"boxes" xywh, "scores", "labels"}."""
+        xywh = box_convert(unletterbox(det["boxes"], scale, height, width), "xyxy", "xywh")
+        return {"boxes": xywh, "scores": det["scores"], "labels": det["labels"]}
+
+    def _records(self, image_id: int, pred: dict[str, Tensor]) -> list[dict]:
+        """One image's detections as plain records for predictions.json (labels, not yet category ids)."""
+        return [
+            {"image_id": image_id, "label": int(label), "bbox": box, "score": float(score)}
+            for box, score, label in zip(
+                pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist(), strict=True
+            )
+        ]
 
     def on_validation_epoch_end(self) -> None:
-        stats = self.val_map.summary()  # synced across DDP ranks
+        stats = self.val_map.summary("bbox")  # synced across DDP ranks
         if self._collecting and self.trainer.world_size > 1:  # every rank holds its shard: gather them all
             shards: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
             torch.distributed.all_gather_object(shards, self.results)
@@ -256,13 +281,16 @@ class DetectionTask(pl.LightningModule):
         values.update({f"val/AP/{names[label]}": ap for label, ap in stats["map_per_class"].items()})
         self.log_dict({k: float(v) for k, v in values.items()}, sync_dist=True)
         if self._vis is not None and not self.trainer.sanity_checking:
-            v = self._vis
-            panel = detection_panel(v["image"], v["boxes"], v["labels"], v["detections"], names)
-            log_image(self.logger, panel, f"val_images/epoch_{self.current_epoch:03d}.png")
+            log_image(self.logger, self._panel(**self._vis), f"val_images/epoch_{self.current_epoch:03d}.png")
             log_image(
                 self.logger, pr_curve_figure(stats["pr_curves"], names), f"pr_curves/epoch_{self.current_epoch:03d}.png"
             )
         self._vis = None
+
+    def _panel(self, batch: dict, detections: list[dict[str, Tensor]]) -> np.ndarray:
+        """Validation picture: ground truth | detections per image."""
+        names = self.hparams.class_names
+        return detection_panel(batch["image"], batch["boxes"], batch["labels"], detections, names)
 
     def configure_optimizers(self) -> Any:
         return build_optimizers(self)

@@ -39,7 +39,7 @@ def test_every_group_option_composes_and_validates(override: str):
     validate_config(_compose("train", [override]), TRAIN_KEYS)
 
 
-@pytest.mark.parametrize("model", ["fcn8s", "yolo"])
+@pytest.mark.parametrize("model", ["fcn8s", "yolo", "instance"])
 @pytest.mark.parametrize("backbone", _options("model/backbone"))
 def test_one_backbone_group_serves_every_model(model: str, backbone: str):
     cfg = _compose("train", [f"model={model}", f"model/backbone={backbone}"])
@@ -49,7 +49,7 @@ def test_one_backbone_group_serves_every_model(model: str, backbone: str):
 
 def test_every_conf_file_is_covered():
     assert {g for g in GROUPS} <= {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
-    assert _options("model") == ["fcn16s", "fcn32s", "fcn8s", "yolo"]
+    assert _options("model") == ["fcn16s", "fcn32s", "fcn8s", "instance", "torchvision_maskrcnn", "yolo"]
     assert _options("model/backbone") == ["resnet18", "resnet34", "resnet50", "vgg16", "vgg_tiny"]
 
 
@@ -123,3 +123,18 @@ def test_the_detector_config_builds_a_task_that_detects_at_any_multiple_of_32():
     for det in detections:
         assert det["boxes"].shape[1:] == (4,) and len(det["boxes"]) <= 100
         assert set(det["labels"].tolist()) <= {1, 2, 3}
+
+
+def test_the_instance_config_builds_a_task_whose_detections_carry_box_relative_masks():
+    import torch
+    from hydra.utils import instantiate
+
+    anchors = "[" + ",".join(f"[{4 * i},{3 * i}]" for i in range(1, 10)) + "]"
+    cfg = _compose("train", ["experiment=shapes_instance", "model.net.backbone.width=8", f"model.anchors={anchors}"])
+    task = instantiate(cfg.model)
+    assert cfg.model.monitor == "val/segm_map" and cfg.model.loss.mask == 1.0  # model=yolo's settings plus masks
+    with torch.no_grad():
+        detections = task.eval().detect(torch.rand(2, 3, 64, 96))
+    for det in detections:
+        assert det["masks"].shape == (len(det["boxes"]), 28, 28)
+        assert bool(((det["masks"] >= 0) & (det["masks"] <= 1)).all())

@@ -1,0 +1,210 @@
+"""Instance segmentation: the detector's losses plus a per-box mask loss; COCO box and mask mAP in original pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import Tensor
+
+from pipeline.metrics.detection import COCO_STATS, CocoMAP
+from pipeline.ops.assign import assign
+from pipeline.ops.boxes import SlotGrid, decode
+from pipeline.ops.masks import encode_rle, mask_targets, masks_to_original, paste_masks
+from pipeline.tasks.common import to_primitive
+from pipeline.tasks.detection import LOSS_KEYS, DetectionTask, box_iou_pairs
+from pipeline.viz import instance_panel
+
+MASK_KEYS = {"threshold", "rois_per_image", "positive_iou"}
+SEGM_HEADLINE = ("map", "map_50")
+
+
+class InstanceTask(DetectionTask):
+    """The anchor detector plus a Mask R-CNN mask branch (`net`: `MaskYOLO`): instances with box, score, class, mask.
+
+    Training: the detector's losses plus per-pixel BCE of the ground-truth class's mask logits [28, 28] against
+    the instance masks RoIAligned along each mask RoI: the ground-truth boxes plus the detector's boxes of the
+    slots assigned to them that overlap their ground truth by `masks.positive_iou` (as Mask R-CNN's positive
+    proposals), at most `masks.rois_per_image`. Inference: masks of the post-NMS detections, pasted into the
+    original image and thresholded at `masks.threshold`. Logs val/map… (boxes) and val/segm_map… (masks).
+    """
+
+    TARGETS = "instances"
+    LOSS_KEYS = LOSS_KEYS | {"mask"}
+    IOU_TYPES = ("bbox", "segm")
+
+    def __init__(self, masks: dict, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if set(masks) != MASK_KEYS:
+            raise ValueError(f"model.masks needs exactly the keys {sorted(MASK_KEYS)}, got {dict(masks)}")
+
+    def forward(self, images: Tensor) -> tuple[Tensor, SlotGrid, list[Tensor]]:
+        """images: [B, 3, S, S] in 0..1 -> (slot predictions [B, P, 5 + K], their geometry, the neck levels)."""
+        outputs, levels = self.net((images - self.mean) / self.std)
+        pred, grid = self._slots(outputs, images.shape[-1])
+        return pred, grid, levels
+
+    # ---- training ------------------------------------------------------------------------------------------
+
+    def _mask_rois(self, pred: Tensor, grid: SlotGrid, batch: dict) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """Per image mask RoIs [R_b, 4]; for all of them the owning instance (row of the batch's non-crowd masks),
+        its label 1..K, and those masks [N, S, S]."""
+        cfg = self.hparams.masks
+        boxes = decode(pred[..., :4].detach(), grid)
+        rois, owners, labels, masks = [], [], [], []
+        start = 0
+        for b, (gt, gt_labels, crowd, gt_masks) in enumerate(
+            zip(batch["boxes"], batch["labels"], batch["iscrowd"], batch["masks"], strict=True)
+        ):
+            gt, gt_labels, gt_masks = (t[~crowd].to(pred.device) for t in (gt, gt_labels, gt_masks))
+            slots, index = assign(gt, grid, self.hparams.loss["anchor_iou"])
+            positive = box_iou_pairs(boxes[b, slots], gt[index]) >= cfg["positive_iou"]
+            extra = torch.nonzero(positive).flatten()
+            room = max(0, cfg["rois_per_image"] - len(gt))
+            extra = extra[torch.randperm(len(extra), device=extra.device)[:room]]
+            rois.append(torch.cat([gt, boxes[b, slots[extra]]])[: cfg["rois_per_image"]])
+            owner = torch.cat([torch.arange(len(gt), device=pred.device), index[extra]])[: cfg["rois_per_image"]]
+            owners.append(owner + start)
+            labels.append(gt_labels[owner])
+            masks.append(gt_masks)
+            start += len(gt)
+        return rois, torch.cat(owners), torch.cat(labels), torch.cat(masks)
+
+    def _mask_loss(self, levels: list[Tensor], pred: Tensor, grid: SlotGrid, batch: dict) -> Tensor:
+        """BCE of the ground-truth class's mask logits against the RoIAligned instance masks (0 without RoIs)."""
+        rois, owners, labels, masks = self._mask_rois(pred, grid, batch)
+        logits = self.net.mask_logits(levels, rois, tuple(batch["image"].shape[-2:]))
+        if len(logits) == 0:  # keeps the mask head in the graph (DDP needs every parameter used)
+            return logits.sum()
+        targets = mask_targets(masks, torch.cat(rois), owners, logits.shape[-1])
+        picked = logits[torch.arange(len(logits), device=logits.device), labels - 1]
+        return F.binary_cross_entropy_with_logits(picked, targets)
+
+    def _losses(self, batch: dict) -> tuple[dict[str, Tensor], Tensor, SlotGrid, list[Tensor]]:
+        pred, grid, levels = self(batch["image"])
+        losses = self._loss(pred, grid, batch)
+        mask = self._mask_loss(levels, pred, grid, batch)
+        losses["loss"] = losses["loss"] + self.hparams.loss["mask"] * mask
+        losses["mask"] = mask.detach()
+        return losses, pred, grid, levels
+
+    def _training_losses(self, batch: dict) -> dict[str, Tensor]:
+        return self._losses(batch)[0]
+
+    # ---- inference -----------------------------------------------------------------------------------------
+
+    def _with_masks(
+        self, detections: list[dict[str, Tensor]], levels: list[Tensor], size: tuple[int, int]
+    ) -> list[dict[str, Tensor]]:
+        """Add "masks" [D, 28, 28]: each detection's box-relative mask probabilities for its own class."""
+        logits = self.net.mask_logits(levels, [d["boxes"] for d in detections], size)
+        labels = torch.cat([d["labels"] for d in detections])
+        probs = logits[torch.arange(len(logits), device=logits.device), labels - 1].sigmoid()
+        for det, masks in zip(detections, probs.split([len(d["boxes"]) for d in detections]), strict=True):
+            det["masks"] = masks
+        return detections
+
+    def detect(self, images: Tensor) -> list[dict[str, Tensor]]:
+        """images [B, 3, S, S] -> per image {"boxes" [D, 4], "scores", "labels", "masks" [D, 28, 28] box-relative}."""
+        pred, grid, levels = self(images)
+        return self._with_masks(self._select(pred, grid), levels, tuple(images.shape[-2:]))
+
+    def _validation_outputs(self, batch: dict) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        losses, pred, grid, levels = self._losses(batch)
+        detections = self._with_masks(self._select(pred, grid), levels, tuple(batch["image"].shape[-2:]))
+        return losses["loss"], detections
+
+    def _to_original(self, det: dict[str, Tensor], scale: tuple[float, float], height: int, width: int) -> dict:
+        masks = masks_to_original(det, scale, height, width, self.hparams.masks["threshold"])
+        return {**super()._to_original(det, scale, height, width), "masks": masks}
+
+    def _records(self, image_id: int, pred: dict[str, Tensor]) -> list[dict]:
+        records = super()._records(image_id, pred)
+        for record, mask in zip(records, pred["masks"], strict=True):
+            record["segmentation"] = encode_rle(mask)
+        return records
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.val_map.summary("segm")  # computed once: the box numbers in super() come from the same call
+        headline = {f"val/segm_{k}": float(stats[k]) for k in SEGM_HEADLINE}
+        self.log_dict(headline, prog_bar=True, sync_dist=True)
+        values = {f"val/segm_{k}": float(stats[k]) for k in (*COCO_STATS, "map_50_voc") if k not in SEGM_HEADLINE}
+        names = self.hparams.class_names
+        values.update({f"val/segm_AP/{names[label]}": ap for label, ap in stats["map_per_class"].items()})
+        self.log_dict(values, sync_dist=True)
+        super().on_validation_epoch_end()
+
+    def _panel(self, batch: dict, detections: list[dict[str, Tensor]]) -> np.ndarray:
+        """Validation picture: ground-truth masks and boxes | detections with their masks, per image."""
+        size, threshold = batch["image"].shape[-1], self.hparams.masks["threshold"]
+        shown = [{**d, "masks": paste_masks(d["masks"], d["boxes"], size, size) >= threshold} for d in detections]
+        names = self.hparams.class_names
+        return instance_panel(batch["image"], batch["boxes"], batch["labels"], batch["masks"], shown, names)
+
+
+class TorchvisionInstanceTask(InstanceTask):
+    """torchvision's Mask R-CNN (`net`: `TorchvisionMaskRCNN`) in the same task: same data, metrics, MLflow logging,
+    eval and predict as our head, so both compare in one experiment. Losses, proposals and NMS are torchvision's
+    own (no anchors k-means, no YOLO loss settings); no validation loss (torchvision computes losses only in
+    training mode).
+    """
+
+    def __init__(
+        self,
+        net: dict,
+        optimizer: dict,
+        scheduler: dict | None,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_size: int,
+        masks: dict,
+        monitor: str = "val/segm_map",
+        scheduler_interval: str = "epoch",
+        num_vis_images: int = 4,
+        seed: int = 0,
+    ) -> None:
+        pl.LightningModule.__init__(self)  # not DetectionTask's: it builds anchors, YOLO loss and NMS settings
+        net, optimizer, scheduler, class_names, masks = (
+            to_primitive(v) for v in (net, optimizer, scheduler, class_names, masks)
+        )
+        if set(masks) != {"threshold"}:
+            raise ValueError(f"model.masks needs exactly the key 'threshold', got {masks}")
+        self.save_hyperparameters(
+            {"net": net, "optimizer": optimizer, "scheduler": scheduler, "num_classes": num_classes,
+             "class_names": class_names, "input_size": input_size, "masks": masks, "monitor": monitor,
+             "scheduler_interval": scheduler_interval, "num_vis_images": num_vis_images, "seed": seed},
+            logger=False,
+        )  # fmt: skip  (explicitly: Lightning finds init arguments only in frames that call super())
+        self.net = instantiate(net, num_classes=num_classes, input_size=input_size)
+        self.anchors = None
+        self.val_map = CocoMAP(iou_types=self.IOU_TYPES)
+        self._vis: dict[str, Any] | None = None
+        self.results: list[dict] = []
+
+    def setup(self, stage: str) -> None:
+        """Nothing to prepare: torchvision's anchors are fixed."""
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """No anchors to restore."""
+
+    def _training_losses(self, batch: dict) -> dict[str, Tensor]:
+        targets = [
+            {"boxes": boxes[~crowd], "labels": labels[~crowd], "masks": masks[~crowd]}
+            for boxes, labels, crowd, masks in zip(
+                batch["boxes"], batch["labels"], batch["iscrowd"], batch["masks"], strict=True
+            )
+        ]
+        losses = self.net.losses(batch["image"], targets)
+        total = sum(losses.values())
+        return {"loss": total, **{k.removeprefix("loss_"): v.detach() for k, v in losses.items()}}
+
+    def detect(self, images: Tensor) -> list[dict[str, Tensor]]:
+        return self.net(images)
+
+    def _validation_outputs(self, batch: dict) -> tuple[Tensor | None, list[dict[str, Tensor]]]:
+        return None, self.net(batch["image"])
