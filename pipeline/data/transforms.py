@@ -46,7 +46,9 @@ def letterbox(size: int, ignore_index: int, boxes: bool = False) -> A.Compose:
     """Resize the longer side to `size` and pad to size x size; padded mask pixels are void (ignore_index)."""
     return A.Compose(
         [
-            A.LongestMaxSize(max_size=size),
+            # Masks resized by the nearest pixel *centre* (INTER_NEAREST reads the pixel under the left/top edge:
+            # masks then sit ~0.4 px right/down of their images and boxes).
+            A.LongestMaxSize(max_size=size, mask_interpolation=cv2.INTER_NEAREST_EXACT),
             A.PadIfNeeded(
                 min_height=size,
                 min_width=size,

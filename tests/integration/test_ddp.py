@@ -31,10 +31,16 @@ def test_two_process_ddp_gives_one_run_whose_miou_equals_single_process_eval(wor
     assert run.data.metrics["val/mIoU"] == pytest.approx(single, abs=1e-6)
 
 
-def test_two_process_ddp_detector_map_equals_single_process_eval(workdir: Path):
-    # The COCO metric gathers every rank's detections: the logged mAP must equal one process scoring all images.
+@pytest.mark.parametrize(
+    ("experiment", "keys"),
+    [("shapes_yolo", ["val/map", "val/map_50", "val/mar_100"]),
+     ("shapes_instance", ["val/map", "val/segm_map", "val/segm_map_50", "val/segm_mar_100"])],
+)  # fmt: skip
+def test_two_process_ddp_detector_map_equals_single_process_eval(workdir: Path, experiment: str, keys: list[str]):
+    # The COCO metric gathers every rank's detections (and masks): the logged mAP must equal one process scoring
+    # all images, although the ranks hold 4 and 3 of them.
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.spec.num_val=7"]
-    run_cli("train", "experiment=shapes_yolo", *TINY, "model.net.neck_width=32", *ddp, cwd=workdir, timeout=900)
+    run_cli("train", f"experiment={experiment}", *TINY, "model.net.neck_width=32", *ddp, cwd=workdir, timeout=900)
     (run_dir,) = run_dirs(workdir)
     client = MlflowClient(tracking_uri(workdir))
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
@@ -43,7 +49,7 @@ def test_two_process_ddp_detector_map_equals_single_process_eval(workdir: Path):
     run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "trainer.devices=1", cwd=workdir)
     (eval_dir,) = run_dirs(workdir, "eval")
     single = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
-    for key in ("val/map", "val/map_50", "val/mar_100"):
+    for key in keys:
         assert run.data.metrics[key] == pytest.approx(single[key], abs=1e-6), key
 
     # Eval on two processes writes every rank's detections to predictions.json, as one process does.
