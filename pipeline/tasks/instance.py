@@ -39,6 +39,9 @@ class InstanceTask(DetectionTask):
     IOU_TYPES = ("bbox", "segm")
 
     def __init__(self, masks: dict, **kwargs: Any) -> None:
+        # Plain types before super() saves the hyper-parameters (Lightning reads them from this frame too), so
+        # checkpoints hold no OmegaConf objects and load with weights_only.
+        masks, kwargs = to_primitive(masks), {key: to_primitive(value) for key, value in kwargs.items()}
         super().__init__(**kwargs)
         if set(masks) != MASK_KEYS:
             raise ValueError(f"model.masks needs exactly the keys {sorted(MASK_KEYS)}, got {dict(masks)}")

@@ -34,7 +34,7 @@ def test_training_logs_box_and_mask_map_and_pictures(trained: Path) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["pipeline.task"] == "InstanceTask"
     for key in ("val/map", "val/map_50", "val/segm_map", "val/segm_map_50", "val/segm_map_75", "val/segm_mar_100",
-                "val/segm_map_small", "val/segm_AP/circle", "train/loss_mask"):  # fmt: skip
+                "val/segm_map_small", "val/segm_AP/circle", "train/loss_mask_epoch"):  # fmt: skip
         assert key in run.data.metrics, key
     history = client.get_metric_history(run.info.run_id, "val/segm_map")
     assert len(history) == 3 and all(0.0 <= m.value <= 1.0 for m in history)
