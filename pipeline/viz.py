@@ -65,38 +65,21 @@ def draw_boxes(
     )
 
 
-def detection_panel(
-    images: torch.Tensor,
-    gt_boxes: list[torch.Tensor],
-    gt_labels: list[torch.Tensor],
-    detections: list[dict[str, torch.Tensor]],
-    class_names: list[str],
-    min_score: float = 0.3,
-) -> np.ndarray:
-    """One row per image: ground truth | detections scoring at least `min_score`, as uint8 [H, W, 3]."""
-    tiles = []
-    for image, boxes, labels, det in zip(images, gt_boxes, gt_labels, detections, strict=True):
-        shown = det["scores"] >= min_score
-        tiles.append(draw_boxes(image, boxes, labels, class_names))
-        tiles.append(draw_boxes(image, det["boxes"][shown], det["labels"][shown], class_names, det["scores"][shown]))
-    grid = make_grid(tiles, nrow=2, padding=2, pad_value=255)
-    return grid.permute(1, 2, 0).numpy()
-
-
 def draw_instances(
     image: torch.Tensor,
     boxes: torch.Tensor,
     labels: torch.Tensor,
-    masks: torch.Tensor,
+    masks: torch.Tensor | None,
     class_names: list[str],
     scores: torch.Tensor | None = None,
     alpha: float = 0.5,
 ) -> torch.Tensor:
-    """Instance masks [N, H, W] (bool) in class colours, then their boxes, on an image [3, H, W] -> uint8 [3, H, W]."""
+    """Instance masks [N, H, W] (bool; None: boxes only) in class colours, then their boxes, on an image [3, H, W]
+    -> uint8 [3, H, W]."""
     if image.is_floating_point():
         image = (image.clamp(0, 1) * 255).to(torch.uint8)
     image = image.cpu()
-    if len(masks):
+    if masks is not None and len(masks):
         colours = palette(len(class_names))
         image = draw_segmentation_masks(
             image, masks.cpu().bool(), alpha=alpha, colors=[tuple(int(v) for v in colours[int(c)]) for c in labels]
@@ -104,23 +87,28 @@ def draw_instances(
     return draw_boxes(image, boxes, labels, class_names, scores)
 
 
-def instance_panel(
+def detection_panel(
     images: torch.Tensor,
     gt_boxes: list[torch.Tensor],
     gt_labels: list[torch.Tensor],
-    gt_masks: list[torch.Tensor],
     detections: list[dict[str, torch.Tensor]],
     class_names: list[str],
+    gt_masks: list[torch.Tensor] | None = None,
     min_score: float = 0.3,
 ) -> np.ndarray:
-    """One row per image: ground-truth instances | detections scoring at least `min_score` (masks [D, H, W] bool)."""
+    """One row per image: ground truth | detections scoring at least `min_score`, as uint8 [H, W, 3].
+
+    Instance masks (bool [N, H, W]: `gt_masks`, the detections' "masks") are drawn under their boxes when given.
+    """
     tiles = []
+    gt_masks = gt_masks if gt_masks is not None else [None] * len(images)
     for image, boxes, labels, masks, det in zip(images, gt_boxes, gt_labels, gt_masks, detections, strict=True):
         shown = det["scores"] >= min_score
         tiles.append(draw_instances(image, boxes, labels, masks, class_names))
+        det_masks = det["masks"][shown] if "masks" in det else None
         tiles.append(
             draw_instances(
-                image, det["boxes"][shown], det["labels"][shown], det["masks"][shown], class_names, det["scores"][shown]
+                image, det["boxes"][shown], det["labels"][shown], det_masks, class_names, det["scores"][shown]
             )
         )
     grid = make_grid(tiles, nrow=2, padding=2, pad_value=255)

@@ -288,9 +288,9 @@ class DetectionTask(pl.LightningModule):
         self._vis = None
 
     def _panel(self, batch: dict, detections: list[dict[str, Tensor]]) -> np.ndarray:
-        """Validation picture: ground truth | detections per image."""
+        """Validation picture: ground truth | detections per image (with masks where the batch has them)."""
         names = self.hparams.class_names
-        return detection_panel(batch["image"], batch["boxes"], batch["labels"], detections, names)
+        return detection_panel(batch["image"], batch["boxes"], batch["labels"], detections, names, batch.get("masks"))
 
     def configure_optimizers(self) -> Any:
         return build_optimizers(self)

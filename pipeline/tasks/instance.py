@@ -18,7 +18,6 @@ from pipeline.ops.boxes import SlotGrid, decode
 from pipeline.ops.masks import encode_rle, mask_targets, masks_to_original, paste_masks
 from pipeline.tasks.common import to_primitive
 from pipeline.tasks.detection import LOSS_KEYS, DetectionTask, box_iou_pairs
-from pipeline.viz import instance_panel
 
 MASK_KEYS = {"threshold", "rois_per_image", "positive_iou"}
 SEGM_HEADLINE = ("map", "map_50")
@@ -143,11 +142,10 @@ class InstanceTask(DetectionTask):
         super().on_validation_epoch_end()
 
     def _panel(self, batch: dict, detections: list[dict[str, Tensor]]) -> np.ndarray:
-        """Validation picture: ground-truth masks and boxes | detections with their masks, per image."""
+        """Validation picture: ground-truth masks and boxes | detections with their masks pasted, per image."""
         size, threshold = batch["image"].shape[-1], self.hparams.masks["threshold"]
-        shown = [{**d, "masks": paste_masks(d["masks"], d["boxes"], size, size) >= threshold} for d in detections]
-        names = self.hparams.class_names
-        return instance_panel(batch["image"], batch["boxes"], batch["labels"], batch["masks"], shown, names)
+        pasted = [{**d, "masks": paste_masks(d["masks"], d["boxes"], size, size) >= threshold} for d in detections]
+        return super()._panel(batch, pasted)
 
 
 class TorchvisionInstanceTask(InstanceTask):
@@ -177,12 +175,23 @@ class TorchvisionInstanceTask(InstanceTask):
         )
         if set(masks) != {"threshold"}:
             raise ValueError(f"model.masks needs exactly the key 'threshold', got {masks}")
+        # Passed explicitly: Lightning finds init arguments only in frames that call super().
         self.save_hyperparameters(
-            {"net": net, "optimizer": optimizer, "scheduler": scheduler, "num_classes": num_classes,
-             "class_names": class_names, "input_size": input_size, "masks": masks, "monitor": monitor,
-             "scheduler_interval": scheduler_interval, "num_vis_images": num_vis_images, "seed": seed},
+            {
+                "net": net,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "num_classes": num_classes,
+                "class_names": class_names,
+                "input_size": input_size,
+                "masks": masks,
+                "monitor": monitor,
+                "scheduler_interval": scheduler_interval,
+                "num_vis_images": num_vis_images,
+                "seed": seed,
+            },
             logger=False,
-        )  # fmt: skip  (explicitly: Lightning finds init arguments only in frames that call super())
+        )
         self.net = instantiate(net, num_classes=num_classes, input_size=input_size)
         self.anchors = None
         self.val_map = CocoMAP(iou_types=self.IOU_TYPES)
