@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
+from pipeline.data.checks import read_json
 
 T = TypeVar("T")
 
@@ -22,6 +23,16 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # `${cwd:}`: the directory the command was started in (Hydra does not chdir). Unlike `${hydra:runtime.cwd}` it
 # also resolves while a multirun sweeper computes its sweep dir, before any job's HydraConfig exists.
 OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
+OmegaConf.register_new_resolver("len", len, replace=True)
+
+
+def coco_class_names(annotations: str) -> list[str]:
+    """`${coco_class_names:<instances json>}`: "background" then the file's category names in id order."""
+    categories = sorted(read_json(Path(annotations))["categories"], key=lambda c: c["id"])
+    return ["background", *(c["name"] for c in categories)]
+
+
+OmegaConf.register_new_resolver("coco_class_names", coco_class_names, replace=True)
 
 USER_ERRORS = (ConfigError, CheckpointError, ConnectionError, FileNotFoundError, InstantiationException)
 

@@ -71,13 +71,26 @@ def _check_node(node: Any, where: str) -> None:
         _check_node(node._get_node(key), f"{where}.{key}" if where else str(key))
 
 
+def _missing_keys(cfg: DictConfig, where: str = "") -> list[str]:
+    """Dotted keys still `???`, found without resolving interpolations (which may themselves need them)."""
+    missing = []
+    for key in cfg.keys():
+        path = f"{where}.{key}" if where else str(key)
+        node = cfg._get_node(key)
+        if OmegaConf.is_missing(cfg, key):
+            missing.append(path)
+        elif isinstance(node, DictConfig) and not node._is_interpolation():
+            missing += _missing_keys(node, path)
+    return missing
+
+
 def validate_config(cfg: DictConfig, top_level: set[str]) -> None:
     """Raise ConfigError for an unknown top-level key or a key no built object accepts."""
     for key in cfg.keys():
         if key not in top_level:
             raise _unknown_key_error(str(key), "", top_level, "the entry config")
     _check_node(cfg, "")
-    missing = OmegaConf.missing_keys(cfg)
+    missing = _missing_keys(cfg)
     if missing:
         raise ConfigError(
             f"Missing mandatory value(s): {', '.join(sorted(missing))} (pass e.g. {sorted(missing)[0]}=…)."

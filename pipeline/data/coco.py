@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
+from pipeline.data.checks import check_coco
+
 
 def read_rgb(path: str | Path) -> np.ndarray:
     """Read any image (grayscale, RGBA, 16-bit, EXIF-rotated) as upright RGB uint8 [H, W, 3]."""
@@ -23,12 +25,19 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 
 class CocoSource:
-    """Images of a COCO instances file, sorted by image id; category ids sorted ascending are labels 1..K."""
+    """Images of a COCO instances file, sorted by image id; category ids sorted ascending are labels 1..K.
+
+    The file and its images are checked first (`pipeline.data.checks.check_coco`): unusable data raises a
+    DataError naming the record; repairs (clipped boxes, filled areas) are in `report`.
+    """
 
     def __init__(self, images_dir: str | Path, annotations: str | Path) -> None:
         self.images_dir = Path(images_dir)
+        dataset, self.report = check_coco(images_dir, annotations)  # DataError before any training
+        self.coco = COCO()
+        self.coco.dataset = dataset
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-            self.coco = COCO(str(annotations))
+            self.coco.createIndex()
         self.image_ids = sorted(self.coco.getImgIds())
         self.category_ids = sorted(self.coco.getCatIds())
         self.label_of = {cat_id: i + 1 for i, cat_id in enumerate(self.category_ids)}

@@ -162,6 +162,7 @@ class CocoDataModule(pl.LightningDataModule):
         self.seed, self.targets = seed, targets
         self.train_set: SegmentationSamples | BoxSamples | None = None
         self.val_set: SegmentationSamples | BoxSamples | None = None
+        self._reported = False  # the data check's summary is printed once
 
     def _samples(self, files: dict, augment: A.Compose, size: int) -> SegmentationSamples | BoxSamples:
         """The samples of one split, in the form `targets` asks for; the file's categories must fit num_classes."""
@@ -185,6 +186,11 @@ class CocoDataModule(pl.LightningDataModule):
             self.train_set = self._samples(self.train_files, self.train_augment, max(self.train_sizes))
         if self.val_set is None:
             self.val_set = self._samples(self.val_files, self.val_augment, self.val_size)
+        if self._rank_world()[0] == 0 and not self._reported:
+            for samples in (self.train_set, self.val_set):
+                if samples is not None:
+                    samples.source.report.print()
+            self._reported = True
         if self.train_set is not None:
             train, val = self.train_set.source.category_ids, self.val_set.source.category_ids
             if train != val:

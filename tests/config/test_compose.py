@@ -11,8 +11,14 @@ from omegaconf import OmegaConf, open_dict
 
 from pipeline.cli import CONF_DIR
 from pipeline.config import EVAL_KEYS, PREDICT_KEYS, TRAIN_KEYS, ConfigError, validate_config
-from tests.conftest import run_cli
+from tests.conftest import SHARED, run_cli
 
+COCO_TINY = SHARED / "datasets" / "coco_tiny"
+# Options whose values the user must give (paths to their data).
+REQUIRED = {
+    "data=coco": [f"data.{split}.{key}={COCO_TINY / value}" for split in ("train", "val")
+                  for key, value in (("images", "val2017"), ("annotations", "annotations/instances_val2017.json"))],
+}  # fmt: skip
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug", "hparams_search"]
 
 
@@ -36,7 +42,7 @@ def _compose(config_name: str, overrides: list[str]):
     "override", [f"{g}={o}" for g in GROUPS if g not in ("paths", "hydra") for o in _options(g)], ids=str
 )
 def test_every_group_option_composes_and_validates(override: str):
-    validate_config(_compose("train", [override]), TRAIN_KEYS)
+    validate_config(_compose("train", [override, *REQUIRED.get(override, [])]), TRAIN_KEYS)
 
 
 @pytest.mark.parametrize("model", ["fcn8s", "yolo", "instance"])

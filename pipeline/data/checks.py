@@ -1,0 +1,233 @@
+"""Up-front checks of a COCO instances file and its images: fail before training with the file and the record,
+repair what is safe to repair (and count it), and summarise what the data holds.
+
+Nothing on disk is changed: the checked, repaired dataset is an in-memory copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from pipeline.config import ConfigError
+
+# Examples kept per problem kind, for the summary and the error message.
+EXAMPLES = 3
+# COCO's area ranges (pixels²) for the box-size histogram.
+AREA_RANGES = (("small", 0, 32**2), ("medium", 32**2, 96**2), ("large", 96**2, math.inf))
+
+
+class DataError(ConfigError):
+    """Data that cannot be used: the message names the file, the record and what is wrong."""
+
+
+@dataclass
+class Report:
+    """What a checked dataset holds and what was repaired: counts per kind with the first few records."""
+
+    name: str
+    images: int = 0
+    instances: Counter = field(default_factory=Counter)  # category name -> non-crowd instances
+    crowd: int = 0
+    box_sizes: list[tuple[float, float]] = field(default_factory=list)  # (w, h) of non-crowd boxes
+    repairs: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def repaired(self, kind: str, record: str) -> None:
+        """Count one repaired record of `kind` (e.g. "box clipped to the image"), keeping the first few."""
+        self.repairs[kind] += 1
+        if len(self.examples.setdefault(kind, [])) < EXAMPLES:
+            self.examples[kind].append(record)
+
+    def size_histogram(self) -> dict[str, int]:
+        """Non-crowd boxes per COCO area range."""
+        areas = [w * h for w, h in self.box_sizes]
+        return {name: sum(low <= a < high for a in areas) for name, low, high in AREA_RANGES}
+
+    def print(self, console: Console | None = None) -> None:
+        """The summary table: images, instances per class, box sizes, repairs with their first records."""
+        table = Table(title=f"Data check: {self.name}", show_header=False)
+        table.add_column("what")
+        table.add_column("value", overflow="fold")
+        table.add_row("images", str(self.images))
+        table.add_row("instances", f"{sum(self.instances.values())} (+ {self.crowd} crowd regions)")
+        per_class = sorted(self.instances.items(), key=lambda kv: (-kv[1], kv[0]))
+        table.add_row("per class", ", ".join(f"{name} {count}" for name, count in per_class))
+        table.add_row("box sizes", ", ".join(f"{k} {v}" for k, v in self.size_histogram().items()))
+        for kind, count in sorted(self.repairs.items()):
+            table.add_row(f"[yellow]{kind}[/yellow]", f"{count}: {'; '.join(self.examples[kind])}")
+        (console or Console()).print(table)
+
+
+def _fail(path: Path, problems: list[str], what: str) -> None:
+    """Raise one paragraph naming the file, how many records, and the first few."""
+    if problems:
+        more = f" (and {len(problems) - EXAMPLES} more)" if len(problems) > EXAMPLES else ""
+        raise DataError(f"{path}: {what}: {'; '.join(problems[:EXAMPLES])}{more}.")
+
+
+def read_json(path: Path) -> dict:
+    """A COCO instances file as a dict with `images`, `annotations`, `categories` lists (clear errors otherwise)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such annotation file.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}).") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with images, annotations and categories.")
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
+    if missing:
+        raise DataError(f"{path}: missing (or not a list): {', '.join(repr(k) for k in missing)}; a COCO instances "
+                        "file needs 'images', 'annotations' and 'categories'.")  # fmt: skip
+    return data
+
+
+def _duplicates(records: list[dict], what: str) -> list[str]:
+    counts = Counter(r.get("id") for r in records)
+    return [f"{what} id {i} appears {n} times" for i, n in counts.items() if n > 1]
+
+
+def _check_segmentation(seg: object, height: int, width: int, record: str) -> str | None:
+    """What is wrong with an annotation's segmentation (None when usable): polygons of >= 3 points, RLE sizes."""
+    if isinstance(seg, list):
+        for polygon in seg:
+            if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+                points = len(polygon) / 2 if isinstance(polygon, list) else 0
+                return f"{record}: polygon with {points:g} points (needs >= 3; pycocotools reads 2 points as a box)"
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in polygon):
+                return f"{record}: polygon with a non-finite coordinate"
+        return None
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if list(size or []) != [height, width]:
+            return f"{record}: mask of size {size} but its image is [{height}, {width}] (height, width)"
+        return None
+    return f"{record}: segmentation is neither polygons nor RLE"
+
+
+def check_coco(images_dir: str | Path, annotations: str | Path, decode: bool = True) -> tuple[dict, Report]:
+    """Read and check a COCO instances file and its images -> (repaired in-memory dataset, report).
+
+    Raises DataError (file, records, what is wrong) for: malformed JSON or missing keys, an empty dataset,
+    duplicate image/annotation/category ids (pycocotools' AP would be silently wrong), annotations pointing at a
+    missing image or unknown category, non-finite or negative-size boxes, polygons under 3 points, masks whose
+    size is not their image's, and (with `decode`) image files that are missing, do not decode, or whose size
+    differs from the file's. Repairs and counts: boxes reaching past the image are clipped, boxes with no area
+    left are dropped, missing `area` (from the mask, else the box) and `iscrowd` (0) are filled.
+    """
+    path, images_dir = Path(annotations), Path(images_dir)
+    data = read_json(path)
+    report = Report(name=str(path))
+    if not data["images"]:
+        raise DataError(f"{path}: the dataset has no images.")
+    _fail(path, _duplicates(data["images"], "image") + _duplicates(data["categories"], "category")
+          + _duplicates(data["annotations"], "annotation"), "duplicate ids")  # fmt: skip
+    images = {img["id"]: img for img in data["images"]}
+    categories = {cat["id"]: cat.get("name", str(cat["id"])) for cat in data["categories"]}
+
+    kept, problems = [], []
+    for ann in data["annotations"]:
+        record = f"annotation id {ann.get('id')}"
+        image = images.get(ann.get("image_id"))
+        if image is None:
+            problems.append(f"{record} points at image id {ann.get('image_id')}, which is not in 'images'")
+            continue
+        if ann.get("category_id") not in categories:
+            problems.append(f"{record} has category id {ann.get('category_id')}, which is not in 'categories'")
+            continue
+        width, height = image["width"], image["height"]
+        box = ann.get("bbox")
+        if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
+            problems.append(f"{record}: bbox {box} is not [x, y, w, h]")
+            continue
+        if not all(math.isfinite(v) for v in box):
+            problems.append(f"{record}: bbox {box} is not finite")
+            continue
+        if box[2] < 0 or box[3] < 0:
+            problems.append(f"{record}: bbox {box} has a negative width or height")
+            continue
+        if "segmentation" in ann:
+            wrong = _check_segmentation(ann["segmentation"], height, width, record)
+            if wrong:
+                problems.append(wrong)
+                continue
+        ann = dict(ann)
+        x1, y1 = max(box[0], 0.0), max(box[1], 0.0)
+        x2, y2 = min(box[0] + box[2], width), min(box[1] + box[3], height)
+        if x2 <= x1 or y2 <= y1:
+            report.repaired("degenerate box dropped (no area inside the image)", f"{record} bbox {box}")
+            continue
+        if box[0] < 0 or box[1] < 0 or box[0] + box[2] > width or box[1] + box[3] > height:
+            report.repaired("box clipped to the image", f"{record} bbox {box}")
+            ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
+        if "iscrowd" not in ann:
+            report.repaired("iscrowd missing, set to 0", record)
+            ann["iscrowd"] = 0
+        if "area" not in ann:
+            report.repaired("area missing, filled from the mask or box", record)
+            ann["area"] = _area(ann, height, width)
+        kept.append(ann)
+        if ann["iscrowd"]:
+            report.crowd += 1
+        else:
+            report.instances[categories[ann["category_id"]]] += 1
+            report.box_sizes.append((ann["bbox"][2], ann["bbox"][3]))
+    _fail(path, problems, "unusable annotations")
+    report.images = len(images)
+    if decode:
+        _check_images(path, images_dir, data["images"])
+    return {**data, "annotations": kept}, report
+
+
+def _area(ann: dict, height: int, width: int) -> float:
+    """The area COCO would store: the mask's pixel count, or the box's area without a mask."""
+    seg = ann.get("segmentation")
+    if not seg:
+        return float(ann["bbox"][2] * ann["bbox"][3])
+    if isinstance(seg, list):  # polygons
+        rles = mask_utils.frPyObjects(seg, height, width)
+    elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+        rles = [mask_utils.frPyObjects(seg, height, width)]
+    else:  # compressed RLE
+        rles = [seg]
+    return float(mask_utils.area(mask_utils.merge(rles)))
+
+
+def _check_images(path: Path, images_dir: Path, images: list[dict]) -> None:
+    """Every image file exists, decodes completely, and has the size the annotation file says (after EXIF)."""
+    problems = []
+    for image in track(images, description=f"Checking {len(images)} images", transient=True,
+                       disable=len(images) < 200):  # fmt: skip
+        file = images_dir / image["file_name"]
+        if not file.is_file():
+            problems.append(f"image id {image['id']}: file {file} does not exist")
+            continue
+        try:
+            with Image.open(file) as img:
+                img.load()  # decodes every pixel: truncated files fail here
+                width, height = img.size
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
+                    width, height = height, width
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            problems.append(f"image id {image['id']}: {file} does not decode ({err})")
+            continue
+        if (width, height) != (image["width"], image["height"]):
+            problems.append(f"image id {image['id']}: {file} is {width}x{height} but the file says "
+                            f"{image['width']}x{image['height']}")  # fmt: skip
+    _fail(path, problems, "unusable images")
+
+
+def box_size_array(report: Report) -> np.ndarray:
+    """The report's non-crowd box sizes as (w, h) [N, 2] float32."""
+    return np.asarray(report.box_sizes, dtype=np.float32).reshape(-1, 2)

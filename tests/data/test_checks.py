@@ -1,0 +1,130 @@
+"""Broken COCO inputs: each gets one clear error naming the file and the record, before any training; recoverable
+problems are repaired and counted; nothing on disk changes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.checks import DataError, check_coco
+from tests.conftest import run_cli
+
+
+def _write(tmp_path: Path, edit=None, images: int = 2) -> tuple[Path, Path]:
+    """A valid 2-image dataset (64x48 PNGs, two annotations each) after `edit(data)`; returns (images dir, json)."""
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    data = {"images": [], "annotations": [], "categories": [{"id": 3, "name": "cat"}, {"id": 9, "name": "dog"}]}
+    for i in range(1, images + 1):
+        Image.fromarray(np.full((48, 64, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+        data["images"].append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 48})
+        data["annotations"] += [
+            {"id": 10 * i, "image_id": i, "category_id": 3, "bbox": [4, 4, 20, 10], "area": 200, "iscrowd": 0,
+             "segmentation": [[4, 4, 24, 4, 24, 14, 4, 14]]},
+            {"id": 10 * i + 1, "image_id": i, "category_id": 9, "bbox": [30, 20, 16, 16], "area": 256, "iscrowd": 0},
+        ]  # fmt: skip
+    if edit is not None:
+        edit(data)
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return folder, path
+
+
+def _ann(data: dict, ann_id: int) -> dict:
+    return next(a for a in data["annotations"] if a["id"] == ann_id)
+
+
+BROKEN = {
+    "duplicate annotation ids": (lambda d: _ann(d, 21).update(id=10), ["annotation id 10 appears 2 times"]),
+    "missing image id": (lambda d: _ann(d, 11).update(image_id=7), ["annotation id 11", "image id 7"]),
+    "unknown category": (lambda d: _ann(d, 11).update(category_id=4), ["annotation id 11", "category id 4"]),
+    "negative box": (lambda d: _ann(d, 21).update(bbox=[30, 20, -5, 16]), ["annotation id 21", "negative width"]),
+    "NaN box": (lambda d: _ann(d, 21).update(bbox=[30, math.nan, 16, 16]), ["annotation id 21", "not finite"]),
+    "two-point polygon": (lambda d: _ann(d, 10).update(segmentation=[[4, 4, 24, 14]]),
+                          ["annotation id 10", "polygon with 2 points"]),
+    "mask of the wrong size": (lambda d: _ann(d, 10).update(segmentation={"size": [32, 32], "counts": "0`0"}),
+                               ["annotation id 10", "mask of size [32, 32]", "[48, 64]"]),
+    "duplicate image ids": (lambda d: d["images"][1].update(id=1), ["image id 1 appears 2 times"]),
+    "image size differs": (lambda d: d["images"][0].update(width=65), ["image id 1", "64x48", "65x48"]),
+    "missing image file": (lambda d: d["images"][1].update(file_name="gone.png"), ["image id 2", "gone.png",
+                                                                                   "does not exist"]),
+    "empty dataset": (lambda d: d.update(images=[], annotations=[]), ["no images"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=str)
+def test_broken_input_fails_with_the_file_and_the_record(tmp_path: Path, case: str) -> None:
+    edit, expected = BROKEN[case]
+    images, path = _write(tmp_path, edit)
+    before = path.read_bytes()
+    with pytest.raises(DataError) as err:
+        check_coco(images, path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and "\n" not in message
+    for part in expected:
+        assert part in message, (part, message)
+    assert path.read_bytes() == before  # nothing on disk is modified
+
+
+def test_malformed_json_and_missing_keys(tmp_path: Path) -> None:
+    images, path = _write(tmp_path)
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(DataError, match=r"instances.json: not valid JSON \(.* at line 1, column \d+\)"):
+        check_coco(images, path)
+    path.write_text(json.dumps({"annotations": [], "categories": []}))
+    with pytest.raises(DataError, match="missing \\(or not a list\\): 'images'"):
+        check_coco(images, path)
+
+
+def test_corrupt_and_truncated_image_files(tmp_path: Path) -> None:
+    images, path = _write(tmp_path)
+    (images / "1.png").write_bytes(b"not an image at all")
+    good = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8))
+    good.save(images / "2.png")
+    (images / "2.png").write_bytes((images / "2.png").read_bytes()[:-300])  # truncated
+    with pytest.raises(DataError) as err:
+        check_coco(images, path)
+    assert "image id 1" in str(err.value) and "image id 2" in str(err.value) and "does not decode" in str(err.value)
+
+
+def test_recoverable_problems_are_repaired_and_counted(tmp_path: Path) -> None:
+    def edit(data: dict) -> None:
+        _ann(data, 10).update(bbox=[-1.0, 4, 20, 10])  # a pixel outside: clipped
+        _ann(data, 11).update(bbox=[30, 20, 0, 16])  # zero width: dropped
+        _ann(data, 20).update(bbox=[60, 40, 10, 10])  # reaches past the right/bottom edge: clipped
+        del _ann(data, 21)["area"], _ann(data, 21)["iscrowd"]
+        del _ann(data, 20)["area"]
+
+    images, path = _write(tmp_path, edit)
+    before = path.read_bytes()
+    data, report = check_coco(images, path)
+    fixed = {a["id"]: a for a in data["annotations"]}
+    assert sorted(fixed) == [10, 20, 21]
+    assert fixed[10]["bbox"] == [0.0, 4, 19.0, 10] and fixed[20]["bbox"] == [60, 40, 4, 8]
+    assert fixed[21]["iscrowd"] == 0 and fixed[21]["area"] == 256  # no mask: the box area
+    assert fixed[20]["area"] == 200  # from its polygon (20 x 10 pixels), not the clipped box
+    assert report.repairs == {
+        "box clipped to the image": 2,
+        "degenerate box dropped (no area inside the image)": 1,
+        "iscrowd missing, set to 0": 1,
+        "area missing, filled from the mask or box": 2,
+    }
+    assert "annotation id 11" in report.examples["degenerate box dropped (no area inside the image)"][0]
+    assert report.images == 2 and report.instances == {"cat": 2, "dog": 1}
+    assert path.read_bytes() == before
+
+
+def test_training_on_a_broken_file_fails_before_any_step_without_a_traceback(tmp_path: Path) -> None:
+    images, path = _write(tmp_path, lambda d: _ann(d, 21).update(category_id=4))
+    files = [f"data.train.images={images}", f"data.train.annotations={path}", f"data.val.images={images}",
+             f"data.val.annotations={path}"]  # fmt: skip
+    proc = run_cli("train", "model=yolo", "data=coco", *files, "data.train_sizes=[64]", "data.val_size=64",
+                   "data.num_workers=0", "trainer.accelerator=cpu", cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: {path}: unusable annotations: annotation id 21 has category id 4" in proc.stderr
+    assert not list(tmp_path.glob("outputs/train/runs/*/checkpoints/*.ckpt"))
