@@ -20,6 +20,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline.config import ConfigError
 
@@ -198,3 +200,22 @@ def write_json(path: str | Path, data: dict | list) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(data, f, indent=2)
     os.replace(f.name, path)
+
+
+class DatasetStats(Callback):
+    """At fit start, log the data check's summary (`data/summary.json`: images, instances per class, box sizes,
+    repairs per split) and a box-size scatter plot (`data/box_sizes.png`) to the MLflow run."""
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        from pipeline.viz import box_size_scatter
+
+        logger, data = trainer.logger, trainer.datamodule
+        if not isinstance(logger, MLFlowLogger) or logger.run_id is None or data is None:
+            return
+        reports = {split: getattr(data, f"{split}_set").source.report for split in ("train", "val")}
+        logger.experiment.log_dict(logger.run_id, {k: r.summary() for k, r in reports.items()}, "data/summary.json")
+        sizes = {k: np.asarray(r.box_sizes, dtype=np.float32).reshape(-1, 2) for k, r in reports.items()}
+        log_image(logger, box_size_scatter(sizes), "data/box_sizes.png")

@@ -59,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     logger = instantiate(cfg.logger, run_id=run_id)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     callbacks.append(RunMetadata(OmegaConf.to_container(cfg, resolve=True), run_id, run_dir, cfg.logger.tracking_uri))
+    callbacks.append(tracking.DatasetStats())
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
     if resume is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 
@@ -113,3 +115,23 @@ def detection_panel(
         )
     grid = make_grid(tiles, nrow=2, padding=2, pad_value=255)
     return grid.permute(1, 2, 0).numpy()
+
+
+def box_size_scatter(sizes: dict[str, np.ndarray]) -> np.ndarray:
+    """Box widths vs heights [N, 2] (pixels) per split on log-log axes, with COCO's area limits, as uint8 [H, W, 3]."""
+    figure = Figure(figsize=(6, 5), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for split, wh in sizes.items():
+        if len(wh):
+            axes.scatter(wh[:, 0], wh[:, 1], s=4, alpha=0.4, linewidths=0, label=f"{split} ({len(wh)})")
+    for side, name in ((32, "small | medium"), (96, "medium | large")):
+        w = np.geomspace(1, 4096, 64)
+        axes.plot(w, side**2 / w, color="grey", linestyle="--", linewidth=0.8)
+        axes.annotate(name, (side, side), fontsize=7, color="grey")
+    axes.set(xscale="log", yscale="log", xlabel="box width (px)", ylabel="box height (px)", title="Box sizes")
+    axes.grid(alpha=0.3)
+    if any(len(wh) for wh in sizes.values()):
+        axes.legend(loc="upper left")
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

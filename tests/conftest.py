@@ -12,6 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+# Real annotated datasets beside the repository (CI has them; a user's clone may not).
+requires_shared = pytest.mark.skipif(
+    not (SHARED / "datasets").is_dir(), reason=f"{SHARED / 'datasets'} is absent: real-data tests need ../shared"
+)
 
 # The smallest useful shapes run: 16 + 8 images of 64 px, one epoch of a few batches, no loader workers.
 TINY = [

@@ -12,7 +12,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from rich.console import Console
@@ -53,6 +52,16 @@ class Report:
         """Non-crowd boxes per COCO area range."""
         areas = [w * h for w, h in self.box_sizes]
         return {name: sum(low <= a < high for a in areas) for name, low, high in AREA_RANGES}
+
+    def summary(self) -> dict:
+        """The report as plain JSON-able data (images, per-class instances, crowd, box sizes, repairs)."""
+        return {
+            "images": self.images,
+            "instances_per_class": dict(sorted(self.instances.items())),
+            "crowd_regions": self.crowd,
+            "box_sizes": self.size_histogram(),
+            "repairs": {kind: {"count": n, "first": self.examples[kind]} for kind, n in sorted(self.repairs.items())},
+        }
 
     def print(self, console: Console | None = None) -> None:
         """The summary table: images, instances per class, box sizes, repairs with their first records."""
@@ -226,8 +235,3 @@ def _check_images(path: Path, images_dir: Path, images: list[dict]) -> None:
             problems.append(f"image id {image['id']}: {file} is {width}x{height} but the file says "
                             f"{image['width']}x{image['height']}")  # fmt: skip
     _fail(path, problems, "unusable images")
-
-
-def box_size_array(report: Report) -> np.ndarray:
-    """The report's non-crowd box sizes as (w, h) [N, 2] float32."""
-    return np.asarray(report.box_sizes, dtype=np.float32).reshape(-1, 2)

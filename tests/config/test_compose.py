@@ -11,7 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 from pipeline.cli import CONF_DIR
 from pipeline.config import EVAL_KEYS, PREDICT_KEYS, TRAIN_KEYS, ConfigError, validate_config
-from tests.conftest import SHARED, run_cli
+from tests.conftest import SHARED, requires_shared, run_cli
 
 COCO_TINY = SHARED / "datasets" / "coco_tiny"
 # Options whose values the user must give (paths to their data).
@@ -39,8 +39,11 @@ def _compose(config_name: str, overrides: list[str]):
 
 
 @pytest.mark.parametrize(
-    "override", [f"{g}={o}" for g in GROUPS if g not in ("paths", "hydra") for o in _options(g)], ids=str
-)
+    "override",
+    [pytest.param(f"{g}={o}", marks=[requires_shared] if f"{g}={o}" in REQUIRED else [])
+     for g in GROUPS if g not in ("paths", "hydra") for o in _options(g)],
+    ids=str,
+)  # fmt: skip
 def test_every_group_option_composes_and_validates(override: str):
     validate_config(_compose("train", [override, *REQUIRED.get(override, [])]), TRAIN_KEYS)
 

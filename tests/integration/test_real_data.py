@@ -1,0 +1,55 @@
+"""Real annotated data from ../shared/datasets through the format's DataModule: check, train a few steps,
+evaluate, with the dataset's own ids in predictions.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from pycocotools.coco import COCO
+
+from tests.conftest import SHARED, requires_shared, run_cli, run_dirs, tracking_uri
+
+pytestmark = requires_shared
+
+COCO_TINY = SHARED / "datasets" / "coco_tiny"
+COCO_FILES = [f"data.train.images={COCO_TINY / 'train2017'}",
+              f"data.train.annotations={COCO_TINY / 'annotations' / 'instances_train2017.json'}",
+              f"data.val.images={COCO_TINY / 'val2017'}",
+              f"data.val.annotations={COCO_TINY / 'annotations' / 'instances_val2017.json'}"]  # fmt: skip
+SMALL = ["data.train_sizes=[128]", "data.val_size=128", "data.batch_size=4", "data.num_workers=0",
+         "model.net.backbone.width=8", "trainer.accelerator=cpu", "trainer.max_epochs=1",
+         "trainer.limit_train_batches=2", "callbacks.model_summary.max_depth=0"]  # fmt: skip
+
+
+def test_check_data_summarises_coco_tiny_and_shows_instances(tmp_path: Path) -> None:
+    proc = run_cli("check_data", "model=instance", "data=coco", *COCO_FILES, "show=4", cwd=tmp_path)
+    assert "Data OK for instances targets: 80 training and 80 validation images." in proc.stdout
+    assert "person 209" in proc.stdout and "11 crowd regions" in proc.stdout  # the val file's summary
+    (run,) = run_dirs(tmp_path, "check_data")
+    grid = Image.open(run / "samples.png")
+    assert grid.size[0] >= 2 * 320 and grid.size[1] >= 2 * 320  # 2 x 2 samples of at least 320 px
+
+
+def test_yolo_trains_and_evaluates_on_coco_tiny_with_the_files_ids(workdir: Path) -> None:
+    # Nearly untrained: keep every detection (the checkpoint carries it to eval) so predictions.json is not empty.
+    run_cli("train", "model=yolo", "data=coco", *COCO_FILES, *SMALL, "model.net.neck_width=32",
+            "model.postprocess.score_threshold=0.0", cwd=workdir)  # fmt: skip
+    client = MlflowClient(tracking_uri(workdir))
+    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/summary.json", "data/box_sizes.png"} <= artifacts
+    local = client.download_artifacts(run.info.run_id, "data/summary.json", str(workdir))
+    summary = json.loads(Path(local).read_text())
+    assert summary["train"]["images"] == 80 and summary["val"]["instances_per_class"]["person"] == 209
+
+    (run_dir,) = run_dirs(workdir)
+    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir)
+    (eval_dir,) = run_dirs(workdir, "eval")
+    predictions = json.loads((eval_dir / "predictions.json").read_text())
+    gt = COCO(str(COCO_TINY / "annotations" / "instances_val2017.json"))
+    assert predictions and {p["image_id"] for p in predictions} <= set(gt.getImgIds())
+    assert {p["category_id"] for p in predictions} <= set(gt.getCatIds())  # the file's ids (1..90, with gaps)
+    assert len(gt.loadRes(str(eval_dir / "predictions.json")).getAnnIds()) == len(predictions)
