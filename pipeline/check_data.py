@@ -1,8 +1,9 @@
 """`pipeline-check-data <data overrides> [model=…] [show=16]`: check a dataset before spending compute on it.
 
 Reads both splits the way training will (the model decides: semantic masks, boxes or instances), runs the data
-checks (one clear error for unusable data; repairs counted), prints each split's summary, and with `show=N`
-writes N training samples after augmentation and multi-scale resize, boxes and masks drawn, to samples.png.
+checks (one clear error for unusable data; repairs and warnings counted), prints each split's summary (also
+written to summary.json), and with `show=N` writes N training samples after augmentation and multi-scale
+resize, boxes and masks drawn, to samples.png.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torchvision.utils import make_grid
 
 from pipeline.cli import CONF_DIR, exit_on_user_error
 from pipeline.config import TRAIN_KEYS, validate_config
+from pipeline.tracking import write_json
 from pipeline.viz import draw_instances, overlay
 
 CHECK_KEYS = TRAIN_KEYS | {"show"}
@@ -59,10 +61,12 @@ def check_data(cfg: DictConfig) -> Path | None:
     datamodule.setup("fit")  # reads and checks both splits, prints their summaries
     print(f"Data OK for {targets} targets: {len(datamodule.train_set)} training and {len(datamodule.val_set)} "
           "validation images.")  # fmt: skip
+    out_dir = Path(cfg.paths.output_dir)
+    summary = {split: getattr(datamodule, f"{split}_set").source.report.summary() for split in ("train", "val")}
+    write_json(out_dir / "summary.json", summary)
+    print(f"Summary: {out_dir / 'summary.json'}")
     if not cfg.show:
         return None
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "samples.png"
     Image.fromarray(samples_grid(datamodule, int(cfg.show), list(cfg.data.class_names))).save(path)
     print(f"Wrote {cfg.show} training samples (augmented, as the model sees them) to {path}")

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
 from pipeline.data.checks import read_json
+from pipeline.data.formats import yolo_class_names
 
 T = TypeVar("T")
 
@@ -33,6 +34,7 @@ def coco_class_names(annotations: str) -> list[str]:
 
 
 OmegaConf.register_new_resolver("coco_class_names", coco_class_names, replace=True)
+OmegaConf.register_new_resolver("yolo_class_names", yolo_class_names, replace=True)
 
 USER_ERRORS = (ConfigError, CheckpointError, ConnectionError, FileNotFoundError, InstantiationException)
 

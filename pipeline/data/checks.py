@@ -125,8 +125,9 @@ def _check_segmentation(seg: object, height: int, width: int, record: str) -> st
     return f"{record}: segmentation is neither polygons nor RLE"
 
 
-def check_coco(images_dir: str | Path, annotations: str | Path, decode: bool = True) -> tuple[dict, Report]:
-    """Read and check a COCO instances file and its images -> (repaired in-memory dataset, report).
+def check_coco(images_dir: str | Path, annotations: str | Path | dict, decode: bool = True) -> tuple[dict, Report]:
+    """Read and check a COCO instances file (or a dataset dict converted from another format, named by its
+    `source` key) and its images -> (repaired in-memory dataset, report).
 
     Raises DataError (file, records, what is wrong) for: malformed JSON or missing keys, an empty dataset,
     duplicate image/annotation/category ids (pycocotools' AP would be silently wrong), annotations pointing at a
@@ -135,9 +136,15 @@ def check_coco(images_dir: str | Path, annotations: str | Path, decode: bool = T
     differs from the file's. Repairs and counts: boxes reaching past the image are clipped, boxes with no area
     left are dropped, missing `area` (from the mask, else the box) and `iscrowd` (0) are filled.
     """
-    path, images_dir = Path(annotations), Path(images_dir)
-    data = read_json(path)
+    images_dir = Path(images_dir)
+    if isinstance(annotations, dict):
+        data, path = annotations, Path(annotations["source"])
+    else:
+        path = Path(annotations)
+        data = read_json(path)
     report = Report(name=str(path))
+    for warning in data.get("warnings", []):
+        report.repaired(*warning)
     if not data["images"]:
         raise DataError(f"{path}: the dataset has no images.")
     _fail(path, _duplicates(data["images"], "image") + _duplicates(data["categories"], "category")
@@ -185,7 +192,7 @@ def check_coco(images_dir: str | Path, annotations: str | Path, decode: bool = T
             ann["iscrowd"] = 0
         if "area" not in ann:
             report.repaired("area missing, filled from the mask or box", record)
-            ann["area"] = _area(ann, height, width)
+            ann["area"] = area_of(ann, height, width)
         kept.append(ann)
         if ann["iscrowd"]:
             report.crowd += 1
@@ -199,7 +206,7 @@ def check_coco(images_dir: str | Path, annotations: str | Path, decode: bool = T
     return {**data, "annotations": kept}, report
 
 
-def _area(ann: dict, height: int, width: int) -> float:
+def area_of(ann: dict, height: int, width: int) -> float:
     """The area COCO would store: the mask's pixel count, or the box's area without a mask."""
     seg = ann.get("segmentation")
     if not seg:

@@ -31,7 +31,7 @@ class CocoSource:
     DataError naming the record; repairs (clipped boxes, filled areas) are in `report`.
     """
 
-    def __init__(self, images_dir: str | Path, annotations: str | Path) -> None:
+    def __init__(self, images_dir: str | Path, annotations: str | Path | dict) -> None:
         self.images_dir = Path(images_dir)
         dataset, self.report = check_coco(images_dir, annotations)  # DataError before any training
         self.coco = COCO()

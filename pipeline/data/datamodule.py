@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import ConfigError
 from pipeline.data.coco import CocoBoxSource, CocoInstanceSource, CocoSemanticSource
+from pipeline.data.formats import yolo_dataset
 from pipeline.data.samplers import MultiScaleBatchSampler, ShardedSampler
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
 from pipeline.data.transforms import apply, apply_boxes, compose, letterbox
@@ -166,19 +167,24 @@ class CocoDataModule(pl.LightningDataModule):
 
     def _samples(self, files: dict, augment: A.Compose, size: int) -> SegmentationSamples | BoxSamples:
         """The samples of one split, in the form `targets` asks for; the file's categories must fit num_classes."""
+        images, annotations = self._annotations(files)
         if self.targets != "semantic":
             kind = CocoInstanceSource if self.targets == "instances" else CocoBoxSource
-            source = kind(files["images"], files["annotations"])
+            source = kind(images, annotations)
             samples = BoxSamples(source, augment, size)
         else:
-            source = CocoSemanticSource(files["images"], files["annotations"], self.ignore_index)
+            source = CocoSemanticSource(images, annotations, self.ignore_index)
             samples = SegmentationSamples(source, augment, size, self.ignore_index)
         if len(source.label_of) + 1 != self.num_classes:
             raise ConfigError(
-                f"{files['annotations']} has {len(source.label_of)} categories, so data.num_classes must be "
+                f"{source.report.name} has {len(source.label_of)} categories, so data.num_classes must be "
                 f"{len(source.label_of) + 1} (background + categories), not {self.num_classes}."
             )
         return samples
+
+    def _annotations(self, files: dict) -> tuple[Path, str | Path | dict]:
+        """A split's image folder and its COCO annotations (a file, or a dataset dict converted from another format)."""
+        return Path(files["images"]), files["annotations"]
 
     def setup(self, stage: str | None = None) -> None:
         """Read the annotation files (every rank); train and val must share one label space."""
@@ -195,8 +201,9 @@ class CocoDataModule(pl.LightningDataModule):
             train, val = self.train_set.source.category_ids, self.val_set.source.category_ids
             if train != val:
                 raise ConfigError(
-                    f"{self.train_files['annotations']} has category ids {train} but {self.val_files['annotations']} "
-                    f"has {val}: labels 1..K would mean different classes in training and validation."
+                    f"{self.train_set.source.report.name} has category ids {train} but "
+                    f"{self.val_set.source.report.name} has {val}: labels 1..K would mean different classes in "
+                    "training and validation."
                 )
 
     def train_box_sizes(self, size: int) -> np.ndarray:
@@ -264,3 +271,18 @@ class ShapesDataModule(CocoDataModule):
     def prepare_data(self) -> None:
         """Generate (or reuse) the dataset once per node, before any rank reads it."""
         ensure_shapes(self.root, self.spec)
+
+
+class YoloDataModule(CocoDataModule):
+    """An ultralytics dataset (dataset yaml, `images/…` and `labels/….txt` with boxes or polygons) read unchanged.
+
+    `yaml`: the dataset yaml (`path`, `train`, `val`, `names`); `root` overrides its `path`. Class ids are the
+    category ids (predictions are written with them); see `pipeline.data.formats.yolo_dataset`.
+    """
+
+    def __init__(self, yaml: str, root: str | None = None, **kwargs) -> None:
+        self.yaml, self.root = yaml, root
+        super().__init__(train={"split": "train"}, val={"split": "val"}, **kwargs)
+
+    def _annotations(self, files: dict) -> tuple[Path, dict]:
+        return yolo_dataset(self.yaml, files["split"], self.root)

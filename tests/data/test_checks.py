@@ -128,3 +128,40 @@ def test_training_on_a_broken_file_fails_before_any_step_without_a_traceback(tmp
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"error: {path}: unusable annotations: annotation id 21 has category id 4" in proc.stderr
     assert not list(tmp_path.glob("outputs/train/runs/*/checkpoints/*.ckpt"))
+
+
+def _yolo(tmp_path: Path, label: str) -> Path:
+    """A one-image ultralytics dataset whose label file holds `label`; returns its yaml."""
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "labels" / "train").mkdir(parents=True)
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "images" / "train" / "a.png")
+    (tmp_path / "labels" / "train" / "a.txt").write_text(label)
+    yaml_file = tmp_path / "data.yaml"
+    yaml_file.write_text("path: .\ntrain: images/train\nval: images/train\nnames: {0: cat, 1: dog}\n")
+    return yaml_file
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [("0 0.5 0.5 0.2\n", "a.txt:1: expected 'cls cx cy w h' or 'cls x1 y1 x2 y2 x3 y3 …', got 4 values"),
+     ("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n", "a.txt:2: class 7 is not one of the yaml's 2 classes"),
+     ("0 0.5 x 0.2 0.2\n", "a.txt:1: not numbers"),
+     ("1 0.1 0.1 0.5 0.5 0.9\n", "a.txt:1: expected")],  # an odd number of polygon coordinates
+)  # fmt: skip
+def test_broken_yolo_labels_name_the_file_and_line(tmp_path: Path, label: str, message: str) -> None:
+    from pipeline.data.formats import yolo_dataset
+
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        yolo_dataset(_yolo(tmp_path, label), "train")
+
+
+def test_yolo_boxes_and_polygons_become_pixels(tmp_path: Path) -> None:
+    from pipeline.data.formats import yolo_dataset
+
+    base, data = yolo_dataset(_yolo(tmp_path, "0 0.5 0.5 0.25 0.5\n1 0.25 0.25 0.75 0.25 0.5 0.75\n"), "train")
+    box, polygon = data["annotations"]
+    assert base == tmp_path and data["images"][0] == {"id": 1, "file_name": "images/train/a.png", "width": 64,
+                                                      "height": 48}  # fmt: skip
+    assert box["bbox"] == [24.0, 12.0, 16.0, 24.0] and box["category_id"] == 0 and box["area"] == 384.0
+    assert polygon["segmentation"] == [[16.0, 12.0, 48.0, 12.0, 32.0, 36.0]] and polygon["bbox"] == [16, 12, 32, 24]
+    assert data["categories"] == [{"id": 0, "name": "cat"}, {"id": 1, "name": "dog"}]

@@ -53,3 +53,33 @@ def test_yolo_trains_and_evaluates_on_coco_tiny_with_the_files_ids(workdir: Path
     assert predictions and {p["image_id"] for p in predictions} <= set(gt.getImgIds())
     assert {p["category_id"] for p in predictions} <= set(gt.getCatIds())  # the file's ids (1..90, with gaps)
     assert len(gt.loadRes(str(eval_dir / "predictions.json")).getAnnIds()) == len(predictions)
+
+
+COCO128 = SHARED / "datasets" / "coco128-seg"
+YOLO_FILES = [f"data.yaml={COCO128 / 'coco128-seg.yaml'}", f"data.root={COCO128}"]
+
+
+def test_check_data_reports_the_coco128_seg_quirks_as_warnings(tmp_path: Path) -> None:
+    proc = run_cli("check_data", "model=instance", "data=yolo", *YOLO_FILES, cwd=tmp_path)
+    assert "Data OK for instances targets: 128 training and 128 validation images." in proc.stdout
+    (run,) = run_dirs(tmp_path, "check_data")
+    warnings = json.loads((run / "summary.json").read_text())["train"]["repairs"]
+    assert warnings["image without a label file (background image)"] == {
+        "count": 2,
+        "first": ["images/train2017/000000000250.jpg", "images/train2017/000000000508.jpg"],
+    }
+    assert warnings["label file without an image"] == {
+        "count": 2, "first": ["labels/train2017/000000000656.txt", "labels/train2017/000000000659.txt"]}  # fmt: skip
+
+
+def test_instance_model_trains_and_evaluates_on_yolo_polygons(workdir: Path) -> None:
+    run_cli("train", "experiment=shapes_instance", "data=yolo", *YOLO_FILES, *SMALL, "model.net.neck_width=32",
+            "model.postprocess.score_threshold=0.0", "trainer.limit_val_batches=2", cwd=workdir)  # fmt: skip
+    (run_dir,) = run_dirs(workdir)
+    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "+trainer.limit_val_batches=2", cwd=workdir)
+    (eval_dir,) = run_dirs(workdir, "eval")
+    metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= metrics["val/segm_map"] <= 1.0
+    predictions = json.loads((eval_dir / "predictions.json").read_text())
+    assert predictions and {p["category_id"] for p in predictions} <= set(range(80))  # YOLO class ids
+    assert all(isinstance(p["segmentation"]["counts"], str) for p in predictions)

@@ -1,0 +1,135 @@
+"""Other annotation formats converted, in memory, to the COCO dataset dict the sources read (nothing is written).
+
+A converted dict carries `source` (what to name in messages) and `warnings` ((kind, record) pairs the data
+check counts in its summary); everything else is plain COCO, so one checker and one reader serve every format.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from pipeline.data.checks import DataError, area_of
+
+IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as it will be read: after EXIF rotation, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            swapped = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except OSError as err:
+        raise DataError(f"{path}: image does not open ({err}).") from None
+    return (height, width) if swapped else (width, height)
+
+
+def _label_path(image: Path) -> Path:
+    """ultralytics' rule: the last `images` folder in the path becomes `labels`, the suffix `.txt`."""
+    parts = list(image.parts)
+    index = len(parts) - 1 - parts[::-1].index("images")
+    return Path(*parts[:index], "labels", *parts[index + 1 :]).with_suffix(".txt")
+
+
+def _read_yaml(yaml_file: Path) -> tuple[dict, list[str]]:
+    """The dataset yaml and its class names in id order (`names` as a list or an {id: name} mapping)."""
+    if not yaml_file.is_file():
+        raise DataError(f"{yaml_file}: no such dataset yaml.")
+    try:
+        spec = yaml.safe_load(yaml_file.read_text())
+    except yaml.YAMLError as err:
+        raise DataError(f"{yaml_file}: not valid YAML ({err}).") from None
+    names = spec.get("names") if isinstance(spec, dict) else None
+    if isinstance(names, dict):
+        names = [names[i] for i in sorted(names)]
+    if not names:
+        raise DataError(f"{yaml_file}: no class 'names'.")
+    return spec, [str(n) for n in names]
+
+
+def yolo_class_names(yaml_file: str) -> list[str]:
+    """`${yolo_class_names:<dataset yaml>}`: "background" then the yaml's class names in id order."""
+    return ["background", *_read_yaml(Path(yaml_file))[1]]
+
+
+def _split_images(spec: dict, base: Path, split: str, yaml_file: Path) -> list[Path]:
+    """A split's image files: every image under a folder, or the lines of a .txt list, or a list of either."""
+    entry = spec.get(split)
+    if not entry:
+        raise DataError(f"{yaml_file}: no '{split}' split.")
+    images: list[Path] = []
+    for item in entry if isinstance(entry, list) else [entry]:
+        path = base / item
+        if path.is_dir():
+            images += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix == ".txt" and path.is_file():
+            images += [base / line.strip().removeprefix("./") for line in path.read_text().splitlines() if line.strip()]
+        else:
+            raise DataError(f"{yaml_file}: '{split}' entry {item!r} is neither a folder nor a .txt list under {base}.")
+    return images
+
+
+def _parse_label(line: str, where: str, num_classes: int, width: int, height: int) -> dict:
+    """One label line (`cls cx cy w h` or `cls x1 y1 x2 y2 …`, normalised) as a COCO annotation in pixels."""
+    values = line.split()
+    try:
+        cls, coords = int(values[0]), [float(v) for v in values[1:]]
+    except (ValueError, IndexError):
+        raise DataError(f"{where}: not numbers: {line!r}.") from None
+    if not 0 <= cls < num_classes:
+        raise DataError(f"{where}: class {cls} is not one of the yaml's {num_classes} classes.")
+    if len(coords) == 4:
+        cx, cy, w, h = coords[0] * width, coords[1] * height, coords[2] * width, coords[3] * height
+        return {"category_id": cls, "bbox": [cx - w / 2, cy - h / 2, w, h], "iscrowd": 0}
+    if len(coords) >= 6 and len(coords) % 2 == 0:
+        xs, ys = [x * width for x in coords[0::2]], [y * height for y in coords[1::2]]
+        polygon = [v for xy in zip(xs, ys, strict=True) for v in xy]
+        bbox = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+        return {"category_id": cls, "bbox": bbox, "segmentation": [polygon], "iscrowd": 0}
+    raise DataError(f"{where}: expected 'cls cx cy w h' or 'cls x1 y1 x2 y2 x3 y3 …', got {len(values)} values.")
+
+
+def yolo_dataset(yaml_file: str | Path, split: str, root: str | Path | None = None) -> tuple[Path, dict]:
+    """A split of an ultralytics dataset as (base folder, COCO dataset dict); file names are relative to the base.
+
+    Images without a label file are background images; label files without an image are reported. Both are
+    warnings in the summary, not errors. Malformed label lines fail, naming the file and line.
+    """
+    yaml_file = Path(yaml_file)
+    spec, names = _read_yaml(yaml_file)
+    base = Path(root) if root else yaml_file.parent / spec.get("path", ".")
+    if not base.is_dir():
+        raise DataError(f"{yaml_file}: dataset folder {base} does not exist; set data.root to the dataset's folder "
+                        "(it replaces the yaml's 'path').")  # fmt: skip
+    images, annotations, warnings = [], [], []
+    for image_id, path in enumerate(_split_images(spec, base, split, yaml_file), start=1):
+        if not path.is_file():
+            raise DataError(f"{yaml_file}: '{split}' lists {path}, which does not exist.")
+        width, height = _image_size(path)
+        images.append({"id": image_id, "file_name": os.path.relpath(path, base), "width": width, "height": height})
+        label = _label_path(path)
+        if not label.is_file():
+            warnings.append(("image without a label file (background image)", str(path.relative_to(base))))
+            continue
+        for number, line in enumerate(label.read_text().splitlines(), start=1):
+            if line.strip():
+                ann = _parse_label(line, f"{label}:{number}", len(names), width, height)
+                ann["area"] = area_of(ann, height, width)
+                annotations.append({**ann, "id": len(annotations) + 1, "image_id": image_id})
+    listed = {_label_path(base / image["file_name"]) for image in images}
+    for folder in sorted({label.parent for label in listed}):
+        for label in sorted(folder.glob("*.txt")):
+            if label not in listed:
+                warnings.append(("label file without an image", str(label.relative_to(base))))
+    dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": name} for i, name in enumerate(names)],
+        "source": f"{yaml_file} [{split}]",
+        "warnings": warnings,
+    }
+    return base, dataset
