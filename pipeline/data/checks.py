@@ -35,6 +35,7 @@ class Report:
     """What a checked dataset holds and what was repaired: counts per kind with the first few records."""
 
     name: str
+    unit: str = "instances"  # what `instances` counts (mask folders: images containing each class)
     images: int = 0
     instances: Counter = field(default_factory=Counter)  # category name -> non-crowd instances
     crowd: int = 0
@@ -69,10 +70,13 @@ class Report:
         table.add_column("what")
         table.add_column("value", overflow="fold")
         table.add_row("images", str(self.images))
-        table.add_row("instances", f"{sum(self.instances.values())} (+ {self.crowd} crowd regions)")
-        per_class = sorted(self.instances.items(), key=lambda kv: (-kv[1], kv[0]))
-        table.add_row("per class", ", ".join(f"{name} {count}" for name, count in per_class))
-        table.add_row("box sizes", ", ".join(f"{k} {v}" for k, v in self.size_histogram().items()))
+        per_class = ", ".join(f"{n} {c}" for n, c in sorted(self.instances.items(), key=lambda kv: (-kv[1], kv[0])))
+        if self.unit == "instances":
+            table.add_row("instances", f"{sum(self.instances.values())} (+ {self.crowd} crowd regions)")
+            table.add_row("per class", per_class)
+            table.add_row("box sizes", ", ".join(f"{k} {v}" for k, v in self.size_histogram().items()))
+        else:
+            table.add_row(self.unit, per_class)
         for kind, count in sorted(self.repairs.items()):
             table.add_row(f"[yellow]{kind}[/yellow]", f"{count}: {'; '.join(self.examples[kind])}")
         (console or Console()).print(table)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.config import ConfigError
 from pipeline.data.coco import CocoBoxSource, CocoInstanceSource, CocoSemanticSource
 from pipeline.data.formats import yolo_dataset
+from pipeline.data.mask_folders import MaskFolderSource
 from pipeline.data.samplers import MultiScaleBatchSampler, ShardedSampler
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
 from pipeline.data.transforms import apply, apply_boxes, compose, letterbox
@@ -286,3 +287,22 @@ class YoloDataModule(CocoDataModule):
 
     def _annotations(self, files: dict) -> tuple[Path, dict]:
         return yolo_dataset(self.yaml, files["split"], self.root)
+
+
+class MaskFolderDataModule(CocoDataModule):
+    """Semantic segmentation from two folders per split, images and masks matched by file stem.
+
+    `train`/`val`: {"images": folder, "masks": folder}; `values` maps mask pixel values to labels (e.g. {0: 0,
+    255: 1}); see `MaskFolderSource`. Semantic targets only.
+    """
+
+    def __init__(self, values: dict[int, int] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if self.targets != "semantic":
+            raise ConfigError("data=masks holds semantic masks only: use it with a segmentation model (model=fcn8s, …)")
+        self.values = values
+
+    def _samples(self, files: dict, augment: A.Compose, size: int) -> SegmentationSamples:
+        source = MaskFolderSource(files["images"], files["masks"], self.num_classes, self.ignore_index,
+                                  self.values, self.class_names)  # fmt: skip
+        return SegmentationSamples(source, augment, size, self.ignore_index)

@@ -17,7 +17,7 @@ from pipeline.data.checks import DataError, area_of
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image as it will be read: after EXIF rotation, without decoding the pixels."""
     try:
         with Image.open(path) as img:
@@ -109,7 +109,7 @@ def yolo_dataset(yaml_file: str | Path, split: str, root: str | Path | None = No
     for image_id, path in enumerate(_split_images(spec, base, split, yaml_file), start=1):
         if not path.is_file():
             raise DataError(f"{yaml_file}: '{split}' lists {path}, which does not exist.")
-        width, height = _image_size(path)
+        width, height = image_size(path)
         images.append({"id": image_id, "file_name": os.path.relpath(path, base), "width": width, "height": height})
         label = _label_path(path)
         if not label.is_file():

@@ -19,6 +19,7 @@ REQUIRED = {
     "data=coco": [f"data.{split}.{key}={COCO_TINY / value}" for split in ("train", "val")
                   for key, value in (("images", "val2017"), ("annotations", "annotations/instances_val2017.json"))],
     "data=yolo": [f"data.yaml={SHARED / 'datasets' / 'coco128-seg' / 'coco128-seg.yaml'}"],
+    "data=masks": [f"data.{split}.{key}=folder" for split in ("train", "val") for key in ("images", "masks")],
 }  # fmt: skip
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug", "hparams_search"]
 

@@ -165,3 +165,45 @@ def test_yolo_boxes_and_polygons_become_pixels(tmp_path: Path) -> None:
     assert box["bbox"] == [24.0, 12.0, 16.0, 24.0] and box["category_id"] == 0 and box["area"] == 384.0
     assert polygon["segmentation"] == [[16.0, 12.0, 48.0, 12.0, 32.0, 36.0]] and polygon["bbox"] == [16, 12, 32, 24]
     assert data["categories"] == [{"id": 0, "name": "cat"}, {"id": 1, "name": "dog"}]
+
+
+def _mask_folders(tmp_path: Path, mask_size: tuple[int, int] = (48, 64), mode: str = "L", value: int = 255) -> dict:
+    """Two images with 0/`value` masks (of `mask_size`, PIL `mode`); returns the folders."""
+    images, masks = tmp_path / "img", tmp_path / "lbl"
+    images.mkdir()
+    masks.mkdir()
+    for stem in ("a", "b"):
+        Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(images / f"{stem}.jpg")
+        mask = np.zeros(mask_size, np.uint8)
+        mask[10:20, 10:30] = value
+        Image.fromarray(mask).convert(mode).save(masks / f"{stem}.png")
+    return {"images": images, "masks": masks}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "values", "message"),
+    [({"mask_size": (48, 60)}, {0: 0, 255: 1}, "a.png: mask is 60x48 but its image a.jpg is 64x48"),
+     ({"mode": "RGB"}, {0: 0, 255: 1}, "a.png: mask has mode RGB"),
+     ({}, None, r"a.png: labels \[255\]|a.png: labels"),
+     ({"value": 7}, {0: 0, 255: 1}, r"a.png: pixel values \[7\] are not in data.values")],
+    ids=["wrong size", "RGB mask", "0/255 without values", "unmapped value"],
+)  # fmt: skip
+def test_broken_mask_folders_name_the_file(tmp_path: Path, kwargs: dict, values: dict | None, message: str) -> None:
+    from pipeline.data.mask_folders import MaskFolderSource
+
+    folders = _mask_folders(tmp_path, **kwargs)
+    ignore = 254 if values is None else 255  # so that 255 is not void in the "no values" case
+    with pytest.raises(DataError, match=message):
+        MaskFolderSource(folders["images"], folders["masks"], num_classes=2, ignore_index=ignore, values=values)
+
+
+def test_mask_folders_need_a_mask_per_image_and_map_values(tmp_path: Path) -> None:
+    from pipeline.data.mask_folders import MaskFolderSource
+
+    folders = _mask_folders(tmp_path)
+    source = MaskFolderSource(folders["images"], folders["masks"], num_classes=2, values={0: 0, 255: 1})
+    image, mask = source.load(0)
+    assert image.shape == (48, 64, 3) and mask.shape == (48, 64) and int(mask.sum()) == 200  # 10 x 20 ones
+    (folders["masks"] / "b.png").unlink()
+    with pytest.raises(DataError, match=r"lbl: no mask for 1 image\(s\) of .*img, e.g. b.jpg"):
+        MaskFolderSource(folders["images"], folders["masks"], num_classes=2, values={0: 0, 255: 1})

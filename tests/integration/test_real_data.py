@@ -83,3 +83,18 @@ def test_instance_model_trains_and_evaluates_on_yolo_polygons(workdir: Path) -> 
     predictions = json.loads((eval_dir / "predictions.json").read_text())
     assert predictions and {p["category_id"] for p in predictions} <= set(range(80))  # YOLO class ids
     assert all(isinstance(p["segmentation"]["counts"], str) for p in predictions)
+
+
+ISBI = SHARED / "datasets" / "isbi_membrane" / "train"
+MASK_FILES = [f"data.{split}.{key}={ISBI / folder}" for split in ("train", "val")
+              for key, folder in (("images", "image"), ("masks", "label"))]  # fmt: skip
+
+
+def test_fcn_trains_and_evaluates_on_isbi_mask_folders(workdir: Path) -> None:
+    binary = ["data.values={0:0,255:1}", "data.class_names=[membrane,cell]", "data.num_classes=2"]
+    run_cli("train", "data=masks", *MASK_FILES, *binary, *SMALL, "data.val_size=128", cwd=workdir)
+    (run_dir,) = run_dirs(workdir)
+    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir)
+    (eval_dir,) = run_dirs(workdir, "eval")
+    metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= metrics["val/mIoU"] <= 1.0 and "val/IoU/cell" in metrics
