@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import ConfigError
 from pipeline.data.coco import CocoBoxSource, CocoInstanceSource, CocoSemanticSource
-from pipeline.data.formats import yolo_dataset
+from pipeline.data.formats import voc_box_dataset, voc_ids, voc_instance_dataset, yolo_dataset
 from pipeline.data.mask_folders import MaskFolderSource
 from pipeline.data.samplers import MultiScaleBatchSampler, ShardedSampler
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
@@ -305,4 +305,28 @@ class MaskFolderDataModule(CocoDataModule):
     def _samples(self, files: dict, augment: A.Compose, size: int) -> SegmentationSamples:
         source = MaskFolderSource(files["images"], files["masks"], self.num_classes, self.ignore_index,
                                   self.values, self.class_names)  # fmt: skip
+        return SegmentationSamples(source, augment, size, self.ignore_index)
+
+
+class VocDataModule(CocoDataModule):
+    """A VOCdevkit-style root: boxes from Annotations/*.xml (ImageSets/Main), semantic masks from the palette
+    SegmentationClass PNGs and instances from SegmentationObject (ImageSets/Segmentation); 255 is void.
+
+    Splits are `train_split` / `val_split` (ImageSets file names); without ImageSets every file is used.
+    """
+
+    def __init__(self, root: str, train_split: str = "train", val_split: str = "val", **kwargs) -> None:
+        self.root = Path(root)
+        super().__init__(train={"split": train_split}, val={"split": val_split}, **kwargs)
+
+    def _annotations(self, files: dict) -> tuple[Path, dict]:
+        convert = voc_instance_dataset if self.targets == "instances" else voc_box_dataset
+        return convert(self.root, files["split"], self.class_names)
+
+    def _samples(self, files: dict, augment: A.Compose, size: int) -> SegmentationSamples | BoxSamples:
+        if self.targets != "semantic":
+            return super()._samples(files, augment, size)
+        stems = voc_ids(self.root, "Segmentation", files["split"], "SegmentationClass", ".png")
+        source = MaskFolderSource(self.root / "JPEGImages", self.root / "SegmentationClass", self.num_classes,
+                                  self.ignore_index, None, self.class_names, stems)  # fmt: skip
         return SegmentationSamples(source, augment, size, self.ignore_index)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from xml.etree import ElementTree
 
+import numpy as np
 import yaml
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from pipeline.data.checks import DataError, area_of
 
@@ -133,3 +136,106 @@ def yolo_dataset(yaml_file: str | Path, split: str, root: str | Path | None = No
         "warnings": warnings,
     }
     return base, dataset
+
+
+VOC_CLASSES = [
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]  # fmt: skip
+
+
+def voc_ids(root: Path, kind: str, split: str, folder: str, suffix: str) -> list[str]:
+    """A VOC split's image ids: ImageSets/<kind>/<split>.txt when it exists, else every file of `folder`."""
+    listing = root / "ImageSets" / kind / f"{split}.txt"
+    if listing.is_file():
+        return [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    if not (root / folder).is_dir():
+        raise DataError(f"{root}: neither {listing} nor a {folder}/ folder: is this a VOCdevkit-style root?")
+    return sorted(p.stem for p in (root / folder).glob(f"*{suffix}"))
+
+
+def voc_box_dataset(root: str | Path, split: str, class_names: list[str]) -> tuple[Path, dict]:
+    """A VOC split's Annotations/*.xml boxes as (JPEGImages folder, COCO dataset dict).
+
+    VOC boxes are 1-based inclusive pixels (xmin = 1 is the first column): x = xmin - 1, w = xmax - xmin + 1.
+    `difficult` objects become crowd regions: ignored for matching, as VOC's own evaluation ignores them.
+    Category ids are 1..K in `class_names` order (class_names[0] is the background).
+    """
+    root = Path(root)
+    ids = voc_ids(root, "Main", split, "Annotations", ".xml")
+    category = {name: i for i, name in enumerate(class_names) if i > 0}
+    images, annotations = [], []
+    for image_id, stem in enumerate(ids, start=1):
+        xml = root / "Annotations" / f"{stem}.xml"
+        try:
+            tree = ElementTree.parse(xml).getroot()
+        except ElementTree.ParseError as err:
+            raise DataError(f"{xml}: not well-formed XML ({err}).") from None
+        except OSError:
+            raise DataError(f"{xml}: missing (listed in ImageSets/Main/{split}.txt).") from None
+        file_name = tree.findtext("filename") or f"{stem}.jpg"
+        width, height = image_size(root / "JPEGImages" / file_name) if (root / "JPEGImages" / file_name).is_file() \
+            else (int(tree.findtext("size/width") or 0), int(tree.findtext("size/height") or 0))  # fmt: skip
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for number, obj in enumerate(tree.iter("object"), start=1):
+            name = (obj.findtext("name") or "").strip()
+            if name not in category:
+                raise DataError(f"{xml}: object {number} is a {name!r}, not one of data.class_names "
+                                f"{class_names[1:]}.")  # fmt: skip
+            try:
+                x1, y1, x2, y2 = (float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))
+            except (TypeError, ValueError):
+                raise DataError(f"{xml}: object {number} ({name}) has no numeric bndbox.") from None
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category[name],
+                                "bbox": [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1],
+                                "iscrowd": int(obj.findtext("difficult") == "1")})  # fmt: skip
+            annotations[-1]["area"] = annotations[-1]["bbox"][2] * annotations[-1]["bbox"][3]
+    categories = [{"id": i, "name": name} for name, i in category.items()]
+    source = str(root / "ImageSets" / "Main" / f"{split}.txt")
+    return root / "JPEGImages", {"images": images, "annotations": annotations, "categories": categories,
+                                 "source": source}  # fmt: skip
+
+
+def voc_instance_dataset(root: str | Path, split: str, class_names: list[str]) -> tuple[Path, dict]:
+    """A VOC split's SegmentationObject PNGs (instance k = pixel value k; 255 void) as (JPEGImages, COCO dict).
+
+    Each instance's class is the SegmentationClass label under most of its pixels; masks become RLE.
+    """
+    root = Path(root)
+    ids = voc_ids(root, "Segmentation", split, "SegmentationObject", ".png")
+    images, annotations = [], []
+    for image_id, stem in enumerate(ids, start=1):
+        objects = _index_png(root / "SegmentationObject" / f"{stem}.png")
+        classes = _index_png(root / "SegmentationClass" / f"{stem}.png")
+        if objects.shape != classes.shape:
+            raise DataError(f"{root / 'SegmentationObject' / f'{stem}.png'}: {objects.shape} differs from its "
+                            f"SegmentationClass mask {classes.shape}.")  # fmt: skip
+        file_name = f"{stem}.jpg"
+        width, height = image_size(root / "JPEGImages" / file_name)
+        if (height, width) != objects.shape:
+            raise DataError(f"{root / 'SegmentationObject' / f'{stem}.png'}: mask is {objects.shape[1]}x"
+                            f"{objects.shape[0]} but {file_name} is {width}x{height}.")  # fmt: skip
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for value in sorted(set(np.unique(objects).tolist()) - {0, 255}):
+            mask = objects == value
+            label = int(np.bincount(classes[mask]).argmax())
+            if not 0 < label < len(class_names):
+                continue  # void (255) or background under the object: not an instance
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": label, "iscrowd": 0,
+                "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
+                "area": float(mask.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            })  # fmt: skip
+    categories = [{"id": i, "name": name} for i, name in enumerate(class_names) if i > 0]
+    source = str(root / "SegmentationObject")
+    return root / "JPEGImages", {"images": images, "annotations": annotations, "categories": categories,
+                                 "source": source}  # fmt: skip
+
+
+def _index_png(path: Path) -> np.ndarray:
+    """A palette/index PNG as its indices uint8 [H, W]."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing.")
+    with Image.open(path) as img:
+        return np.asarray(img if img.mode in ("P", "L") else img.convert("L"), dtype=np.uint8)

@@ -30,7 +30,8 @@ class MaskFolderSource:
     """Images and their masks, matched by stem and checked up front; labels after the optional value mapping.
 
     `values` maps mask pixel values to labels (e.g. {0: 0, 255: 1} for binary masks saved as 0/255); without it
-    pixel values are the labels. Every label must be < num_classes or the ignore_index (void).
+    pixel values are the labels. Every label must be < num_classes or the ignore_index (void). `stems` limits
+    the pairs to a listed split.
     """
 
     def __init__(
@@ -41,12 +42,18 @@ class MaskFolderSource:
         ignore_index: int = 255,
         values: dict[int, int] | None = None,
         class_names: list[str] | None = None,
+        stems: list[str] | None = None,
     ) -> None:
         self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.values = {int(k): int(v) for k, v in (values or {}).items()}
         self.category_ids = list(range(1, num_classes))
         images, masks = _files(self.images_dir), _files(self.masks_dir)
+        if stems is not None:  # a listed split (VOC's ImageSets): only these images, each must exist
+            absent = [stem for stem in stems if stem not in images]
+            if absent:
+                raise DataError(f"{self.images_dir}: no image for listed id(s) {', '.join(absent[:3])}.")
+            images = {stem: images[stem] for stem in stems}
         if not images:
             raise DataError(f"{self.images_dir}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
         missing = sorted(set(images) - set(masks))

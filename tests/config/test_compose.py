@@ -20,6 +20,7 @@ REQUIRED = {
                   for key, value in (("images", "val2017"), ("annotations", "annotations/instances_val2017.json"))],
     "data=yolo": [f"data.yaml={SHARED / 'datasets' / 'coco128-seg' / 'coco128-seg.yaml'}"],
     "data=masks": [f"data.{split}.{key}=folder" for split in ("train", "val") for key in ("images", "masks")],
+    "data=voc": ["data.root=VOC2012"],
 }  # fmt: skip
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug", "hparams_search"]
 

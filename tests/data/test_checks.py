@@ -207,3 +207,37 @@ def test_mask_folders_need_a_mask_per_image_and_map_values(tmp_path: Path) -> No
     (folders["masks"] / "b.png").unlink()
     with pytest.raises(DataError, match=r"lbl: no mask for 1 image\(s\) of .*img, e.g. b.jpg"):
         MaskFolderSource(folders["images"], folders["masks"], num_classes=2, values={0: 0, 255: 1})
+
+
+def test_voc_xml_that_is_not_well_formed_names_the_file(tmp_path: Path) -> None:
+    from pipeline.data.formats import voc_box_dataset
+
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "Annotations" / "a.xml").write_text("<annotation><object><name>cat</name></annotation>")
+    with pytest.raises(DataError, match=r"a.xml: not well-formed XML \(mismatched tag: line 1, column \d+\)"):
+        voc_box_dataset(tmp_path, "train", ["background", "cat"])
+    (tmp_path / "Annotations" / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename><size><width>64</width><height>48</height></size>"
+        "<object><name>zebra</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax></bndbox>"
+        "</object></annotation>"
+    )
+    with pytest.raises(DataError, match=r"a.xml: object 1 is a 'zebra', not one of data.class_names \['cat'\]"):
+        voc_box_dataset(tmp_path, "train", ["background", "cat"])
+
+
+def test_voc_boxes_are_one_based_inclusive_pixels_and_difficult_is_ignored(tmp_path: Path) -> None:
+    from pipeline.data.formats import voc_box_dataset
+
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "JPEGImages").mkdir()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "JPEGImages" / "a.jpg")
+    obj = "<object><name>cat</name><difficult>{}</difficult><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>10</xmax>" \
+          "<ymax>20</ymax></bndbox></object>"  # fmt: skip
+    (tmp_path / "Annotations" / "a.xml").write_text(
+        f"<annotation><filename>a.jpg</filename>{obj.format(0)}{obj.format(1)}</annotation>"
+    )
+    images, data = voc_box_dataset(tmp_path, "train", ["background", "cat"])
+    assert images == tmp_path / "JPEGImages" and data["images"][0]["width"] == 64
+    first, difficult = data["annotations"]
+    assert first["bbox"] == [0.0, 1.0, 10.0, 19.0] and first["iscrowd"] == 0 and difficult["iscrowd"] == 1

@@ -98,3 +98,43 @@ def test_fcn_trains_and_evaluates_on_isbi_mask_folders(workdir: Path) -> None:
     (eval_dir,) = run_dirs(workdir, "eval")
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["val/mIoU"] <= 1.0 and "val/IoU/cell" in metrics
+
+
+BCCD = SHARED / "datasets" / "bccd" / "BCCD"
+LABELME_VOC = SHARED / "datasets" / "labelme_voc_examples" / "data_dataset_voc"
+
+
+def test_yolo_trains_and_evaluates_on_bccd_voc_boxes(workdir: Path) -> None:
+    voc = ["data=voc", f"data.root={BCCD}", "data.class_names=[background,RBC,WBC,Platelets]"]
+    run_cli("check_data", "model=yolo", *voc, cwd=workdir)
+    (check,) = run_dirs(workdir, "check_data")
+    summary = json.loads((check / "summary.json").read_text())
+    assert summary["train"]["images"] == 205 and summary["val"]["instances_per_class"]["WBC"] == 87
+    run_cli("train", "model=yolo", *voc, *SMALL, "model.net.neck_width=32", "model.postprocess.score_threshold=0.0",
+            "trainer.limit_val_batches=2", cwd=workdir)  # fmt: skip
+    (run_dir,) = run_dirs(workdir)
+    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "+trainer.limit_val_batches=2", cwd=workdir)
+    (eval_dir,) = run_dirs(workdir, "eval")
+    predictions = json.loads((eval_dir / "predictions.json").read_text())
+    assert predictions and {p["category_id"] for p in predictions} <= {1, 2, 3}
+
+
+def test_fcn_trains_and_evaluates_on_voc_palette_masks(workdir: Path) -> None:
+    run_cli("train", "data=voc", f"data.root={LABELME_VOC}", *SMALL, cwd=workdir)
+    (run_dir,) = run_dirs(workdir)
+    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir)
+    (eval_dir,) = run_dirs(workdir, "eval")
+    metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= metrics["val/mIoU"] <= 1.0 and "val/IoU/person" in metrics
+
+
+def test_voc_instances_come_from_segmentation_object_pngs(tmp_path: Path) -> None:
+    from pipeline.data.formats import VOC_CLASSES, voc_instance_dataset
+
+    _, data = voc_instance_dataset(LABELME_VOC, "train", ["background", *VOC_CLASSES])
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    per_class = sorted(names[a["category_id"]] for a in data["annotations"])
+    assert len(data["images"]) == 3 and per_class.count("person") == 6 and "bus" in per_class
+    assert all(a["area"] > 0 and a["segmentation"]["size"] == [data["images"][a["image_id"] - 1]["height"],
+                                                              data["images"][a["image_id"] - 1]["width"]]
+               for a in data["annotations"])  # fmt: skip
