@@ -234,15 +234,24 @@ def _check_images(path: Path, images_dir: Path, images: list[dict]) -> None:
             problems.append(f"image id {image['id']}: file {file} does not exist")
             continue
         try:
-            with Image.open(file) as img:
-                img.load()  # decodes every pixel: truncated files fail here
-                width, height = img.size
-                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
-                    width, height = height, width
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            problems.append(f"image id {image['id']}: {file} does not decode ({err})")
+            width, height = decoded_size(file)
+        except DataError as err:
+            problems.append(f"image id {image['id']}: {err}")
             continue
         if (width, height) != (image["width"], image["height"]):
             problems.append(f"image id {image['id']}: {file} is {width}x{height} but the file says "
                             f"{image['width']}x{image['height']}")  # fmt: skip
     _fail(path, problems, "unusable images")
+
+
+def decoded_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as read (after EXIF rotation), decoding every pixel: truncated files fail."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            width, height = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
+                width, height = height, width
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"{path} does not decode ({err})") from None
+    return width, height

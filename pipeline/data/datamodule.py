@@ -181,6 +181,10 @@ class CocoDataModule(pl.LightningDataModule):
                 f"{source.report.name} has {len(source.label_of)} categories, so data.num_classes must be "
                 f"{len(source.label_of) + 1} (background + categories), not {self.num_classes}."
             )
+        names = [source.coco.cats[c]["name"] for c in source.category_ids]
+        if names != self.class_names[1:]:
+            raise ConfigError(f"{source.report.name} names its categories (in id order) {names}, but "
+                              f"data.class_names[1:] is {self.class_names[1:]}: labels would be misnamed.")  # fmt: skip
         return samples
 
     def _annotations(self, files: dict) -> tuple[Path, str | Path | dict]:

@@ -241,3 +241,43 @@ def test_voc_boxes_are_one_based_inclusive_pixels_and_difficult_is_ignored(tmp_p
     assert images == tmp_path / "JPEGImages" and data["images"][0]["width"] == 64
     first, difficult = data["annotations"]
     assert first["bbox"] == [0.0, 1.0, 10.0, 19.0] and first["iscrowd"] == 0 and difficult["iscrowd"] == 1
+
+
+def test_grayscale_rgba_16_bit_and_exif_rotated_images_load_upright_as_rgb(tmp_path: Path) -> None:
+    from pipeline.data.checks import decoded_size
+    from pipeline.data.coco import read_rgb
+
+    grey = np.tile(np.arange(64, dtype=np.uint8), (48, 1))
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(grey.astype(np.uint16) * 1000).save(tmp_path / "deep.png")
+    raw = np.zeros((48, 64, 3), np.uint8)
+    raw[:, :8] = 255  # a white band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(raw).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+
+    for name in ("grey.png", "rgba.png", "deep.png"):
+        image = read_rgb(tmp_path / name)
+        assert image.shape == (48, 64, 3) and image.dtype == np.uint8, name
+    assert np.array_equal(read_rgb(tmp_path / "grey.png")[..., 1], grey)
+    assert tuple(read_rgb(tmp_path / "rgba.png")[0, 0]) == (200, 0, 0)
+    deep = read_rgb(tmp_path / "deep.png")[..., 0].astype(int)
+    assert deep[0, 0] == 0 and deep[0, -1] == 255 and (np.diff(deep[0]) >= 0).all()  # 16 bit scaled, order kept
+    rotated = read_rgb(tmp_path / "rotated.jpg")
+    assert rotated.shape == (64, 48, 3)  # displayed upright: taller than wide
+    assert rotated[:8].mean() > 200 and rotated[-8:].mean() < 30  # the left band is now on top
+    assert decoded_size(tmp_path / "rotated.jpg") == (48, 64)  # what the annotation file must say
+
+
+def test_class_names_that_do_not_match_the_file_are_refused(tmp_path: Path) -> None:
+    from pipeline.config import ConfigError
+    from pipeline.data.datamodule import CocoDataModule
+
+    images, path = _write(tmp_path)
+    files = {"images": images, "annotations": path}
+    data = CocoDataModule(files, files, num_classes=3, class_names=["background", "dog", "cat"], targets="boxes")
+    with pytest.raises(ConfigError, match=r"names its categories \(in id order\) \['cat', 'dog'\]"):
+        data.setup("fit")

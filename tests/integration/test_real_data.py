@@ -54,6 +54,14 @@ def test_yolo_trains_and_evaluates_on_coco_tiny_with_the_files_ids(workdir: Path
     assert {p["category_id"] for p in predictions} <= set(gt.getCatIds())  # the file's ids (1..90, with gaps)
     assert len(gt.loadRes(str(eval_dir / "predictions.json")).getAnnIds()) == len(predictions)
 
+    run_cli("predict", f"ckpt_path={run_dir}", f"input={COCO_TINY / 'val2017'}", "device=cpu", "min_score=0.0",
+            cwd=workdir)  # fmt: skip
+    (predict_dir,) = run_dirs(workdir, "predict")
+    drawn = sorted((predict_dir / "boxes").glob("*.jpg")) + sorted((predict_dir / "boxes").glob("*.png"))
+    assert len(drawn) == 80
+    results = json.loads((predict_dir / "predictions.json").read_text())
+    assert {r["category_id"] for r in results} <= set(gt.getCatIds())
+
 
 COCO128 = SHARED / "datasets" / "coco128-seg"
 YOLO_FILES = [f"data.yaml={COCO128 / 'coco128-seg.yaml'}", f"data.root={COCO128}"]
@@ -92,12 +100,19 @@ MASK_FILES = [f"data.{split}.{key}={ISBI / folder}" for split in ("train", "val"
 
 def test_fcn_trains_and_evaluates_on_isbi_mask_folders(workdir: Path) -> None:
     binary = ["data.values={0:0,255:1}", "data.class_names=[membrane,cell]", "data.num_classes=2"]
+    run_cli("check_data", "data=masks", *MASK_FILES, *binary, cwd=workdir)
+    (check,) = run_dirs(workdir, "check_data")
+    assert json.loads((check / "summary.json").read_text())["train"]["images"] == 30
     run_cli("train", "data=masks", *MASK_FILES, *binary, *SMALL, "data.val_size=128", cwd=workdir)
     (run_dir,) = run_dirs(workdir)
     run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir)
     (eval_dir,) = run_dirs(workdir, "eval")
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["val/mIoU"] <= 1.0 and "val/IoU/cell" in metrics
+    run_cli("predict", f"ckpt_path={run_dir}", f"input={ISBI / 'image'}", "device=cpu", cwd=workdir)
+    (predict_dir,) = run_dirs(workdir, "predict")
+    masks = sorted((predict_dir / "masks").glob("*.png"))
+    assert len(masks) == 30 and Image.open(masks[0]).size == (512, 512)
 
 
 BCCD = SHARED / "datasets" / "bccd" / "BCCD"
@@ -120,6 +135,7 @@ def test_yolo_trains_and_evaluates_on_bccd_voc_boxes(workdir: Path) -> None:
 
 
 def test_fcn_trains_and_evaluates_on_voc_palette_masks(workdir: Path) -> None:
+    run_cli("check_data", "data=voc", f"data.root={LABELME_VOC}", cwd=workdir)
     run_cli("train", "data=voc", f"data.root={LABELME_VOC}", *SMALL, cwd=workdir)
     (run_dir,) = run_dirs(workdir)
     run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir)
