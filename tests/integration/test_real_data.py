@@ -91,6 +91,10 @@ def test_instance_model_trains_and_evaluates_on_yolo_polygons(workdir: Path) -> 
     predictions = json.loads((eval_dir / "predictions.json").read_text())
     assert predictions and {p["category_id"] for p in predictions} <= set(range(80))  # YOLO class ids
     assert all(isinstance(p["segmentation"]["counts"], str) for p in predictions)
+    image = COCO128 / "images" / "train2017" / "000000000009.jpg"
+    run_cli("predict", f"ckpt_path={run_dir}", f"input={image}", "device=cpu", "min_score=0.0", cwd=workdir)
+    (predict_dir,) = run_dirs(workdir, "predict")
+    assert Image.open(predict_dir / "overlays" / "000000000009.png").size == Image.open(image).size
 
 
 ISBI = SHARED / "datasets" / "isbi_membrane" / "train"
@@ -132,6 +136,10 @@ def test_yolo_trains_and_evaluates_on_bccd_voc_boxes(workdir: Path) -> None:
     (eval_dir,) = run_dirs(workdir, "eval")
     predictions = json.loads((eval_dir / "predictions.json").read_text())
     assert predictions and {p["category_id"] for p in predictions} <= {1, 2, 3}
+    image = BCCD / "JPEGImages" / "BloodImage_00000.jpg"
+    run_cli("predict", f"ckpt_path={run_dir}", f"input={image}", "device=cpu", "min_score=0.0", cwd=workdir)
+    (predict_dir,) = run_dirs(workdir, "predict")
+    assert Image.open(predict_dir / "boxes" / "BloodImage_00000.png").size == (640, 480)
 
 
 def test_fcn_trains_and_evaluates_on_voc_palette_masks(workdir: Path) -> None:
@@ -142,6 +150,10 @@ def test_fcn_trains_and_evaluates_on_voc_palette_masks(workdir: Path) -> None:
     (eval_dir,) = run_dirs(workdir, "eval")
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["val/mIoU"] <= 1.0 and "val/IoU/person" in metrics
+    image = LABELME_VOC / "JPEGImages" / "2011_000003.jpg"
+    run_cli("predict", f"ckpt_path={run_dir}", f"input={image}", "device=cpu", cwd=workdir)
+    (predict_dir,) = run_dirs(workdir, "predict")
+    assert Image.open(predict_dir / "masks" / "2011_000003.png").size == Image.open(image).size
 
 
 def test_voc_instances_come_from_segmentation_object_pngs(tmp_path: Path) -> None:
