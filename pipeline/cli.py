@@ -10,10 +10,11 @@ from typing import TypeVar
 
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
-from pipeline.data.checks import read_json
+from pipeline.data.checks import DataError, read_json
 from pipeline.data.formats import yolo_class_names
 
 T = TypeVar("T")
@@ -29,8 +30,10 @@ OmegaConf.register_new_resolver("len", len, replace=True)
 
 def coco_class_names(annotations: str) -> list[str]:
     """`${coco_class_names:<instances json>}`: "background" then the file's category names in id order."""
-    categories = sorted(read_json(Path(annotations))["categories"], key=lambda c: c["id"])
-    return ["background", *(c["name"] for c in categories)]
+    categories = read_json(Path(annotations))["categories"]
+    if not all(isinstance(c, dict) and isinstance(c.get("id"), int) and "name" in c for c in categories):
+        raise DataError(f"{annotations}: every category needs an integer 'id' and a 'name'.")
+    return ["background", *(c["name"] for c in sorted(categories, key=lambda c: c["id"]))]
 
 
 OmegaConf.register_new_resolver("coco_class_names", coco_class_names, replace=True)
@@ -45,4 +48,11 @@ def exit_on_user_error(func: Callable[..., T], *args: object) -> T:
         return func(*args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OmegaConfBaseException as err:  # a resolver (e.g. class names read from the data) met a user error
+        # OmegaConf drops __cause__ unless OC_CAUSE=1; the resolver's exception is still the __context__.
+        cause = err.__cause__ or err.__context__
+        if not isinstance(cause, USER_ERRORS):
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(1)

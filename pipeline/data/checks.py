@@ -111,34 +111,90 @@ def _duplicates(records: list[dict], what: str) -> list[str]:
     return [f"{what} id {i} appears {n} times" for i, n in counts.items() if n > 1]
 
 
+def _schema(data: dict) -> list[str]:
+    """Records that are not dicts with the keys and types everything after relies on."""
+    number = (int, float)
+    need = {
+        "image": ("images", {"id": int, "file_name": str, "width": int, "height": int}),
+        "annotation": ("annotations", {"id": int, "image_id": int, "category_id": int}),
+        "category": ("categories", {"id": int, "name": str}),
+    }
+    problems = []
+    for what, (key, fields) in need.items():
+        for position, record in enumerate(data[key]):
+            if not isinstance(record, dict):
+                problems.append(f"{key}[{position}] is not an object")
+                continue
+            for field_name, kind in fields.items():
+                value = record.get(field_name)
+                if not isinstance(value, kind) or isinstance(value, bool):
+                    problems.append(f"{what} {record.get('origin') or record.get('id', f'at {key}[{position}]')}: "
+                                    f"'{field_name}' is {value!r}, expected {kind.__name__}")  # fmt: skip
+            for field_name in ("area", "iscrowd"):
+                if field_name in record and not isinstance(record[field_name], number):
+                    problems.append(f"{what} id {record.get('id')}: '{field_name}' is {record[field_name]!r}")
+    for image in data["images"]:
+        if isinstance(image, dict) and isinstance(image.get("width"), int) and isinstance(image.get("height"), int):
+            if image["width"] <= 0 or image["height"] <= 0:
+                problems.append(f"image id {image.get('id')}: size {image['width']}x{image['height']}")
+    return problems
+
+
 def _check_segmentation(seg: object, height: int, width: int, record: str) -> str | None:
-    """What is wrong with an annotation's segmentation (None when usable): polygons of >= 3 points, RLE sizes."""
+    """What is wrong with an annotation's segmentation (None when usable): polygons of >= 3 points with
+    coordinates near the image, RLE of the image's size that pycocotools decodes."""
     if isinstance(seg, list):
+        if not seg:
+            return f"{record}: empty segmentation"
         for polygon in seg:
             if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
                 points = len(polygon) / 2 if isinstance(polygon, list) else 0
                 return f"{record}: polygon with {points:g} points (needs >= 3; pycocotools reads 2 points as a box)"
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in polygon):
                 return f"{record}: polygon with a non-finite coordinate"
+            # pycocotools rasterises whatever it gets: far-away coordinates exhaust memory or crash it.
+            if not all(-width <= x <= 2 * width and -height <= y <= 2 * height
+                       for x, y in zip(polygon[0::2], polygon[1::2], strict=True)):  # fmt: skip
+                return f"{record}: polygon reaches far outside its {width}x{height} image"
         return None
     if isinstance(seg, dict):
         size = seg.get("size")
         if list(size or []) != [height, width]:
             return f"{record}: mask of size {size} but its image is [{height}, {width}] (height, width)"
+        try:
+            rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg.get("counts"), list) else seg
+            mask_utils.decode(rle)  # RLE is for the few crowd regions in most files: decoding them all is cheap
+        except (KeyError, TypeError, ValueError) as err:
+            return f"{record}: RLE mask does not decode ({err})"
         return None
     return f"{record}: segmentation is neither polygons nor RLE"
 
 
-def check_coco(images_dir: str | Path, annotations: str | Path | dict, decode: bool = True) -> tuple[dict, Report]:
+# How far (fraction of the image side, at least 2 px) a box may reach past the image and still be clipped.
+CLIP_TOLERANCE = 0.05
+
+
+def _far_outside(box: list[float], width: int, height: int) -> bool:
+    """Whether a box reaches past the image by more than a small tolerance (wrong units, not a rounding slip)."""
+    tx, ty = max(2.0, CLIP_TOLERANCE * width), max(2.0, CLIP_TOLERANCE * height)
+    return box[0] < -tx or box[1] < -ty or box[0] + box[2] > width + tx or box[1] + box[3] > height + ty
+
+
+def check_coco(
+    images_dir: str | Path, annotations: str | Path | dict, decode: bool = True, needs_masks: bool = False
+) -> tuple[dict, Report]:
     """Read and check a COCO instances file (or a dataset dict converted from another format, named by its
     `source` key) and its images -> (repaired in-memory dataset, report).
 
     Raises DataError (file, records, what is wrong) for: malformed JSON or missing keys, an empty dataset,
     duplicate image/annotation/category ids (pycocotools' AP would be silently wrong), annotations pointing at a
-    missing image or unknown category, non-finite or negative-size boxes, polygons under 3 points, masks whose
-    size is not their image's, and (with `decode`) image files that are missing, do not decode, or whose size
-    differs from the file's. Repairs and counts: boxes reaching past the image are clipped, boxes with no area
-    left are dropped, missing `area` (from the mask, else the box) and `iscrowd` (0) are filled.
+    missing image or unknown category, records missing keys or of the wrong type, non-finite, negative-size or
+    far-outside boxes, polygons under 3 points, masks whose size is not their image's or that do not decode,
+    annotations without a mask when `needs_masks` (semantic and instance targets), annotations that all had to
+    be dropped, and (with `decode`) image files that are missing, do not decode, or whose size differs from the
+    file's. Repairs and counts: boxes reaching slightly past the image are clipped, boxes with no area left are
+    dropped, missing `area` (from the mask, else the box) and `iscrowd` (0) are filled. Records converted from
+    other formats name their origin (file and line or object) in messages.
     """
     images_dir = Path(images_dir)
     if isinstance(annotations, dict):
@@ -151,6 +207,7 @@ def check_coco(images_dir: str | Path, annotations: str | Path | dict, decode: b
         report.repaired(*warning)
     if not data["images"]:
         raise DataError(f"{path}: the dataset has no images.")
+    _fail(path, _schema(data), "malformed records")
     _fail(path, _duplicates(data["images"], "image") + _duplicates(data["categories"], "category")
           + _duplicates(data["annotations"], "annotation"), "duplicate ids")  # fmt: skip
     images = {img["id"]: img for img in data["images"]}
@@ -158,7 +215,7 @@ def check_coco(images_dir: str | Path, annotations: str | Path | dict, decode: b
 
     kept, problems = [], []
     for ann in data["annotations"]:
-        record = f"annotation id {ann.get('id')}"
+        record = ann.get("origin") or f"annotation id {ann.get('id')}"
         image = images.get(ann.get("image_id"))
         if image is None:
             problems.append(f"{record} points at image id {ann.get('image_id')}, which is not in 'images'")
@@ -176,6 +233,12 @@ def check_coco(images_dir: str | Path, annotations: str | Path | dict, decode: b
             continue
         if box[2] < 0 or box[3] < 0:
             problems.append(f"{record}: bbox {box} has a negative width or height")
+            continue
+        if _far_outside(box, width, height):
+            problems.append(f"{record}: bbox {box} reaches far outside its {width}x{height} image (wrong units?)")
+            continue
+        if needs_masks and not ann.get("segmentation"):
+            problems.append(f"{record} has no segmentation, but the model needs masks (boxes only: model=yolo)")
             continue
         if "segmentation" in ann:
             wrong = _check_segmentation(ann["segmentation"], height, width, record)
@@ -204,6 +267,11 @@ def check_coco(images_dir: str | Path, annotations: str | Path | dict, decode: b
             report.instances[categories[ann["category_id"]]] += 1
             report.box_sizes.append((ann["bbox"][2], ann["bbox"][3]))
     _fail(path, problems, "unusable annotations")
+    if data["annotations"] and not kept:
+        raise DataError(
+            f"{path}: all {len(data['annotations'])} annotations had to be dropped (no area inside "
+            "their image): check the box format (COCO boxes are [x, y, width, height] pixels)."
+        )
     report.images = len(images)
     if decode:
         _check_images(path, images_dir, data["images"])

@@ -31,9 +31,11 @@ class CocoSource:
     DataError naming the record; repairs (clipped boxes, filled areas) are in `report`.
     """
 
+    NEEDS_MASKS = False  # whether every annotation must carry a segmentation
+
     def __init__(self, images_dir: str | Path, annotations: str | Path | dict) -> None:
         self.images_dir = Path(images_dir)
-        dataset, self.report = check_coco(images_dir, annotations)  # DataError before any training
+        dataset, self.report = check_coco(images_dir, annotations, needs_masks=self.NEEDS_MASKS)  # before training
         self.coco = COCO()
         self.coco.dataset = dataset
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
@@ -66,7 +68,9 @@ class CocoSemanticSource(CocoSource):
     for matching.
     """
 
-    def __init__(self, images_dir: str | Path, annotations: str | Path, ignore_index: int = 255) -> None:
+    NEEDS_MASKS = True
+
+    def __init__(self, images_dir: str | Path, annotations: str | Path | dict, ignore_index: int = 255) -> None:
         super().__init__(images_dir, annotations)
         self.ignore_index = ignore_index
 
@@ -109,6 +113,8 @@ class CocoBoxSource(CocoSource):
 
 class CocoInstanceSource(CocoBoxSource):
     """Boxes plus one binary mask per instance (polygons and RLE decoded by pycocotools), for instance segmentation."""
+
+    NEEDS_MASKS = True
 
     def load(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """As `CocoBoxSource.load`, plus "masks" uint8 [N, H, W] in the annotations' order."""

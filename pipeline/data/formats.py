@@ -6,6 +6,7 @@ check counts in its summary); everything else is plain COCO, so one checker and 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from xml.etree import ElementTree
@@ -34,6 +35,8 @@ def image_size(path: Path) -> tuple[int, int]:
 def _label_path(image: Path) -> Path:
     """ultralytics' rule: the last `images` folder in the path becomes `labels`, the suffix `.txt`."""
     parts = list(image.parts)
+    if "images" not in parts:  # no images/ folder: ultralytics looks beside the image
+        return image.with_suffix(".txt")
     index = len(parts) - 1 - parts[::-1].index("images")
     return Path(*parts[:index], "labels", *parts[index + 1 :]).with_suffix(".txt")
 
@@ -48,9 +51,12 @@ def _read_yaml(yaml_file: Path) -> tuple[dict, list[str]]:
         raise DataError(f"{yaml_file}: not valid YAML ({err}).") from None
     names = spec.get("names") if isinstance(spec, dict) else None
     if isinstance(names, dict):
-        names = [names[i] for i in sorted(names)]
-    if not names:
-        raise DataError(f"{yaml_file}: no class 'names'.")
+        try:
+            names = [names[i] for i in sorted(names, key=int)]
+        except (TypeError, ValueError):
+            raise DataError(f"{yaml_file}: 'names' keys must be class ids 0, 1, …, got {list(names)[:5]}.") from None
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{yaml_file}: 'names' must be a list or an {{id: name}} mapping of the classes.")
     return spec, [str(n) for n in names]
 
 
@@ -85,6 +91,8 @@ def _parse_label(line: str, where: str, num_classes: int, width: int, height: in
         raise DataError(f"{where}: not numbers: {line!r}.") from None
     if not 0 <= cls < num_classes:
         raise DataError(f"{where}: class {cls} is not one of the yaml's {num_classes} classes.")
+    if not all(math.isfinite(v) and -0.5 <= v <= 1.5 for v in coords):
+        raise DataError(f"{where}: coordinates must be finite and normalised (0..1 of the image), got {line!r}.")
     if len(coords) == 4:
         cx, cy, w, h = coords[0] * width, coords[1] * height, coords[2] * width, coords[3] * height
         return {"category_id": cls, "bbox": [cx - w / 2, cy - h / 2, w, h], "iscrowd": 0}
@@ -122,6 +130,7 @@ def yolo_dataset(yaml_file: str | Path, split: str, root: str | Path | None = No
             if line.strip():
                 ann = _parse_label(line, f"{label}:{number}", len(names), width, height)
                 ann["area"] = area_of(ann, height, width)
+                ann["origin"] = f"{label}:{number}"
                 annotations.append({**ann, "id": len(annotations) + 1, "image_id": image_id})
     listed = {_label_path(base / image["file_name"]) for image in images}
     for folder in sorted({label.parent for label in listed}):
@@ -174,8 +183,10 @@ def voc_box_dataset(root: str | Path, split: str, class_names: list[str]) -> tup
         except OSError:
             raise DataError(f"{xml}: missing (listed in ImageSets/Main/{split}.txt).") from None
         file_name = tree.findtext("filename") or f"{stem}.jpg"
-        width, height = image_size(root / "JPEGImages" / file_name) if (root / "JPEGImages" / file_name).is_file() \
-            else (int(tree.findtext("size/width") or 0), int(tree.findtext("size/height") or 0))  # fmt: skip
+        if (root / "JPEGImages" / file_name).is_file():
+            width, height = image_size(root / "JPEGImages" / file_name)
+        else:  # the data check reports the missing image; the XML's size keeps its records readable till then
+            width, height = (int(float(tree.findtext(f"size/{k}") or 1)) for k in ("width", "height"))
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for number, obj in enumerate(tree.iter("object"), start=1):
             name = (obj.findtext("name") or "").strip()
@@ -188,7 +199,8 @@ def voc_box_dataset(root: str | Path, split: str, class_names: list[str]) -> tup
                 raise DataError(f"{xml}: object {number} ({name}) has no numeric bndbox.") from None
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category[name],
                                 "bbox": [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1],
-                                "iscrowd": int(obj.findtext("difficult") == "1")})  # fmt: skip
+                                "iscrowd": int((obj.findtext("difficult") or "0").strip() == "1"),
+                                "origin": f"{xml} object {number}"})  # fmt: skip
             annotations[-1]["area"] = annotations[-1]["bbox"][2] * annotations[-1]["bbox"][3]
     categories = [{"id": i, "name": name} for name, i in category.items()]
     source = str(root / "ImageSets" / "Main" / f"{split}.txt")
@@ -219,13 +231,17 @@ def voc_instance_dataset(root: str | Path, split: str, class_names: list[str]) -
         for value in sorted(set(np.unique(objects).tolist()) - {0, 255}):
             mask = objects == value
             label = int(np.bincount(classes[mask]).argmax())
-            if not 0 < label < len(class_names):
-                continue  # void (255) or background under the object: not an instance
+            if label in (0, 255):
+                continue  # background or void under the object: not an instance
+            if label >= len(class_names):
+                raise DataError(f"{root / 'SegmentationClass' / f'{stem}.png'}: object {value} has class {label}, "
+                                f"but data.class_names has {len(class_names)} entries.")  # fmt: skip
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": label, "iscrowd": 0,
                 "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
                 "area": float(mask.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "origin": f"{root / 'SegmentationObject' / f'{stem}.png'} object {value}",
             })  # fmt: skip
     categories = [{"id": i, "name": name} for i, name in enumerate(class_names) if i > 0]
     source = str(root / "SegmentationObject")
@@ -237,5 +253,8 @@ def _index_png(path: Path) -> np.ndarray:
     """A palette/index PNG as its indices uint8 [H, W]."""
     if not path.is_file():
         raise DataError(f"{path}: missing.")
-    with Image.open(path) as img:
-        return np.asarray(img if img.mode in ("P", "L") else img.convert("L"), dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img if img.mode in ("P", "L") else img.convert("L"), dtype=np.uint8)
+    except OSError as err:
+        raise DataError(f"{path}: does not decode ({err}).") from None

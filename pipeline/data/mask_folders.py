@@ -63,8 +63,9 @@ class MaskFolderSource:
         self.pairs = [(images[stem], masks[stem]) for stem in sorted(images)]
         self.report = Report(name=f"{self.images_dir} + {self.masks_dir}", unit="images containing each class")
         self.report.images = len(self.pairs)
-        for stem in sorted(set(masks) - set(images)):
-            self.report.repaired("mask without an image (ignored)", masks[stem].name)
+        if stems is None:  # with a listed split, the other splits' masks are not orphans
+            for stem in sorted(set(masks) - set(images)):
+                self.report.repaired("mask without an image (ignored)", masks[stem].name)
         names = class_names or [str(c) for c in range(num_classes)]
         for image_path, mask_path in self.pairs:  # every mask once: sizes and values are checked before training
             labels = self._labels(mask_path)
@@ -81,11 +82,15 @@ class MaskFolderSource:
 
     def _labels(self, mask_path: Path) -> np.ndarray:
         """A mask file as labels uint8 [H, W]: one channel (index/palette/grey), mapped, values checked."""
-        with Image.open(mask_path) as img:
-            if img.mode not in ("1", "L", "P", "I", "I;16"):
-                raise DataError(f"{mask_path}: mask has mode {img.mode}; masks must be one channel (class index per "
-                                "pixel, or a palette PNG).")  # fmt: skip
-            raw = np.asarray(img).astype(np.int64)
+        try:
+            with Image.open(mask_path) as img:
+                mode = img.mode
+                raw = np.asarray(img).astype(np.int64)
+        except OSError as err:
+            raise DataError(f"{mask_path}: mask does not decode ({err}).") from None
+        if mode not in ("1", "L", "P", "I", "I;16"):
+            raise DataError(f"{mask_path}: mask has mode {mode}; masks must be one channel (class index per pixel, "
+                            "or a palette PNG).")  # fmt: skip
         if self.values:
             unknown = sorted(set(np.unique(raw).tolist()) - set(self.values))
             if unknown:

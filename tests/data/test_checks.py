@@ -54,7 +54,24 @@ BROKEN = {
     "missing image file": (lambda d: d["images"][1].update(file_name="gone.png"), ["image id 2", "gone.png",
                                                                                    "does not exist"]),
     "empty dataset": (lambda d: d.update(images=[], annotations=[]), ["no images"]),
+    "box far outside": (lambda d: _ann(d, 21).update(bbox=[320, 240, 50, 60]),
+                        ["annotation id 21", "reaches far outside its 64x48 image"]),
+    "every box dropped": (lambda d: [a.update(bbox=[10, 10, 0, 5]) for a in d["annotations"]],
+                          ["all 4 annotations had to be dropped"]),
+    "image without width": (lambda d: d["images"][0].pop("width"), ["image 1: 'width' is None, expected int"]),
+    "annotation not an object": (lambda d: d["annotations"].append("oops"), ["annotations[4] is not an object"]),
+    "RLE that does not decode": (lambda d: _ann(d, 10).update(segmentation={"size": [48, 64], "counts": [10000]}),
+                                 ["annotation id 10: RLE mask does not decode"]),
+    "polygon far away": (lambda d: _ann(d, 10).update(segmentation=[[0, 0, 1e9, 0, 5, 5]]),
+                         ["annotation id 10: polygon reaches far outside"]),
 }  # fmt: skip
+
+
+def test_models_that_need_masks_refuse_annotations_without_one(tmp_path: Path) -> None:
+    images, path = _write(tmp_path)  # annotation 11 and 21 have boxes only
+    check_coco(images, path)  # fine for a detector
+    with pytest.raises(DataError, match="annotation id 11 has no segmentation, but the model needs masks"):
+        check_coco(images, path, needs_masks=True)
 
 
 @pytest.mark.parametrize("case", BROKEN, ids=str)
@@ -96,7 +113,7 @@ def test_recoverable_problems_are_repaired_and_counted(tmp_path: Path) -> None:
     def edit(data: dict) -> None:
         _ann(data, 10).update(bbox=[-1.0, 4, 20, 10])  # a pixel outside: clipped
         _ann(data, 11).update(bbox=[30, 20, 0, 16])  # zero width: dropped
-        _ann(data, 20).update(bbox=[60, 40, 10, 10])  # reaches past the right/bottom edge: clipped
+        _ann(data, 20).update(bbox=[60, 40, 6, 10])  # reaches 2 px past the right/bottom edges: clipped
         del _ann(data, 21)["area"], _ann(data, 21)["iscrowd"]
         del _ann(data, 20)["area"]
 
@@ -128,6 +145,11 @@ def test_training_on_a_broken_file_fails_before_any_step_without_a_traceback(tmp
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"error: {path}: unusable annotations: annotation id 21 has category id 4" in proc.stderr
     assert not list(tmp_path.glob("outputs/train/runs/*/checkpoints/*.ckpt"))
+    # A mistyped annotation path (read for the class names while the config resolves): the same one-liner.
+    typo = [f.replace("instances.json", "instance.json") for f in files]
+    proc = run_cli("train", "model=yolo", "data=coco", *typo, cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: {tmp_path / 'instance.json'}: no such annotation file." in proc.stderr
 
 
 def _yolo(tmp_path: Path, label: str) -> Path:
@@ -146,6 +168,8 @@ def _yolo(tmp_path: Path, label: str) -> Path:
     [("0 0.5 0.5 0.2\n", "a.txt:1: expected 'cls cx cy w h' or 'cls x1 y1 x2 y2 x3 y3 …', got 4 values"),
      ("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n", "a.txt:2: class 7 is not one of the yaml's 2 classes"),
      ("0 0.5 x 0.2 0.2\n", "a.txt:1: not numbers"),
+     ("0 0.1 0.1 inf 0.2 0.5 0.5\n", "a.txt:1: coordinates must be finite and normalised"),
+     ("0 320 240 50 60\n", "a.txt:1: coordinates must be finite and normalised"),  # pixels, not normalised
      ("1 0.1 0.1 0.5 0.5 0.9\n", "a.txt:1: expected")],  # an odd number of polygon coordinates
 )  # fmt: skip
 def test_broken_yolo_labels_name_the_file_and_line(tmp_path: Path, label: str, message: str) -> None:
@@ -153,6 +177,25 @@ def test_broken_yolo_labels_name_the_file_and_line(tmp_path: Path, label: str, m
 
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         yolo_dataset(_yolo(tmp_path, label), "train")
+
+
+def test_box_errors_in_converted_formats_name_the_label_line(tmp_path: Path) -> None:
+    from pipeline.data.formats import yolo_dataset
+
+    base, data = yolo_dataset(_yolo(tmp_path, "0 0.5 0.5 0.2 0.2\n1 0.5 0.5 -0.2 0.2\n"), "train")
+    with pytest.raises(DataError, match=r"a.txt:2: bbox .* has a negative width"):
+        check_coco(base, data)
+
+
+def test_yolo_names_mapping_is_sorted_by_class_id(tmp_path: Path) -> None:
+    from pipeline.data.formats import yolo_class_names
+
+    yaml_file = tmp_path / "data.yaml"
+    yaml_file.write_text("names: {" + ", ".join(f"'{i}': c{i}" for i in range(12)) + "}\n")
+    assert yolo_class_names(str(yaml_file)) == ["background", *(f"c{i}" for i in range(12))]
+    yaml_file.write_text("names: cat\n")
+    with pytest.raises(DataError, match="'names' must be a list or an"):
+        yolo_class_names(str(yaml_file))
 
 
 def test_yolo_boxes_and_polygons_become_pixels(tmp_path: Path) -> None:
@@ -184,7 +227,7 @@ def _mask_folders(tmp_path: Path, mask_size: tuple[int, int] = (48, 64), mode: s
     ("kwargs", "values", "message"),
     [({"mask_size": (48, 60)}, {0: 0, 255: 1}, "a.png: mask is 60x48 but its image a.jpg is 64x48"),
      ({"mode": "RGB"}, {0: 0, 255: 1}, "a.png: mask has mode RGB"),
-     ({}, None, r"a.png: labels \[255\]|a.png: labels"),
+     ({}, None, r"a.png: labels \[255\] are neither < data.num_classes=2"),
      ({"value": 7}, {0: 0, 255: 1}, r"a.png: pixel values \[7\] are not in data.values")],
     ids=["wrong size", "RGB mask", "0/255 without values", "unmapped value"],
 )  # fmt: skip

@@ -82,7 +82,8 @@ def _dataset(tmp_path: Path, seed: int) -> tuple[Path, list[dict], list[dict]]:
             },
             "pred": {
                 # The box of a detection is a little larger than its mask, so box area != mask area.
-                "boxes": torch.tensor([np.add(_bbox(m), [-1, -1, 2, 2]) for m in det_masks], dtype=torch.float32)
+                "boxes": torch.tensor(np.array([np.add(_bbox(m), [-1, -1, 2, 2]) for m in det_masks]))
+                .float()
                 .reshape(-1, 4),
                 "scores": torch.tensor(det_scores[: len(det_masks)], dtype=torch.float32),
                 "labels": torch.tensor(det_labels[: len(det_masks)], dtype=torch.long),
