@@ -144,6 +144,9 @@ def test_yolo_trains_and_evaluates_on_bccd_voc_boxes(workdir: Path) -> None:
 
 def test_fcn_trains_and_evaluates_on_voc_palette_masks(workdir: Path) -> None:
     run_cli("check_data", "data=voc", f"data.root={LABELME_VOC}", cwd=workdir)
+    (check,) = run_dirs(workdir, "check_data")
+    summary = json.loads((check / "summary.json").read_text())["train"]
+    assert summary["images"] == 3 and summary["instances_per_class"]["person"] == 2  # images containing a person
     run_cli("train", "data=voc", f"data.root={LABELME_VOC}", *SMALL, cwd=workdir)
     (run_dir,) = run_dirs(workdir)
     run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir)
