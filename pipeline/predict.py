@@ -17,13 +17,12 @@ from pipeline.checkpoint import resolve_checkpoint
 from pipeline.cli import CONF_DIR, exit_on_user_error
 from pipeline.config import PREDICT_KEYS, ConfigError, validate_config
 from pipeline.data.coco import read_rgb
+from pipeline.data.formats import IMAGE_SUFFIXES
 from pipeline.data.transforms import letterbox
 from pipeline.eval import load_task
 from pipeline.ops.boxes import letterbox_scale, unletterbox
 from pipeline.ops.masks import encode_rle, masks_to_original
 from pipeline.viz import draw_boxes, draw_instances, overlay, palette
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def list_images(path: Path) -> list[Path]:

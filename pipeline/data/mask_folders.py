@@ -9,8 +9,7 @@ from PIL import Image
 
 from pipeline.data.checks import DataError, Report, decoded_size
 from pipeline.data.coco import read_rgb
-
-IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
+from pipeline.data.formats import IMAGE_SUFFIXES
 
 
 def _files(folder: Path) -> dict[str, Path]:
