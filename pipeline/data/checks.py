@@ -302,7 +302,7 @@ def _check_images(path: Path, images_dir: Path, images: list[dict]) -> None:
             problems.append(f"image id {image['id']}: file {file} does not exist")
             continue
         try:
-            width, height = decoded_size(file)
+            width, height = image_size(file, decode=True)
         except DataError as err:
             problems.append(f"image id {image['id']}: {err}")
             continue
@@ -312,11 +312,13 @@ def _check_images(path: Path, images_dir: Path, images: list[dict]) -> None:
     _fail(path, problems, "unusable images")
 
 
-def decoded_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image as read (after EXIF rotation), decoding every pixel: truncated files fail."""
+def image_size(path: Path, decode: bool = False) -> tuple[int, int]:
+    """(width, height) of an image as it is read (after EXIF rotation); `decode` reads every pixel, so truncated
+    files fail too (the header alone is enough for a size)."""
     try:
         with Image.open(path) as img:
-            img.load()
+            if decode:
+                img.load()
             width, height = img.size
             if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
                 width, height = height, width

@@ -16,20 +16,9 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.data.checks import DataError, area_of
+from pipeline.data.checks import DataError, area_of, image_size
 
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image as it will be read: after EXIF rotation, without decoding the pixels."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            swapped = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except OSError as err:
-        raise DataError(f"{path}: image does not open ({err}).") from None
-    return (height, width) if swapped else (width, height)
 
 
 def _label_path(image: Path) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data.checks import DataError, Report, decoded_size
+from pipeline.data.checks import DataError, Report, image_size
 from pipeline.data.coco import read_rgb
 from pipeline.data.formats import IMAGE_SUFFIXES
 
@@ -68,7 +68,7 @@ class MaskFolderSource:
         names = class_names or [str(c) for c in range(num_classes)]
         for image_path, mask_path in self.pairs:  # every mask once: sizes and values are checked before training
             labels = self._labels(mask_path)
-            width, height = decoded_size(image_path)
+            width, height = image_size(image_path, decode=True)
             if labels.shape != (height, width):
                 raise DataError(f"{mask_path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
                                 f"{image_path.name} is {width}x{height}.")  # fmt: skip

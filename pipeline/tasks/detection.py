@@ -152,16 +152,30 @@ class DetectionTask(pl.LightningModule):
         shapes = [tuple(o.shape[2:4]) for o in outputs]
         return flatten_levels(outputs), SlotGrid.build(shapes, self.net.strides, self.level_anchors(size))
 
-    def _loss(self, pred: Tensor, grid: SlotGrid, batch: dict) -> dict[str, Tensor]:
-        """YOLOv3 loss over a batch: GIoU and class BCE on assigned slots, objectness BCE on the rest not ignored."""
+    def _assignments(self, grid: SlotGrid, batch: dict) -> list[tuple[Tensor, Tensor]]:
+        """Per image (slots [M], index [M] into its non-crowd boxes): which slot trains on which box (`assign`)."""
+        return [
+            assign(gt[~crowd].to(grid.strides.device), grid, self.hparams.loss["anchor_iou"])
+            for gt, crowd in zip(batch["boxes"], batch["iscrowd"], strict=True)
+        ]
+
+    def _loss(
+        self, pred: Tensor, grid: SlotGrid, batch: dict, assignments: list[tuple[Tensor, Tensor]] | None = None
+    ) -> dict[str, Tensor]:
+        """YOLOv3 loss over a batch: GIoU and class BCE on assigned slots, objectness BCE on the rest not ignored.
+
+        `assignments` (from `_assignments`) when the caller needs them too, so they are computed once per step.
+        """
         cfg = self.hparams.loss
+        assignments = assignments if assignments is not None else self._assignments(grid, batch)
         boxes = decode(pred[..., :4], grid)
         obj_target = torch.zeros_like(pred[..., 4])
         keep = torch.ones_like(obj_target, dtype=torch.bool)
         pos_boxes, gt_boxes, pos_cls, gt_labels = [], [], [], []
-        for b, (gt, labels, crowd) in enumerate(zip(batch["boxes"], batch["labels"], batch["iscrowd"], strict=True)):
+        for b, (gt, labels, crowd, (slots, index)) in enumerate(
+            zip(batch["boxes"], batch["labels"], batch["iscrowd"], assignments, strict=True)
+        ):
             gt, labels, crowd = gt.to(pred.device), labels.to(pred.device), crowd.to(pred.device)
-            slots, index = assign(gt[~crowd], grid, cfg["anchor_iou"])
             targets = gt[~crowd][index]
             keep[b] = ~ignored(boxes[b].detach(), gt, cfg["ignore_iou"])  # crowd boxes only ignore
             keep[b, slots] = True
@@ -271,21 +285,26 @@ class DetectionTask(pl.LightningModule):
             torch.distributed.all_gather_object(shards, self.results)
             self.results = sorted((r for shard in shards for r in shard), key=lambda r: r["image_id"])
         self.val_map.reset()
-        # Already global; sync_dist only averages identical values (and keeps Lightning from warning).
-        headline = ("map", "map_50")
-        self.log_dict({f"val/{k}": float(stats[k]) for k in headline}, prog_bar=True, sync_dist=True)
-        values = {f"val/{k}": stats[k] for k in COCO_STATS if k not in headline}
-        values["val/map_50_voc"] = stats["map_50_voc"]
-        values["val/nonfinite_detections"] = stats["nonfinite"]
+        self._log_stats(stats, "val/")
+        self.log("val/nonfinite_detections", float(stats["nonfinite"]), sync_dist=True)
         names = self.hparams.class_names
-        values.update({f"val/AP/{names[label]}": ap for label, ap in stats["map_per_class"].items()})
-        self.log_dict({k: float(v) for k, v in values.items()}, sync_dist=True)
         if self._vis is not None and not self.trainer.sanity_checking:
             log_image(self.logger, self._panel(**self._vis), f"val_images/epoch_{self.current_epoch:03d}.png")
             log_image(
                 self.logger, pr_curve_figure(stats["pr_curves"], names), f"pr_curves/epoch_{self.current_epoch:03d}.png"
             )
         self._vis = None
+
+    def _log_stats(self, stats: dict, prefix: str) -> None:
+        """Log a `CocoMAP.summary` as <prefix>map, …, <prefix>map_50_voc, <prefix>AP/<class>; map and map_50 on the
+        progress bar. The values are already global: sync_dist only averages identical values (and keeps
+        Lightning from warning)."""
+        headline = ("map", "map_50")
+        self.log_dict({prefix + k: float(stats[k]) for k in headline}, prog_bar=True, sync_dist=True)
+        values = {prefix + k: float(stats[k]) for k in (*COCO_STATS, "map_50_voc") if k not in headline}
+        names = self.hparams.class_names
+        values.update({f"{prefix}AP/{names[label]}": float(ap) for label, ap in stats["map_per_class"].items()})
+        self.log_dict(values, sync_dist=True)
 
     def _panel(self, batch: dict, detections: list[dict[str, Tensor]]) -> np.ndarray:
         """Validation picture: ground truth | detections per image (with masks where the batch has them)."""

@@ -12,15 +12,13 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 
-from pipeline.metrics.detection import COCO_STATS, CocoMAP
-from pipeline.ops.assign import assign
+from pipeline.metrics.detection import CocoMAP
 from pipeline.ops.boxes import SlotGrid, decode
 from pipeline.ops.masks import encode_rle, mask_targets, masks_to_original, paste_masks
 from pipeline.tasks.common import to_primitive
 from pipeline.tasks.detection import LOSS_KEYS, DetectionTask, box_iou_pairs
 
 MASK_KEYS = {"threshold", "rois_per_image", "positive_iou"}
-SEGM_HEADLINE = ("map", "map_50")
 
 
 class InstanceTask(DetectionTask):
@@ -53,18 +51,19 @@ class InstanceTask(DetectionTask):
 
     # ---- training ------------------------------------------------------------------------------------------
 
-    def _mask_rois(self, pred: Tensor, grid: SlotGrid, batch: dict) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    def _mask_rois(
+        self, pred: Tensor, grid: SlotGrid, batch: dict, assignments: list[tuple[Tensor, Tensor]]
+    ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         """Per image mask RoIs [R_b, 4]; for all of them the owning instance (row of the batch's non-crowd masks),
         its label 1..K, and those masks [N, S, S]."""
         cfg = self.hparams.masks
         boxes = decode(pred[..., :4].detach(), grid)
         rois, owners, labels, masks = [], [], [], []
         start = 0
-        for b, (gt, gt_labels, crowd, gt_masks) in enumerate(
-            zip(batch["boxes"], batch["labels"], batch["iscrowd"], batch["masks"], strict=True)
+        for b, (gt, gt_labels, crowd, gt_masks, (slots, index)) in enumerate(
+            zip(batch["boxes"], batch["labels"], batch["iscrowd"], batch["masks"], assignments, strict=True)
         ):
             gt, gt_labels, gt_masks = (t[~crowd].to(pred.device) for t in (gt, gt_labels, gt_masks))
-            slots, index = assign(gt, grid, self.hparams.loss["anchor_iou"])
             positive = box_iou_pairs(boxes[b, slots], gt[index]) >= cfg["positive_iou"]
             extra = torch.nonzero(positive).flatten()
             room = max(0, cfg["rois_per_image"] - len(gt))
@@ -77,9 +76,17 @@ class InstanceTask(DetectionTask):
             start += len(gt)
         return rois, torch.cat(owners), torch.cat(labels), torch.cat(masks)
 
-    def _mask_loss(self, levels: list[Tensor], pred: Tensor, grid: SlotGrid, batch: dict) -> Tensor:
+    def _mask_loss(
+        self,
+        levels: list[Tensor],
+        pred: Tensor,
+        grid: SlotGrid,
+        batch: dict,
+        assignments: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
         """BCE of the ground-truth class's mask logits against the RoIAligned instance masks (0 without RoIs)."""
-        rois, owners, labels, masks = self._mask_rois(pred, grid, batch)
+        assignments = assignments if assignments is not None else self._assignments(grid, batch)
+        rois, owners, labels, masks = self._mask_rois(pred, grid, batch, assignments)
         logits = self.net.mask_logits(levels, rois, tuple(batch["image"].shape[-2:]))
         if len(logits) == 0:  # keeps the mask head in the graph (DDP needs every parameter used)
             return logits.sum()
@@ -89,8 +96,9 @@ class InstanceTask(DetectionTask):
 
     def _losses(self, batch: dict) -> tuple[dict[str, Tensor], Tensor, SlotGrid, list[Tensor]]:
         pred, grid, levels = self(batch["image"])
-        losses = self._loss(pred, grid, batch)
-        mask = self._mask_loss(levels, pred, grid, batch)
+        assignments = self._assignments(grid, batch)  # the detector's positives are also mask RoIs
+        losses = self._loss(pred, grid, batch, assignments)
+        mask = self._mask_loss(levels, pred, grid, batch, assignments)
         losses["loss"] = losses["loss"] + self.hparams.loss["mask"] * mask
         losses["mask"] = mask.detach()
         return losses, pred, grid, levels
@@ -132,13 +140,8 @@ class InstanceTask(DetectionTask):
         return records
 
     def on_validation_epoch_end(self) -> None:
-        stats = self.val_map.summary("segm")  # computed once: the box numbers in super() come from the same call
-        headline = {f"val/segm_{k}": float(stats[k]) for k in SEGM_HEADLINE}
-        self.log_dict(headline, prog_bar=True, sync_dist=True)
-        values = {f"val/segm_{k}": float(stats[k]) for k in (*COCO_STATS, "map_50_voc") if k not in SEGM_HEADLINE}
-        names = self.hparams.class_names
-        values.update({f"val/segm_AP/{names[label]}": ap for label, ap in stats["map_per_class"].items()})
-        self.log_dict(values, sync_dist=True)
+        # Computed once: the box numbers in super() come from the same (cached) evaluation.
+        self._log_stats(self.val_map.summary("segm"), "val/segm_")
         super().on_validation_epoch_end()
 
     def _panel(self, batch: dict, detections: list[dict[str, Tensor]]) -> np.ndarray:

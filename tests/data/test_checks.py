@@ -287,7 +287,7 @@ def test_voc_boxes_are_one_based_inclusive_pixels_and_difficult_is_ignored(tmp_p
 
 
 def test_grayscale_rgba_16_bit_and_exif_rotated_images_load_upright_as_rgb(tmp_path: Path) -> None:
-    from pipeline.data.checks import decoded_size
+    from pipeline.data.checks import image_size
     from pipeline.data.coco import read_rgb
 
     grey = np.tile(np.arange(64, dtype=np.uint8), (48, 1))
@@ -312,7 +312,8 @@ def test_grayscale_rgba_16_bit_and_exif_rotated_images_load_upright_as_rgb(tmp_p
     rotated = read_rgb(tmp_path / "rotated.jpg")
     assert rotated.shape == (64, 48, 3)  # displayed upright: taller than wide
     assert rotated[:8].mean() > 200 and rotated[-8:].mean() < 30  # the left band is now on top
-    assert decoded_size(tmp_path / "rotated.jpg") == (48, 64)  # what the annotation file must say
+    rotated_file = tmp_path / "rotated.jpg"
+    assert image_size(rotated_file, decode=True) == image_size(rotated_file) == (48, 64)  # what the json must say
 
 
 def test_class_names_that_do_not_match_the_file_are_refused(tmp_path: Path) -> None:
