@@ -7,13 +7,14 @@ finds nothing and silently trains from scratch. We resolve the checkpoint oursel
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
 class CheckpointError(FileNotFoundError):
@@ -43,16 +44,31 @@ def read_metadata(ckpt: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def temp_files_beside(run_dir: str | os.PathLike) -> None:
-    """Make this process's temporary files live under `<run_dir>/.tmp`.
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, but each file is written beside its target and renamed into place.
 
-    Lightning writes a checkpoint to a temporary file and then moves it into place; from $TMPDIR on another
-    filesystem that move is a copy, and a kill during it leaves a truncated last.ckpt. On the same
-    filesystem it is an atomic rename.
+    Lightning's own atomic save stages the file with `tempfile.mkstemp()` in $TMPDIR: from another filesystem
+    the final move is a copy, and a kill during it leaves a truncated last.ckpt. A temporary file in the target's
+    own directory makes the rename atomic without touching the process-wide temporary directory (which
+    multiprocessing also uses for its sockets, whose paths must stay short).
     """
-    path = Path(run_dir) / ".tmp"
-    path.mkdir(parents=True, exist_ok=True)
-    tempfile.tempdir = str(path)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        """Write `checkpoint` to `<dir>/.<name>.<random>.tmp`, fsync it, then `os.replace` it onto `path`."""
+        if storage_options is not None or "://" in str(path):  # remote or custom storage: Lightning's own path
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(staging, "xb") as f:  # created with the usual permissions (umask), unlike mkstemp's 0600
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(staging, target)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
 
 
 class RunMetadata(pl.Callback):

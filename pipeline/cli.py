@@ -22,22 +22,29 @@ T = TypeVar("T")
 # Absolute, so Hydra finds conf/ whether we run as a console script or as `python -m pipeline.<entry>`.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-# `${cwd:}`: the directory the command was started in (Hydra does not chdir). Unlike `${hydra:runtime.cwd}` it
-# also resolves while a multirun sweeper computes its sweep dir, before any job's HydraConfig exists.
-OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
-OmegaConf.register_new_resolver("len", len, replace=True)
+
+def _register(name: str, resolver: Callable[..., object]) -> None:
+    """Register `${pipeline.<name>:…}` once; the prefix keeps a user's own resolvers in the same process intact."""
+    if not OmegaConf.has_resolver(f"pipeline.{name}"):
+        OmegaConf.register_new_resolver(f"pipeline.{name}", resolver)
+
+
+# `${pipeline.cwd:}`: the directory the command was started in (Hydra does not chdir). Unlike
+# `${hydra:runtime.cwd}` it also resolves while a multirun sweeper computes its sweep dir, before any HydraConfig.
+_register("cwd", os.getcwd)
+_register("len", len)
 
 
 def coco_class_names(annotations: str) -> list[str]:
-    """`${coco_class_names:<instances json>}`: "background" then the file's category names in id order."""
+    """`${pipeline.coco_class_names:<instances json>}`: "background" then the file's category names in id order."""
     categories = read_json(Path(annotations))["categories"]
     if not all(isinstance(c, dict) and isinstance(c.get("id"), int) and "name" in c for c in categories):
         raise DataError(f"{annotations}: every category needs an integer 'id' and a 'name'.")
     return ["background", *(c["name"] for c in sorted(categories, key=lambda c: c["id"]))]
 
 
-OmegaConf.register_new_resolver("coco_class_names", coco_class_names, replace=True)
-OmegaConf.register_new_resolver("yolo_class_names", yolo_class_names, replace=True)
+_register("coco_class_names", coco_class_names)
+_register("yolo_class_names", yolo_class_names)
 
 USER_ERRORS = (ConfigError, CheckpointError, ConnectionError, FileNotFoundError, InstantiationException)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -11,16 +13,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline import tracking
 from pipeline.checkpoint import (
+    AtomicCheckpointIO,
     CheckpointError,
     RunMetadata,
     argv_for_resume,
     read_metadata,
     resolve_checkpoint,
-    temp_files_beside,
 )
 from pipeline.cli import CONF_DIR, exit_on_user_error
 from pipeline.config import TRAIN_KEYS, ConfigError, validate_config
@@ -42,7 +45,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data, targets=task.TARGETS)  # the task says what a sample must carry
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     run_dir = str(cfg.paths.output_dir)
-    temp_files_beside(run_dir)
 
     run_id = None
     if rank_zero_only.rank == 0:
@@ -60,7 +62,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     callbacks.append(RunMetadata(OmegaConf.to_container(cfg, resolve=True), run_id, run_dir, cfg.logger.tracking_uri))
     callbacks.append(tracking.DatasetStats())
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own checkpoint IO wins
+        plugins.append(AtomicCheckpointIO())
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=plugins)
 
     if resume is not None:
         checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
@@ -71,9 +76,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             # optimizer state would silently bring back the parent's learning rate).
             task.load_state_dict(checkpoint["state_dict"])
             resume = None
-    if _USER_ARGV:
-        sys.argv = list(_USER_ARGV)  # DDP children re-run this command; Lightning adds the run dir itself
-    trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+    with _argv(_USER_ARGV):  # DDP children re-run the user's command; Lightning adds the run dir itself
+        trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
@@ -93,6 +97,17 @@ def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], run
     print("\n".join(lines))
 
 
+@contextmanager
+def _argv(argv: list[str]) -> Iterator[None]:
+    """`sys.argv = argv` while the block runs (unchanged when argv is empty), restored after."""
+    saved = sys.argv
+    sys.argv = list(argv) if argv else saved
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     metrics = exit_on_user_error(train, cfg)
@@ -104,10 +119,14 @@ def main() -> None:
     global _USER_ARGV
     _USER_ARGV = list(sys.argv)
     try:
-        sys.argv = argv_for_resume(sys.argv)
+        hydra_argv = argv_for_resume(sys.argv)
     except CheckpointError as err:
         sys.exit(f"error: {err}")
-    _hydra_main()
+    try:
+        with _argv(hydra_argv):  # Hydra reads its overrides from sys.argv
+            _hydra_main()
+    finally:
+        _USER_ARGV = []
 
 
 if __name__ == "__main__":

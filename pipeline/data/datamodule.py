@@ -7,7 +7,10 @@ original pixels needs (see `BoxSamples`); "instances" adds one mask per box.
 
 from __future__ import annotations
 
+import multiprocessing.queues
 import os
+import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,7 +106,22 @@ class BoxSamples(Dataset):
         return batch
 
 
+def _exit_on_send_error(error: BaseException, obj: object) -> None:
+    """A batch this worker cannot send ends the worker, so the loader raises in the main process, never hangs.
+
+    multiprocessing's queue feeder thread only prints such errors (pickling, or sharing a tensor's file descriptor
+    through a socket in $TMPDIR) and drops the batch; the main process would then wait for it forever.
+    """
+    traceback.print_exception(error)
+    hint = " Set TMPDIR to a shorter directory." if "AF_UNIX path too long" in str(error) else ""
+    print(f"DataLoader worker {os.getpid()} could not send a batch ({type(error).__name__}: {error}); exiting.{hint}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    os._exit(1)
+
+
 def _worker_init(_: int) -> None:
+    # This worker process's queue: turn a batch it cannot send into a dead worker the loader reports.
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_exit_on_send_error)
     # OpenCV's own thread pool inside every loader worker would oversubscribe the cores.
     cv2.setNumThreads(0)
     # Forked workers inherit one albumentations generator state: give each its own, from torch's worker seed

@@ -50,7 +50,7 @@ def _read_yaml(yaml_file: Path) -> tuple[dict, list[str]]:
 
 
 def yolo_class_names(yaml_file: str) -> list[str]:
-    """`${yolo_class_names:<dataset yaml>}`: "background" then the yaml's class names in id order."""
+    """`${pipeline.yolo_class_names:<dataset yaml>}`: "background" then the yaml's class names in id order."""
     return ["background", *_read_yaml(Path(yaml_file))[1]]
 
 
