@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.checkpoint import CheckpointError
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, monitor_mode
 from pipeline.data.checks import DataError, read_json
 from pipeline.data.formats import yolo_class_names
 
@@ -33,6 +33,7 @@ def _register(name: str, resolver: Callable[..., object]) -> None:
 # `${hydra:runtime.cwd}` it also resolves while a multirun sweeper computes its sweep dir, before any HydraConfig.
 _register("cwd", os.getcwd)
 _register("len", len)
+_register("monitor_mode", monitor_mode)  # checkpoint and sweep direction follow the metric
 
 
 def coco_class_names(annotations: str) -> list[str]:
@@ -49,17 +50,24 @@ _register("yolo_class_names", yolo_class_names)
 USER_ERRORS = (ConfigError, CheckpointError, ConnectionError, FileNotFoundError, InstantiationException)
 
 
+def user_error(err: BaseException) -> BaseException | None:
+    """The config, checkpoint, data or connection error behind `err` (also inside a resolver), or None for a bug."""
+    if isinstance(err, USER_ERRORS):
+        return err
+    if isinstance(err, OmegaConfBaseException):  # a resolver (e.g. class names read from the data) met a user error
+        # OmegaConf drops __cause__ unless OC_CAUSE=1; the resolver's exception is still the __context__.
+        cause = err.__cause__ or err.__context__
+        return cause if isinstance(cause, USER_ERRORS) else None
+    return None
+
+
 def exit_on_user_error(func: Callable[..., T], *args: object) -> T:
     """Run func; a config, checkpoint, data or connection error exits with status 1 and its message."""
     try:
         return func(*args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except OmegaConfBaseException as err:  # a resolver (e.g. class names read from the data) met a user error
-        # OmegaConf drops __cause__ unless OC_CAUSE=1; the resolver's exception is still the __context__.
-        cause = err.__cause__ or err.__context__
-        if not isinstance(cause, USER_ERRORS):
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(1)

@@ -103,3 +103,8 @@ TRAIN_KEYS = {
 }  # fmt: skip
 EVAL_KEYS = {"trainer", "logger", "paths", "task_name", "ckpt_path", "data", "deterministic"}
 PREDICT_KEYS = {"paths", "task_name", "ckpt_path", "input", "device", "min_score"}
+
+
+def monitor_mode(metric: str) -> str:
+    """ "min" for a loss (`val/loss`, `train/loss_box`, …), "max" for every other metric (mIoU, mAP, accuracy)."""
+    return "min" if "loss" in metric.rsplit("/", 1)[-1] else "max"

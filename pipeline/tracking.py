@@ -77,7 +77,8 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _git_commit(root: str) -> str:
+def git_commit(root: str) -> str:
+    """The commit checked out at `root`, or "unknown" outside a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"
@@ -106,7 +107,7 @@ def model_name(cfg: DictConfig) -> str:
 def run_tags(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
     """Tags that make runs comparable: git commit, task, model, Hydra overrides."""
     return {
-        "mlflow.source.git.commit": _git_commit(str(Path(__file__).resolve().parent)),
+        "mlflow.source.git.commit": git_commit(str(Path(__file__).resolve().parent)),
         f"{TAG_PREFIX}task": str(cfg.model._target_).rsplit(".", 1)[-1],
         f"{TAG_PREFIX}model": model_name(cfg),
         f"{TAG_PREFIX}overrides": " ".join(overrides)[:MAX_PARAM_VAL_LENGTH] or "(none)",
@@ -115,11 +116,13 @@ def run_tags(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
     }
 
 
-def start_run(cfg: DictConfig, overrides: list[str], run_name: str, parent: dict | None = None) -> str:
+def start_run(
+    cfg: DictConfig, overrides: list[str], run_name: str, parent: dict | None = None, extra: dict | None = None
+) -> str:
     """Create a run with the flattened config as params and config.yaml/overrides.yaml as artifacts.
 
     `parent` (fork): {"run_id": ..., "config": ...} of the checkpoint's run; the new run is tagged with it
-    and with the config keys that differ.
+    and with the config keys that differ. `extra` tags are added last (a sweep job's parent run wins).
     """
     client = MlflowClient(cfg.logger.tracking_uri)
     exp_id = experiment_id(client, cfg.logger.experiment_name, cfg.paths.log_dir)
@@ -129,7 +132,7 @@ def start_run(cfg: DictConfig, overrides: list[str], run_name: str, parent: dict
         changed = changed_keys(flatten(parent["config"]), flatten(config))
         tags |= {"mlflow.parentRunId": parent["run_id"] or "", f"{TAG_PREFIX}forked_from": parent["run_id"] or ""}
         tags[f"{TAG_PREFIX}fork_changed_keys"] = ", ".join(sorted(changed))[:MAX_PARAM_VAL_LENGTH] or "(none)"
-    run = client.create_run(exp_id, tags=tags, run_name=run_name)
+    run = client.create_run(exp_id, tags=tags | (extra or {}), run_name=run_name)
     log_params(client, run.info.run_id, flatten(config))
     client.log_text(run.info.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     client.log_text(run.info.run_id, "\n".join(overrides) + "\n", "overrides.yaml")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,11 +14,12 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
-from pipeline import tracking
+from pipeline import sweep, tracking
 from pipeline.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -25,7 +28,7 @@ from pipeline.checkpoint import (
     read_metadata,
     resolve_checkpoint,
 )
-from pipeline.cli import CONF_DIR, exit_on_user_error
+from pipeline.cli import CONF_DIR, exit_on_user_error, user_error
 from pipeline.config import TRAIN_KEYS, ConfigError, validate_config
 
 # Set by main(): the command line as the user typed it, which DDP child processes must re-run.
@@ -33,7 +36,22 @@ _USER_ARGV: list[str] = []
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train `cfg.model` on `cfg.data`; returns the final callback metrics (val/mIoU or val/map, …)."""
+    """Train `cfg.model` on `cfg.data`; returns the final callback metrics (val/mIoU or val/map, …) and
+    `best/<monitor>`, the best epoch's value of the monitored metric (what best.ckpt holds).
+
+    The process's environment is restored afterwards: Lightning sets `LOCAL_RANK`, `MASTER_PORT`, … when it
+    spawns DDP children, and a later training in the same process (the next sweep job) would otherwise take
+    them to mean that a launcher started its ranks and wait for peers that never come.
+    """
+    saved = dict(os.environ)
+    try:
+        return _train(cfg)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg, TRAIN_KEYS)
     if cfg.resume_mode not in ("continue", "fork"):
         raise ConfigError(f"resume_mode={cfg.resume_mode!r}: choose 'continue' or 'fork'.")
@@ -41,8 +59,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     meta = read_metadata(resume) if resume else None
     pl.seed_everything(cfg.seed, workers=True)
 
+    job = sweep.current_job()
+    jobs = sweep.parallel_jobs()
     task = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data, targets=task.TARGETS)  # the task says what a sample must carry
+    # The task says what a sample must carry; parallel sweep jobs share the cores among their loader workers.
+    datamodule = instantiate(cfg.data, targets=task.TARGETS, parallel_jobs=jobs)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     run_dir = str(cfg.paths.output_dir)
 
@@ -54,9 +75,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             tracking.continue_run(cfg, overrides, run_id, meta.get("tracking_uri"))
         else:
             parent = {"run_id": meta["mlflow_run_id"], "config": meta["config"]} if meta else None
-            # runs/<time> -> "<model>-<time>"; multiruns/<time>/<job> -> "<model>-<time>-<job>"
+            # A sweep job is named by what its sweep varies; a single run by its model and time (runs/<time>).
             stamp = "-".join(p for p in Path(run_dir).parts[-2:] if p != "runs")
-            run_id = tracking.start_run(cfg, overrides, run_name=f"{tracking.model_name(cfg)}-{stamp}", parent=parent)
+            name = job["name"] if job else f"{tracking.model_name(cfg)}-{stamp}"
+            tags = sweep.child_tags(job) if job else {}
+            run_id = tracking.start_run(cfg, overrides, run_name=name, parent=parent, extra=tags)
 
     logger = instantiate(cfg.logger, run_id=run_id)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
@@ -76,11 +99,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
             # optimizer state would silently bring back the parent's learning rate).
             task.load_state_dict(checkpoint["state_dict"])
             resume = None
-    with _argv(_USER_ARGV):  # DDP children re-run the user's command; Lightning adds the run dir itself
-        trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+    try:
+        with _ddp_children_rerun(job), _torch_threads(jobs):
+            trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+    finally:
+        if torch.distributed.is_initialized():  # the next sweep job in this process must start its own group
+            torch.distributed.destroy_process_group()
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    best = next((c.best_model_score for c in trainer.checkpoint_callbacks if c.monitor == cfg.model.monitor), None)
+    if best is not None:  # what best.ckpt holds, and what a sweep optimises
+        metrics[f"best/{cfg.model.monitor}"] = float(best)
     if trainer.is_global_zero:
+        if run_id is not None and best is not None:
+            MlflowClient(cfg.logger.tracking_uri).log_metric(run_id, f"best/{cfg.model.monitor}", float(best))
         _report(cfg, trainer, metrics, run_id)
     return metrics
 
@@ -108,10 +140,59 @@ def _argv(argv: list[str]) -> Iterator[None]:
         sys.argv = saved
 
 
+@contextmanager
+def _ddp_children_rerun(job: dict | None) -> Iterator[None]:
+    """Make Lightning-spawned DDP children re-run this one job, restored after.
+
+    Lightning starts each child as `sys.argv` + `hydra.run.dir=<HydraConfig run.dir>`. For a single run that is the
+    user's command (not main()'s resume rewrite). For a sweep job it would be the whole sweep again (`-m`) in a
+    fresh timestamped dir, so the children get this job's own overrides in RUN mode and its own output dir.
+    """
+    if job is None:
+        with _argv(_USER_ARGV):
+            yield
+        return
+    hydra = HydraConfig.get()
+    saved = hydra.run.dir
+    with read_write(hydra), open_dict(hydra):
+        hydra.run.dir = hydra.runtime.output_dir
+    try:
+        with _argv([sys.argv[0], *job["overrides"], "hydra.mode=RUN"]):
+            yield
+    finally:
+        with read_write(hydra), open_dict(hydra):
+            hydra.run.dir = saved
+
+
+@contextmanager
+def _torch_threads(jobs: int) -> Iterator[None]:
+    """With `jobs` parallel sweep jobs on this machine, each gets its share of intra-op threads, restored after."""
+    saved = torch.get_num_threads()
+    if jobs > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    metrics = exit_on_user_error(train, cfg)
-    return metrics.get(cfg.model.monitor)  # the value Hydra sweepers optimise
+    """Train; return the best epoch's monitored value (what sweepers optimise), None for a failed sweep job."""
+    job = sweep.current_job()
+    if job is None:
+        metrics = exit_on_user_error(train, cfg)
+    else:  # a failing job must not end the sweep: its child run is marked FAILED with the reason
+        try:
+            metrics = train(cfg)
+        except Exception as err:
+            cause = user_error(err)
+            if cause is None:
+                traceback.print_exc()
+            print(f"error: sweep job {job['job']} ({job['name']}) failed: {cause or err}", file=sys.stderr)
+            sweep.record_failure(cfg, job, cause or err)
+            return None
+    return metrics.get(f"best/{cfg.model.monitor}", metrics.get(cfg.model.monitor))
 
 
 def main() -> None:

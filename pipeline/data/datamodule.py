@@ -130,10 +130,10 @@ def _worker_init(_: int) -> None:
     info.dataset.augment.set_random_seed(info.seed % 2**32)
 
 
-def auto_num_workers(devices: int = 1) -> int:
-    """Loader workers per process: the cores left after one per training process, at most 4."""
+def auto_num_workers(processes: int = 1) -> int:
+    """Loader workers per training process: the cores left after one per training process, at most 4."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cores // max(1, devices) - 1))
+    return max(0, min(4, cores // max(1, processes) - 1))
 
 
 class CocoDataModule(pl.LightningDataModule):
@@ -160,6 +160,7 @@ class CocoDataModule(pl.LightningDataModule):
         bbox_params: dict | None = None,
         seed: int = 0,
         targets: str = "semantic",
+        parallel_jobs: int = 1,
     ) -> None:
         super().__init__()
         if targets not in TARGETS:
@@ -168,7 +169,7 @@ class CocoDataModule(pl.LightningDataModule):
             raise ValueError(f"data.class_names has {len(class_names)} names but data.num_classes is {num_classes}")
         self.train_files, self.val_files = dict(train), dict(val)
         self.num_classes, self.class_names, self.ignore_index = num_classes, list(class_names), ignore_index
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.parallel_jobs = batch_size, num_workers, parallel_jobs
         self.train_sizes, self.size_every, self.val_size = list(train_sizes), size_every, val_size
         moving = [type(t).__name__ for t in val_transforms if not isinstance(t, A.ImageOnlyTransform)]
         if targets != "semantic" and moving:
@@ -245,13 +246,17 @@ class CocoDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _loader(self, dataset: Dataset, batch_sampler: torch.utils.data.Sampler) -> DataLoader:
-        workers = auto_num_workers(self._rank_world()[1]) if self.num_workers == "auto" else int(self.num_workers)
+        processes = self._rank_world()[1] * self.parallel_jobs  # training processes sharing this machine
+        workers = auto_num_workers(processes) if self.num_workers == "auto" else int(self.num_workers)
         return DataLoader(
             dataset,
             batch_sampler=batch_sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             worker_init_fn=_worker_init if workers > 0 else None,
+            # The platform's default start method, named: inside a joblib (loky) sweep worker the process default
+            # is loky's, which cannot start loader workers (hydra #964).
+            multiprocessing_context=multiprocessing.get_all_start_methods()[0] if workers > 0 else None,
             collate_fn=dataset.collate,
         )
 

@@ -1,0 +1,247 @@
+"""Sweeps: one MLflow parent run per `-m` sweep, every job a child run, a summary on the parent when it ends.
+
+The sweep process (Hydra's `on_multirun_start`, before any job) creates the store, its experiment and the parent
+run once, so parallel jobs never race to migrate the SQLite file or create the experiment, and writes
+`<sweep dir>/sweep.json`, which every job (in this process, a joblib worker or a submitit job) reads to find its
+parent. `on_multirun_end` collects the children by their `pipeline.sweep.id` tag.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from pipeline import tracking
+from pipeline.config import monitor_mode
+
+SWEEP_FILE = "sweep.json"
+TAG = f"{tracking.TAG_PREFIX}sweep."
+# Short names for the keys users sweep most, in child run names ("fcn8s-lr0.003-s1-j2").
+SHORT = {"lr": "lr", "weight_decay": "wd", "seed": "s", "batch_size": "bs", "max_epochs": "ep"}
+
+
+def varied_keys(config: DictConfig) -> dict[str, str]:
+    """{key: values} the sweep varies: sweep overrides on the command line and `hydra.sweeper.params`."""
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = {o.get_key_element().lstrip("+~"): o.input_line.split("=", 1)[1] for o in overrides if o.is_sweep_override()}
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return {**{str(k): str(v) for k, v in params.items()}, **keys}
+
+
+def job_values(overrides: list[str], keys: list[str]) -> dict[str, str]:
+    """This job's value of each varied key, from its own overrides (`model=fcn8s`, `model.optimizer.lr=0.003`)."""
+    given = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    return {k: given[k] for k in keys if k in given}
+
+
+def job_name(values: dict[str, str], job: int) -> str:
+    """A run name that leads with what varies: config-group choices as they are, other keys abbreviated."""
+    parts = []
+    for key, value in values.items():
+        leaf = key.rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+        is_choice = "." not in key and not _is_number(value)  # `model=fcn8s`, `model/backbone=resnet18`
+        if _is_number(value) and not float(value).is_integer():
+            value = f"{float(value):.3g}"  # a sampled 0.0005611516… reads 0.000561
+        parts.append(value if is_choice else f"{SHORT.get(leaf, leaf)}{value}")
+    return "-".join([*parts, f"j{job}"])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_sweep(sweep_dir: str | Path) -> dict[str, Any] | None:
+    """The sweep's parent-run record written by `on_multirun_start`, or None outside a tracked sweep."""
+    path = Path(sweep_dir) / SWEEP_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def current_job() -> dict[str, Any] | None:
+    """In a sweep job: {parent_run_id, job, values, name, overrides, …}; None for a single run."""
+    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        return None
+    hc = HydraConfig.get()
+    sweep = read_sweep(hc.sweep.dir)
+    if sweep is None:
+        return None
+    overrides = list(hc.overrides.task)
+    values = job_values(overrides, list(sweep["varied"]))
+    job = int(hc.job.num)
+    return {**sweep, "job": job, "overrides": overrides, "values": values, "name": job_name(values, job)}
+
+
+def child_tags(job: dict[str, Any]) -> dict[str, str]:
+    """Tags that make a job a child of its sweep's parent run."""
+    return {
+        "mlflow.parentRunId": job["parent_run_id"],
+        f"{TAG}id": job["parent_run_id"],
+        f"{TAG}job": str(job["job"]),
+        f"{TAG}params": json.dumps(job["values"]),
+        f"{TAG}overrides": " ".join(job["overrides"])[:MAX_TAG_VAL_LENGTH] or "(none)",
+    }
+
+
+def parallel_jobs() -> int:
+    """Jobs that share this machine at once: the joblib launcher's `n_jobs` (-1: one per core), else 1."""
+    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        return 1
+    n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs") or 1
+    return (os.cpu_count() or 1) if n_jobs < 0 else int(n_jobs)
+
+
+def record_failure(cfg: DictConfig, job: dict[str, Any], error: BaseException) -> None:
+    """Mark the job's child run FAILED with the error as a tag (creating the run when the job failed before it)."""
+    client = MlflowClient(job["tracking_uri"])
+    found = client.search_runs(
+        [job["experiment_id"]],
+        filter_string=f"tags.`{TAG}id` = '{job['parent_run_id']}' and tags.`{TAG}job` = '{job['job']}'",
+    )
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = client.create_run(job["experiment_id"], run_name=job["name"], tags=child_tags(job)).info.run_id
+    message = f"{type(error).__name__}: {error}"
+    client.set_tag(run_id, f"{tracking.TAG_PREFIX}error", message[:MAX_TAG_VAL_LENGTH])
+    client.set_terminated(run_id, "FAILED")
+
+
+def _enable_wal(tracking_uri: str) -> None:
+    """Put a SQLite store in write-ahead-log mode (persistent in the file): parallel jobs' writers then wait
+    for each other within MLflow's busy timeout instead of failing on readers."""
+    if tracking_uri.startswith("sqlite:///"):
+        with sqlite3.connect(tracking_uri.removeprefix("sqlite:///"), timeout=30) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+
+
+class SweepTracking(Callback):
+    """Hydra callback: the parent MLflow run of a `-m` sweep (any sweeper, any launcher)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        existing = read_sweep(sweep_dir)
+        uri = str(config.logger.tracking_uri)
+        tracking.check_reachable(uri)
+        client = MlflowClient(uri)
+        if existing is not None:  # the same sweep re-run (resume): same parent
+            client.update_run(existing["parent_run_id"], status="RUNNING")
+            return
+        exp_id = tracking.experiment_id(client, config.logger.experiment_name, config.paths.log_dir)  # migrates
+        _enable_wal(uri)
+        varied = varied_keys(config)
+        monitor = str(config.model.monitor)
+        tags = {
+            f"{TAG}role": "parent",
+            f"{TAG}dir": str(sweep_dir),
+            f"{TAG}overrides": " ".join(config.hydra.overrides.task)[:MAX_TAG_VAL_LENGTH] or "(none)",
+            f"{TAG}space": json.dumps(varied)[:MAX_TAG_VAL_LENGTH],
+            f"{TAG}monitor": monitor,
+            "mlflow.source.git.commit": tracking.git_commit(str(Path(__file__).parent)),
+        }
+        parent = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.name}", tags=tags).info.run_id
+        record = {"parent_run_id": parent, "experiment_id": exp_id, "tracking_uri": uri, "varied": list(varied),
+                  "monitor": monitor, "mode": monitor_mode(monitor)}  # fmt: skip
+        tracking.write_json(sweep_dir / SWEEP_FILE, record)
+        print(f"Sweep parent run {parent}: {tracking.ui_hint(uri, parent)}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = read_sweep(config.hydra.sweep.dir)
+        if sweep is not None:
+            summarise(Path(config.hydra.sweep.dir), sweep)
+
+
+def summarise(sweep_dir: Path, sweep: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write `sweep.csv` and `sweep.png` (objective against each varied key), tag the parent with the best child."""
+    client = MlflowClient(sweep["tracking_uri"])
+    parent, metric, keys = sweep["parent_run_id"], f"best/{sweep['monitor']}", list(sweep["varied"])
+    children = client.search_runs([sweep["experiment_id"]], filter_string=f"tags.`{TAG}id` = '{parent}'")
+    rows = []
+    for run in sorted(children, key=lambda r: int(r.data.tags.get(f"{TAG}job", "0"))):
+        end = run.info.end_time or int(time.time() * 1000)
+        values = json.loads(run.data.tags.get(f"{TAG}params", "{}"))
+        rows.append({
+            "job": int(run.data.tags.get(f"{TAG}job", "0")), "run_id": run.info.run_id, "name": run.info.run_name,
+            "status": run.info.status, "value": run.data.metrics.get(metric),
+            "duration_s": round((end - run.info.start_time) / 1000, 1),
+            "error": run.data.tags.get(f"{tracking.TAG_PREFIX}error", ""), **{k: values.get(k, "") for k in keys},
+        })  # fmt: skip
+    with open(sweep_dir / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(
+            f, fieldnames=["job", "run_id", "name", "status", "value", "duration_s", "error", *keys]
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    client.log_artifact(parent, str(sweep_dir / "sweep.csv"))
+    scored = [r for r in rows if r["status"] == "FINISHED" and r["value"] is not None and math.isfinite(r["value"])]
+    failed = [r for r in rows if r["status"] != "FINISHED"]
+    tags = {f"{TAG}jobs": str(len(rows)), f"{TAG}failed": str(len(failed)),
+            f"{TAG}failed_jobs": ", ".join(f"{r['job']} ({r['name']})" for r in failed) or "(none)"}  # fmt: skip
+    if scored:
+        best = (max if sweep["mode"] == "max" else min)(scored, key=lambda r: r["value"])
+        tags |= {f"{TAG}best_run_id": best["run_id"], f"{TAG}best_name": best["name"],
+                 **{f"{TAG}best.{k}": str(best[k]) for k in keys}}  # fmt: skip
+        step = len(client.get_metric_history(parent, metric))  # a resumed sweep logs its new best as the next step
+        client.log_batch(parent, metrics=[Metric(metric, best["value"], int(time.time() * 1000), step)])
+        figure = objective_figure(scored, keys, sweep["monitor"])
+        client.log_image(parent, figure, "sweep.png")
+        _save_png(figure, sweep_dir / "sweep.png")
+        print(f"Sweep best: {best['name']} {sweep['monitor']}={best['value']:.4f} (run {best['run_id']})")
+    if failed:
+        print(f"Sweep: {len(failed)} of {len(rows)} jobs did not finish: {tags[f'{TAG}failed_jobs']}")
+    client.log_batch(parent, tags=[RunTag(k, v[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()])
+    client.set_terminated(parent, "FINISHED")
+    return rows
+
+
+def objective_figure(rows: list[dict[str, Any]], keys: list[str], monitor: str) -> np.ndarray:
+    """uint8 [H, W, 3]: the objective against each varied key (numbers on a log axis when they span 10×)."""
+    fig = Figure(figsize=(3.2 * max(1, len(keys)), 3.0), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys or ["job"]):
+        ax = fig.add_subplot(1, max(1, len(keys)), i + 1)
+        xs = [str(r.get(key, r["job"])) for r in rows]
+        ys = [r["value"] for r in rows]
+        if all(_is_number(x) for x in xs):
+            nums = [float(x) for x in xs]
+            ax.scatter(nums, ys)
+            if min(nums) > 0 and max(nums) / min(nums) >= 10:
+                ax.set_xscale("log")
+            if len(set(nums)) <= 8:  # a grid: label exactly the values tried
+                ax.set_xticks(sorted(set(nums)), [f"{v:g}" for v in sorted(set(nums))], rotation=30)
+                ax.minorticks_off()
+        else:
+            labels = sorted(set(xs))
+            ax.scatter([labels.index(x) for x in xs], ys)
+            ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set_xlabel(key)
+        ax.set_ylabel(monitor)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    Image.fromarray(image).save(path)
