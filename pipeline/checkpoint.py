@@ -90,16 +90,12 @@ def argv_for_resume(argv: list[str]) -> list[str]:
 
     Hydra fixes the run dir before our code runs, so `ckpt_path=…` (without `resume_mode=fork` or an explicit
     `hydra.run.dir=…`) is resolved here first; this invocation's Hydra files go to `.hydra/resume-<time>`.
-    DDP child processes (LOCAL_RANK set) already get the parent's run dir from Lightning.
+    Lightning-spawned DDP children already get the parent's run dir (`hydra.run.dir=…` on their command line);
+    every rank that torchrun/srun started resolves it here itself.
     """
     args = dict(a.lstrip("+").split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
     ckpt = args.get("ckpt_path")
-    if (
-        os.environ.get("LOCAL_RANK", "0") != "0"
-        or ckpt in (None, "", "null")
-        or args.get("resume_mode", "continue") == "fork"
-        or "hydra.run.dir" in args
-    ):
+    if ckpt in (None, "", "null") or args.get("resume_mode", "continue") == "fork" or "hydra.run.dir" in args:
         return argv
     run_dir = read_metadata(resolve_checkpoint(ckpt))["run_dir"]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")

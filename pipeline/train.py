@@ -17,9 +17,8 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.plugins.io import CheckpointIO
-from pytorch_lightning.utilities import rank_zero_only
 
-from pipeline import sweep, tracking
+from pipeline import launch, sweep, tracking
 from pipeline.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -68,7 +67,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     run_dir = str(cfg.paths.output_dir)
 
     run_id = None
-    if rank_zero_only.rank == 0:
+    if launch.is_global_zero():  # one MLflow run per training, however many ranks or nodes
         tracking.check_reachable(cfg.logger.tracking_uri)
         if meta is not None and cfg.resume_mode == "continue" and meta.get("mlflow_run_id"):
             run_id = meta["mlflow_run_id"]
@@ -81,6 +80,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             tags = sweep.child_tags(job) if job else {}
             run_id = tracking.start_run(cfg, overrides, run_name=name, parent=parent, extra=tags)
 
+    if torch.distributed.is_initialized():  # torchrun/srun ranks: the store exists (migrated) before they open it
+        torch.distributed.barrier()
     logger = instantiate(cfg.logger, run_id=run_id)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     callbacks.append(RunMetadata(OmegaConf.to_container(cfg, resolve=True), run_id, run_dir, cfg.logger.tracking_uri))
@@ -199,6 +200,7 @@ def main() -> None:
     """Console entry point `pipeline-train`."""
     global _USER_ARGV
     _USER_ARGV = list(sys.argv)
+    launch.share_run_stamp()  # ranks started by torchrun/srun: one run dir for all
     try:
         hydra_argv = argv_for_resume(sys.argv)
     except CheckpointError as err:
