@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sqlite3
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, RunTag
@@ -30,12 +30,13 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pipeline import tracking
-from pipeline.config import monitor_mode
+from pipeline.config import ConfigError, monitor_mode
+from pipeline.data.datamodule import usable_cores
 
 SWEEP_FILE = "sweep.json"
 TAG = f"{tracking.TAG_PREFIX}sweep."
 # Short names for the keys users sweep most, in child run names ("fcn8s-lr0.003-s1-j2").
-SHORT = {"lr": "lr", "weight_decay": "wd", "seed": "s", "batch_size": "bs", "max_epochs": "ep"}
+SHORT = {"weight_decay": "wd", "seed": "s", "batch_size": "bs", "max_epochs": "ep"}
 
 
 def varied_keys(config: DictConfig) -> dict[str, str]:
@@ -78,9 +79,18 @@ def read_sweep(sweep_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _joined(overrides: list[str]) -> str:
+    """Overrides as one tag value (what the store accepts)."""
+    return " ".join(overrides)[:MAX_TAG_VAL_LENGTH] or "(none)"
+
+
 def current_job() -> dict[str, Any] | None:
     """In a sweep job: {parent_run_id, job, values, name, overrides, …}; None for a single run."""
-    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+    if not _in_sweep():
         return None
     hc = HydraConfig.get()
     sweep = read_sweep(hc.sweep.dir)
@@ -99,27 +109,49 @@ def child_tags(job: dict[str, Any]) -> dict[str, str]:
         f"{TAG}id": job["parent_run_id"],
         f"{TAG}job": str(job["job"]),
         f"{TAG}params": json.dumps(job["values"]),
-        f"{TAG}overrides": " ".join(job["overrides"])[:MAX_TAG_VAL_LENGTH] or "(none)",
+        f"{TAG}overrides": _joined(job["overrides"]),
     }
 
 
 def parallel_jobs() -> int:
     """Jobs that share this machine at once: the joblib launcher's `n_jobs` (-1: one per core), else 1."""
-    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+    if not _in_sweep():
         return 1
     n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs") or 1
-    return (os.cpu_count() or 1) if n_jobs < 0 else int(n_jobs)
+    return usable_cores() if n_jobs < 0 else int(n_jobs)
 
 
-def record_failure(cfg: DictConfig, job: dict[str, Any], error: BaseException) -> None:
-    """Mark the job's child run FAILED with the error as a tag (creating the run when the job failed before it)."""
-    client = MlflowClient(job["tracking_uri"])
+def _latest_run(client: MlflowClient, job: dict[str, Any]) -> Any | None:
+    """The latest child run of this job number under the job's parent, or None."""
     found = client.search_runs(
         [job["experiment_id"]],
         filter_string=f"tags.`{TAG}id` = '{job['parent_run_id']}' and tags.`{TAG}job` = '{job['job']}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
-    if found:
-        run_id = found[0].info.run_id
+    return found[0] if found else None
+
+
+def previous_run(job: dict[str, Any]) -> Any | None:
+    """This job's run from an earlier attempt of the same sweep dir, or None; refused when its overrides differ."""
+    previous = _latest_run(MlflowClient(job["tracking_uri"]), job)
+    if previous is None:
+        return None
+    before, now = previous.data.tags.get(f"{TAG}overrides"), _joined(job["overrides"])
+    if before != now:
+        raise ConfigError(
+            f"Job {job['job']} of sweep {job['parent_run_id']} ran with overrides '{before}', not '{now}': re-run a "
+            "sweep dir with the same command (or start a new sweep without hydra.sweep.dir)."
+        )
+    return previous
+
+
+def record_failure(job: dict[str, Any], error: BaseException) -> None:
+    """Mark the job's child run FAILED with the error as a tag (creating the run when the job failed before it)."""
+    client = MlflowClient(job["tracking_uri"])
+    latest = _latest_run(client, job)
+    if latest is not None and latest.info.status != "FINISHED":  # the run this attempt made (or continued)
+        run_id = latest.info.run_id
     else:
         run_id = client.create_run(job["experiment_id"], run_name=job["name"], tags=child_tags(job)).info.run_id
     message = f"{type(error).__name__}: {error}"
@@ -127,10 +159,13 @@ def record_failure(cfg: DictConfig, job: dict[str, Any], error: BaseException) -
     client.set_terminated(run_id, "FAILED")
 
 
-def _enable_wal(tracking_uri: str) -> None:
-    """Put a SQLite store in write-ahead-log mode (persistent in the file): parallel jobs' writers then wait
-    for each other within MLflow's busy timeout instead of failing on readers."""
-    if tracking_uri.startswith("sqlite:///"):
+def _enable_wal(tracking_uri: str, launcher: str) -> None:
+    """A local SQLite store in write-ahead-log mode (persistent in the file), so readers never block a writer.
+
+    Writers still take turns (MLflow's 20 s busy timeout makes them wait). Not for SLURM: WAL needs one machine's
+    shared memory, and a store on a network filesystem should be a tracking server instead.
+    """
+    if tracking_uri.startswith("sqlite:///") and "slurm" not in launcher.lower():
         with sqlite3.connect(tracking_uri.removeprefix("sqlite:///"), timeout=30) as db:
             db.execute("PRAGMA journal_mode=WAL")
 
@@ -139,23 +174,31 @@ class SweepTracking(Callback):
     """Hydra callback: the parent MLflow run of a `-m` sweep (any sweeper, any launcher)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "model.monitor") is None:  # a sweep of pipeline-eval/predict: nothing to track
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         existing = read_sweep(sweep_dir)
         uri = str(config.logger.tracking_uri)
         tracking.check_reachable(uri)
         client = MlflowClient(uri)
-        if existing is not None:  # the same sweep re-run (resume): same parent
-            client.update_run(existing["parent_run_id"], status="RUNNING")
+        if existing is not None:  # the same sweep dir again (resume): same parent; a killed sweep's jobs are over
+            parent = existing["parent_run_id"]
+            running = f"tags.`{TAG}id` = '{parent}' and attributes.status = 'RUNNING'"
+            stale = client.search_runs([existing["experiment_id"]], filter_string=running)
+            for run in stale:
+                client.set_terminated(run.info.run_id, "KILLED")
+            client.update_run(parent, status="RUNNING")
+            print(f"Resuming sweep {sweep_dir} (parent run {parent}): finished jobs are skipped")
             return
         exp_id = tracking.experiment_id(client, config.logger.experiment_name, config.paths.log_dir)  # migrates
-        _enable_wal(uri)
+        _enable_wal(uri, str(OmegaConf.select(config, "hydra.launcher._target_")))
         varied = varied_keys(config)
         monitor = str(config.model.monitor)
         tags = {
             f"{TAG}role": "parent",
             f"{TAG}dir": str(sweep_dir),
-            f"{TAG}overrides": " ".join(config.hydra.overrides.task)[:MAX_TAG_VAL_LENGTH] or "(none)",
+            f"{TAG}overrides": _joined(list(config.hydra.overrides.task)),
             f"{TAG}space": json.dumps(varied)[:MAX_TAG_VAL_LENGTH],
             f"{TAG}monitor": monitor,
             "mlflow.source.git.commit": tracking.git_commit(str(Path(__file__).parent)),
@@ -177,8 +220,11 @@ def summarise(sweep_dir: Path, sweep: dict[str, Any]) -> list[dict[str, Any]]:
     client = MlflowClient(sweep["tracking_uri"])
     parent, metric, keys = sweep["parent_run_id"], f"best/{sweep['monitor']}", list(sweep["varied"])
     children = client.search_runs([sweep["experiment_id"]], filter_string=f"tags.`{TAG}id` = '{parent}'")
+    latest = {}  # a job re-run after a failure has several runs: its latest attempt counts
+    for run in sorted(children, key=lambda r: r.info.start_time):
+        latest[int(run.data.tags.get(f"{TAG}job", "0"))] = run
     rows = []
-    for run in sorted(children, key=lambda r: int(r.data.tags.get(f"{TAG}job", "0"))):
+    for _, run in sorted(latest.items()):
         end = run.info.end_time or int(time.time() * 1000)
         values = json.loads(run.data.tags.get(f"{TAG}params", "{}"))
         rows.append({

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 import sys
 import traceback
@@ -29,25 +31,32 @@ from pipeline.checkpoint import (
 )
 from pipeline.cli import CONF_DIR, exit_on_user_error, user_error
 from pipeline.config import TRAIN_KEYS, ConfigError, validate_config
+from pipeline.data.datamodule import usable_cores
 
 # Set by main(): the command line as the user typed it, which DDP child processes must re-run.
 _USER_ARGV: list[str] = []
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train `cfg.model` on `cfg.data`; returns the final callback metrics (val/mIoU or val/map, …) and
-    `best/<monitor>`, the best epoch's value of the monitored metric (what best.ckpt holds).
+# Set in this process by Lightning (DDP launch, seeding): a later training in the same process (the next sweep job)
+# would take LOCAL_RANK & co. to mean that a launcher started its ranks, and wait for peers that never come.
+_LIGHTNING_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED",
+                  "PL_SEED_WORKERS")  # fmt: skip
 
-    The process's environment is restored afterwards: Lightning sets `LOCAL_RANK`, `MASTER_PORT`, … when it
-    spawns DDP children, and a later training in the same process (the next sweep job) would otherwise take
-    them to mean that a launcher started its ranks and wait for peers that never come.
-    """
-    saved = dict(os.environ)
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train; return the final callback metrics and `best/<monitor>` (the best epoch's value, best.ckpt's)."""
+    saved = {key: os.environ.get(key) for key in _LIGHTNING_ENV}
+    had_group = torch.distributed.is_initialized()  # torchrun/srun: created by main(), or by the caller
     try:
         return _train(cfg)
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if torch.distributed.is_initialized() and not had_group:  # Lightning's own: the next job makes its own
+            torch.distributed.destroy_process_group()
 
 
 def _train(cfg: DictConfig) -> dict[str, float]:
@@ -100,20 +109,16 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             # optimizer state would silently bring back the parent's learning rate).
             task.load_state_dict(checkpoint["state_dict"])
             resume = None
-    try:
-        with _ddp_children_rerun(job), _torch_threads(jobs):
-            trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
-    finally:
-        if torch.distributed.is_initialized():  # the next sweep job in this process must start its own group
-            torch.distributed.destroy_process_group()
+    with _ddp_children_rerun(job, cfg.ckpt_path), _torch_threads(jobs):
+        trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     best = next((c.best_model_score for c in trainer.checkpoint_callbacks if c.monitor == cfg.model.monitor), None)
-    if best is not None:  # what best.ckpt holds, and what a sweep optimises
+    if best is not None and math.isfinite(best):  # what best.ckpt holds, and what a sweep optimises
         metrics[f"best/{cfg.model.monitor}"] = float(best)
-    if trainer.is_global_zero:
-        if run_id is not None and best is not None:
+        if trainer.is_global_zero and run_id is not None:
             MlflowClient(cfg.logger.tracking_uri).log_metric(run_id, f"best/{cfg.model.monitor}", float(best))
+    if trainer.is_global_zero:
         _report(cfg, trainer, metrics, run_id)
     return metrics
 
@@ -142,27 +147,32 @@ def _argv(argv: list[str]) -> Iterator[None]:
 
 
 @contextmanager
-def _ddp_children_rerun(job: dict | None) -> Iterator[None]:
+def _ddp_children_rerun(job: dict | None, ckpt_path: str | None) -> Iterator[None]:
     """Make Lightning-spawned DDP children re-run this one job, restored after.
 
-    Lightning starts each child as `sys.argv` + `hydra.run.dir=<HydraConfig run.dir>`. For a single run that is the
-    user's command (not main()'s resume rewrite). For a sweep job it would be the whole sweep again (`-m`) in a
-    fresh timestamped dir, so the children get this job's own overrides in RUN mode and its own output dir.
+    Lightning starts each child as `python -m <__main__'s module> <sys.argv[1:]> hydra.run.dir=<HydraConfig
+    run.dir>`. For a single run that is the user's command (not main()'s resume rewrite). For a sweep job it would
+    be the whole sweep again (`-m`) in a fresh timestamped dir, or submitit's job runner: the children get
+    `python -m pipeline.train` with this job's own overrides (and checkpoint, when it continues) in RUN mode, in
+    its own output dir.
     """
     if job is None:
         with _argv(_USER_ARGV):
             yield
         return
-    hydra = HydraConfig.get()
-    saved = hydra.run.dir
+    hydra, main = HydraConfig.get(), sys.modules["__main__"]
+    saved_dir, saved_spec = hydra.run.dir, getattr(main, "__spec__", None)
     with read_write(hydra), open_dict(hydra):
         hydra.run.dir = hydra.runtime.output_dir
+    main.__spec__ = importlib.util.find_spec("pipeline.train")
+    resume = [f"ckpt_path={ckpt_path}"] if ckpt_path else []
     try:
-        with _argv([sys.argv[0], *job["overrides"], "hydra.mode=RUN"]):
+        with _argv([sys.argv[0], *job["overrides"], *resume, "hydra.mode=RUN"]):
             yield
     finally:
+        main.__spec__ = saved_spec
         with read_write(hydra), open_dict(hydra):
-            hydra.run.dir = saved
+            hydra.run.dir = saved_dir
 
 
 @contextmanager
@@ -170,7 +180,7 @@ def _torch_threads(jobs: int) -> Iterator[None]:
     """With `jobs` parallel sweep jobs on this machine, each gets its share of intra-op threads, restored after."""
     saved = torch.get_num_threads()
     if jobs > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+        torch.set_num_threads(max(1, usable_cores() // jobs))
     try:
         yield
     finally:
@@ -185,13 +195,21 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         metrics = exit_on_user_error(train, cfg)
     else:  # a failing job must not end the sweep: its child run is marked FAILED with the reason
         try:
+            previous = sweep.previous_run(job)  # the same sweep dir run again: skip or continue this job
+            if previous is not None and previous.info.status == "FINISHED":
+                print(f"Sweep job {job['job']} ({job['name']}) finished before: skipped")
+                return previous.data.metrics.get(f"best/{cfg.model.monitor}")
+            last = Path(HydraConfig.get().runtime.output_dir) / "checkpoints" / "last.ckpt"
+            if previous is not None and last.is_file() and not cfg.ckpt_path:
+                with open_dict(cfg):
+                    cfg.ckpt_path = str(last)  # into its own run, from where it stopped
             metrics = train(cfg)
         except Exception as err:
             cause = user_error(err)
             if cause is None:
                 traceback.print_exc()
             print(f"error: sweep job {job['job']} ({job['name']}) failed: {cause or err}", file=sys.stderr)
-            sweep.record_failure(cfg, job, cause or err)
+            sweep.record_failure(job, cause or err)
             return None
     return metrics.get(f"best/{cfg.model.monitor}", metrics.get(cfg.model.monitor))
 

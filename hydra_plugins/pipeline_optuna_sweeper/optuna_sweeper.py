@@ -160,7 +160,9 @@ class PipelineOptunaSweeper(Sweeper):
         )
         if study.direction.name.lower() != direction:  # a loaded study keeps the direction it was created with
             raise ValueError(f"study '{self.study_name}' in {self.storage} does not {direction}: use another one")
-        # A killed sweep leaves its trials RUNNING: fail them, and enqueue their params so they are retried.
+        # Trials that ended count toward n_trials; a killed sweep's RUNNING ones do not: they are failed, and their
+        # params enqueued so they are retried as one of the remaining trials.
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             log.warning(f"Trial {trial.number} was left running by an earlier sweep: failed, retrying its params")
             study.tell(trial.number, state=TrialState.FAIL)
@@ -169,7 +171,7 @@ class PipelineOptunaSweeper(Sweeper):
         seed = None if self.seed is None else self.seed + len(study.trials)
         sampler = optuna.samplers.TPESampler if self.sampler == "tpe" else optuna.samplers.RandomSampler
         study.sampler = sampler(seed=seed)
-        remaining = self.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+        remaining = self.n_trials - done
         log.info(f"Study '{self.study_name}' ({direction}) in {self.storage}: {max(remaining, 0)} trials to run")
 
         while remaining > 0:

@@ -130,10 +130,14 @@ def _worker_init(_: int) -> None:
     info.dataset.augment.set_random_seed(info.seed % 2**32)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under taskset or a cgroup)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def auto_num_workers(processes: int = 1) -> int:
     """Loader workers per training process: the cores left after one per training process, at most 4."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cores // max(1, processes) - 1))
+    return max(0, min(4, usable_cores() // max(1, processes) - 1))
 
 
 class CocoDataModule(pl.LightningDataModule):

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from hydra_plugins.pipeline_optuna_sweeper.optuna_sweeper import parse_search_space, study_direction, trial_value
-from tests.conftest import ROOT, TINY, run_cli
-
-FCN_SEARCH = OmegaConf.load(ROOT / "conf" / "hparams_search" / "fcn_optuna.yaml").hydra.sweeper.params
+from tests.conftest import TINY, run_cli, tracking_uri
 
 
 def _sweep_dir(workdir: Path) -> Path:
@@ -29,6 +32,16 @@ def _study(sweep_dir: Path) -> optuna.Study:
 
 def _job_dirs(sweep_dir: Path) -> set[str]:
     return {p.name for p in sweep_dir.iterdir() if p.is_dir()}
+
+
+def _runs(workdir: Path) -> tuple[object, dict[int, object]]:
+    """The sweep's parent MLflow run and its children by job number."""
+    client = MlflowClient(tracking_uri(workdir))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if r.data.tags.get("pipeline.sweep.role") == "parent"]
+    children = {int(r.data.tags["pipeline.sweep.job"]): r for r in runs if r is not parent}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
+    return parent, children
 
 
 def _states(study: optuna.Study) -> list[TrialState]:
@@ -58,28 +71,47 @@ def test_fcn_optuna_sweep_fills_the_study_and_writes_the_best_trial(workdir: Pat
     # each trial's sampled values reached its job's config
     best_job = OmegaConf.load(sweep_dir / str(study.best_trial.number) / ".hydra" / "overrides.yaml")
     assert f"model={study.best_params['model']}" in best_job
+    # the sweep's parent MLflow run holds the best value and params, its children one per trial
+    parent, children = _runs(workdir)
+    assert sorted(children) == [0, 1, 2, 3] and {r.info.status for r in children.values()} == {"FINISHED"}
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best/val/mIoU"] == study.best_value
+    assert parent.data.tags["pipeline.sweep.best_run_id"] == children[study.best_trial.number].info.run_id
+    assert parent.data.tags["pipeline.sweep.best.model"] == study.best_params["model"]
+    assert float(parent.data.tags["pipeline.sweep.best.model.optimizer.lr"]) == study.best_params["model.optimizer.lr"]
+    assert set(json.loads(parent.data.tags["pipeline.sweep.space"])) == set(study.best_params)
 
 
-def test_rerun_in_the_same_sweep_dir_resumes_the_study_and_retries_a_killed_trial(workdir: Path):
-    args = ["hparams_search=fcn_optuna", *TINY]
-    run_cli("train", *args, "hydra.sweeper.n_trials=2", cwd=workdir)
+def test_a_sweep_killed_after_two_trials_and_run_again_runs_only_the_missing_trials(workdir: Path):
+    args = ["-m", "pipeline.train", "hparams_search=fcn_optuna", "hydra.sweeper.n_trials=4", *TINY]
+    proc = subprocess.Popen([sys.executable, *args], cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list((workdir / "outputs" / "train" / "multiruns").glob("*/2")):
+            break  # trials 0 and 1 are done, trial 2 has started
+        time.sleep(0.1)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    proc.kill()
+    proc.wait()
     sweep_dir = _sweep_dir(workdir)
-    assert _job_dirs(sweep_dir) == {"0", "1"}
+    first_parent, _ = _runs(workdir)
+    killed = _study(sweep_dir).trials[2]
+    assert killed.state == TrialState.RUNNING
 
-    # A sweep killed mid-trial leaves that trial RUNNING in the study (its job dir may not even exist yet).
-    space, _ = parse_search_space([f"{k}={v}" for k, v in FCN_SEARCH.items()])
-    killed = _study(sweep_dir).ask(space)
-    assert killed.number == 2
-
-    # n_trials=5: 3 finished (2 complete + the killed one, failed on resume), so 2 more: its retry and a new trial.
-    run_cli("train", *args, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={sweep_dir}", cwd=workdir)
+    run_cli("train", *args[2:], f"hydra.sweep.dir={sweep_dir}", cwd=workdir)  # the same command, in its sweep dir
 
     study = _study(sweep_dir)
     assert _states(study) == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] + [TrialState.COMPLETE] * 2
     assert study.trials[3].params == killed.params  # the killed trial's params, retried
     assert study.trials[4].params not in [t.params for t in study.trials[:4]]
-    assert _job_dirs(sweep_dir) == {"0", "1", "3", "4"}  # only the 2 new jobs, numbered after the study's trials
-    assert OmegaConf.load(sweep_dir / "optuna_results.yaml").n_trials == 5
+    assert _job_dirs(sweep_dir) == {"0", "1", "2", "3", "4"}  # 2 new jobs only, numbered after the study's trials
+    results = OmegaConf.load(sweep_dir / "optuna_results.yaml")
+    assert results.n_complete == 4 and results.best_value == study.best_value
+    parent, children = _runs(workdir)
+    assert parent.info.run_id == first_parent.info.run_id and parent.info.status == "FINISHED"  # the same parent
+    assert [children[j].info.status for j in (0, 1, 3, 4)] == ["FINISHED"] * 4
+    assert 2 not in children or children[2].info.status == "KILLED"  # the killed trial's run, if it had one
+    assert parent.data.metrics["best/val/mIoU"] == study.best_value
 
 
 def test_a_failing_trial_is_failed_in_the_study_and_the_sweep_goes_on(workdir: Path):

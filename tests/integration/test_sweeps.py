@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, run_cli, tracking_uri
@@ -102,3 +106,33 @@ def test_ddp_jobs_inside_a_sweep_each_train_once_in_their_own_dir(workdir: Path)
         assert (sweep_dir / job / "train_ddp_process_1.log").is_file()  # rank 1 ran inside this job's dir
     assert not (workdir / "outputs" / "train" / "runs").exists()  # no stray single-run dirs from the children
     assert len(list((workdir / "outputs" / "train" / "multiruns").iterdir())) == 1  # and no second sweep
+
+
+def test_a_killed_sweep_run_again_in_its_dir_skips_finished_jobs_and_continues_the_rest(workdir: Path):
+    args = ["-m", "seed=1,2", *TINY, "trainer.max_epochs=3"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=workdir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list((workdir / "outputs" / "train" / "multiruns").glob("*/1/checkpoints/last.ckpt")):
+            break  # job 0 has finished, job 1 has its first epoch's checkpoint
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    proc.kill()
+    proc.wait()
+    sweep_dir, client, parent, (first, second) = _sweep(workdir)
+    assert (first.info.status, second.info.status) == ("FINISHED", "RUNNING")
+
+    proc = run_cli("train", *args, f"hydra.sweep.dir={sweep_dir}", cwd=workdir)
+
+    assert "Sweep job 0 (s1-j0) finished before: skipped" in proc.stdout
+    again, client, parent_again, children = _sweep(workdir)
+    assert again == sweep_dir and parent_again.info.run_id == parent.info.run_id
+    assert parent_again.info.status == "FINISHED"
+    assert [r.info.run_id for r in children] == [first.info.run_id, second.info.run_id]  # no new runs
+    assert [r.info.status for r in children] == ["FINISHED"] * 2
+    for run in children:  # each epoch logged once: job 0 was not retrained, job 1 went on from its checkpoint
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")]
+        assert steps == [4 * e - 1 for e in (1, 2, 3)]  # 16 images / batch 4 = 4 steps per epoch
+    assert torch.load(sweep_dir / "1" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    assert len(list(csv.DictReader(open(sweep_dir / "sweep.csv")))) == 2

@@ -39,3 +39,11 @@ def test_the_monitored_metric_decides_min_or_max(metric: str, mode: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"model.monitor={metric}"])
     assert cfg.callbacks.best_checkpoint.mode == mode  # best.ckpt keeps the lowest loss, the highest mIoU
+
+
+@pytest.mark.parametrize(("cores", "processes", "workers"), [(2, 1, 1), (2, 2, 0), (16, 2, 4), (16, 4, 3), (1, 1, 0)])
+def test_loader_workers_share_the_cores_with_parallel_jobs(monkeypatch, cores: int, processes: int, workers: int):
+    from pipeline.data import datamodule
+
+    monkeypatch.setattr(datamodule.os, "sched_getaffinity", lambda _: set(range(cores)))
+    assert datamodule.auto_num_workers(processes) == workers  # cores / processes - 1, at most 4, at least 0
