@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
@@ -157,6 +158,42 @@ def record_failure(job: dict[str, Any], error: BaseException) -> None:
     message = f"{type(error).__name__}: {error}"
     client.set_tag(run_id, f"{tracking.TAG_PREFIX}error", message[:MAX_TAG_VAL_LENGTH])
     client.set_terminated(run_id, "FAILED")
+
+
+class OptunaPruning(pl.Callback):
+    """Reports the monitored metric to this job's Optuna trial after each validation epoch (rank 0) and stops the
+    training when the study's median pruner says the trial is worse than the earlier ones at that epoch."""
+
+    def __init__(self, storage: str, study_name: str, number: int, monitor: str, startup_trials: int) -> None:
+        import optuna
+
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=startup_trials)
+        self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
+        # Job N runs trial N (the sweeper numbers them so); Trial(study, id) is how Optuna reopens a trial.
+        self.trial = optuna.trial.Trial(self.study, self.study.trials[number]._trial_id)
+        self.monitor, self.pruned_at_epoch = monitor, None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the module's on_validation_epoch_end has logged the epoch's metrics (callbacks' run before it).
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or not trainer.is_global_zero or value is None:
+            return
+        self.trial.report(float(value), step=trainer.current_epoch)
+        if self.trial.should_prune():
+            self.pruned_at_epoch = trainer.current_epoch
+            self.trial.set_user_attr("pruned_at_epoch", self.pruned_at_epoch)
+            trainer.should_stop = True
+
+
+def pruning_callback(monitor: str) -> OptunaPruning | None:
+    """The pruning callback of a job of a `hydra/sweeper=pipeline_optuna` sweep with a pruner, else None."""
+    if not _in_sweep():
+        return None
+    sweeper = HydraConfig.get().sweeper
+    if not str(sweeper.get("_target_", "")).endswith("PipelineOptunaSweeper") or not sweeper.get("pruner"):
+        return None
+    return OptunaPruning(sweeper.storage, sweeper.study_name, int(HydraConfig.get().job.num), monitor,
+                         sweeper.pruner_startup_trials)  # fmt: skip
 
 
 def _enable_wal(tracking_uri: str, launcher: str) -> None:

@@ -95,6 +95,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     callbacks.append(RunMetadata(OmegaConf.to_container(cfg, resolve=True), run_id, run_dir, cfg.logger.tracking_uri))
     callbacks.append(tracking.DatasetStats())
+    pruning = sweep.pruning_callback(cfg.model.monitor)  # an Optuna sweep with a pruner
+    if pruning is not None:
+        callbacks.append(pruning)
     plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
     if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own checkpoint IO wins
         plugins.append(AtomicCheckpointIO())
@@ -119,6 +122,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero and run_id is not None:
             MlflowClient(cfg.logger.tracking_uri).log_metric(run_id, f"best/{cfg.model.monitor}", float(best))
     if trainer.is_global_zero:
+        if pruning is not None and pruning.pruned_at_epoch is not None and run_id is not None:
+            MlflowClient(cfg.logger.tracking_uri).set_tag(run_id, "pipeline.sweep.pruned_at_epoch",
+                                                          str(pruning.pruned_at_epoch))  # fmt: skip
         _report(cfg, trainer, metrics, run_id)
     return metrics
 

@@ -46,6 +46,10 @@ class PipelineOptunaSweeperConf:
     seed: int | None = "${seed}"  # type: ignore[assignment]  # resolved by OmegaConf
     study_name: str = "pipeline"
     storage: str | None = "sqlite:///${hydra.sweep.dir}/optuna.db"  # null: in memory, not resumable
+    # median: a trial whose monitored metric after an epoch is worse than the median of earlier trials' at that epoch
+    # stops there (reported from the job, pipeline.sweep.OptunaPruning); needs a storage the jobs can open.
+    pruner: str | None = None
+    pruner_startup_trials: int = 2  # trials that always run to the end before any is pruned
 
 
 ConfigStore.instance().store(
@@ -132,13 +136,18 @@ class PipelineOptunaSweeper(Sweeper):
         seed: int | None,
         study_name: str,
         storage: str | None,
+        pruner: str | None,
+        pruner_startup_trials: int,
     ) -> None:
         if sampler not in ("tpe", "random"):
             raise ValueError(f"hydra.sweeper.sampler={sampler!r}: choose tpe or random")
+        if pruner not in (None, "median") or (pruner and storage is None):
+            raise ValueError(f"hydra.sweeper.pruner={pruner!r}: choose null or median (with a storage)")
         if n_jobs < 1:
             raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}: at least 1 trial per batch")
         self.params, self.direction, self.n_trials, self.n_jobs = dict(params or {}), direction, n_trials, n_jobs
         self.sampler, self.seed, self.study_name, self.storage = sampler, seed, study_name, storage
+        self.pruner = pruner  # the jobs build it (pipeline.sweep.OptunaPruning) from their own copy of this config
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         """Keep the config and build the launcher that runs the trials."""
@@ -186,6 +195,10 @@ class PipelineOptunaSweeper(Sweeper):
                 raise
             for trial, ret in zip(trials, returns, strict=True):
                 value = trial_value(ret, trial.number)
+                if self.pruner and study.trials[trial.number].user_attrs.get("pruned_at_epoch") is not None:
+                    study.tell(trial, state=TrialState.PRUNED)  # stopped by the job's pruning callback
+                    log.info(f"Trial {trial.number}: pruned")
+                    continue
                 if value is None:
                     study.tell(trial, state=TrialState.FAIL)
                     continue

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
+import torch
 from hydra.core.utils import JobReturn, JobStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -18,6 +20,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from hydra_plugins.pipeline_optuna_sweeper.optuna_sweeper import parse_search_space, study_direction, trial_value
+from pipeline.sweep import OptunaPruning
 from tests.conftest import TINY, run_cli, tracking_uri
 
 
@@ -49,7 +52,9 @@ def _states(study: optuna.Study) -> list[TrialState]:
 
 
 def test_fcn_optuna_sweep_fills_the_study_and_writes_the_best_trial(workdir: Path):
-    proc = run_cli("train", "hparams_search=fcn_optuna", "hydra.sweeper.n_trials=4", *TINY, cwd=workdir)
+    # pruning on, but every trial is a start-up trial: each reports its epochs to the study and none is stopped
+    proc = run_cli("train", "hparams_search=fcn_optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.pruner=median",
+                   "hydra.sweeper.pruner_startup_trials=4", *TINY, cwd=workdir)  # fmt: skip
 
     sweep_dir = _sweep_dir(workdir)
     study = _study(sweep_dir)
@@ -63,6 +68,7 @@ def test_fcn_optuna_sweep_fills_the_study_and_writes_the_best_trial(workdir: Pat
         assert 1e-4 <= trial.params["model.optimizer.lr"] <= 1e-2
         assert trial.params["model"] in ("fcn8s", "fcn16s", "fcn32s")
 
+    assert [t.intermediate_values for t in study.trials] == [{0: t.value} for t in study.trials]  # 1 epoch each
     results = OmegaConf.load(sweep_dir / "optuna_results.yaml")
     assert results.best_value == max(values) == study.best_value
     assert results.best_params == study.best_params
@@ -181,3 +187,29 @@ def test_only_a_finite_return_value_completes_a_trial():
     for value in (None, math.nan, math.inf):
         assert trial_value(_job_return(value), 0) is None
     assert trial_value(_job_return(ValueError("boom"), JobStatus.FAILED), 0) is None
+
+
+def test_the_pruning_callback_stops_a_trial_below_the_median_of_earlier_ones(tmp_path: Path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="pipeline", storage=storage, direction="maximize")
+    for value in (0.8, 0.9):  # two earlier trials, one epoch each
+        trial = study.ask()
+        trial.report(value, step=0)
+        study.tell(trial, value)
+    for _ in range(3):
+        study.ask()  # trials 2, 3, 4: three jobs (Optuna keeps a trial's first report of a step)
+
+    def epoch(pruning: OptunaPruning, value: float) -> SimpleNamespace:
+        trainer = SimpleNamespace(callback_metrics={"val/mIoU": torch.tensor(value)}, sanity_checking=False,
+                                  is_global_zero=True, current_epoch=0, should_stop=False)  # fmt: skip
+        pruning.on_validation_end(trainer, None)
+        return trainer
+
+    above = OptunaPruning(storage, "pipeline", 2, "val/mIoU", startup_trials=2)
+    assert not epoch(above, 0.95).should_stop and above.pruned_at_epoch is None
+    below = OptunaPruning(storage, "pipeline", 3, "val/mIoU", startup_trials=2)
+    assert epoch(below, 0.1).should_stop and below.pruned_at_epoch == 0
+    trials = optuna.load_study(study_name="pipeline", storage=storage).trials
+    assert trials[3].user_attrs == {"pruned_at_epoch": 0} and trials[2].user_attrs == {}
+    patient = OptunaPruning(storage, "pipeline", 4, "val/mIoU", startup_trials=3)  # too few finished trials yet
+    assert not epoch(patient, 0.1).should_stop
