@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 JOB = [
     "-m", "seed=1,2,3,4", "data.spec.num_train=96", "data.spec.num_val=16", "data.spec.image_size=96",
     "data.batch_size=8", "data.train_sizes=[96]", "data.val_size=96", "model.net.backbone.width=16",
-    "trainer.accelerator=cpu", "callbacks.model_summary.max_depth=0", "callbacks.progress_bar.refresh_rate=0",
+    "trainer.accelerator=cpu", "callbacks.model_summary.max_depth=0",
 ]  # fmt: skip
 LAUNCHERS = {
     "basic (sequential)": [],
