@@ -90,7 +90,9 @@ def test_multirun_sweep_gives_one_mlflow_run_per_job(workdir: Path):
     run_cli("train", "-m", "model=fcn8s,fcn32s", *TINY, cwd=workdir)
     client = MlflowClient(tracking_uri(workdir))
     runs = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
-    assert sorted(r.data.params["model.net.variant"] for r in runs) == ["32s", "8s"]
+    jobs = [r for r in runs if r.data.tags.get("pipeline.sweep.role") != "parent"]  # and the sweep's parent run
+    assert len(runs) == 3
+    assert sorted(r.data.params["model.net.variant"] for r in jobs) == ["32s", "8s"]
     assert all(r.info.status == "FINISHED" for r in runs)
     (sweep_dir,) = (workdir / "outputs" / "train" / "multiruns").iterdir()
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]
