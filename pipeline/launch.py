@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -40,10 +42,13 @@ def is_global_zero() -> bool:
     return rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
-def share_run_stamp() -> None:
-    """Under torchrun/srun with several ranks: initialise the process group and export rank 0's run timestamp."""
+@contextmanager
+def shared_run_dir() -> Iterator[None]:
+    """Under torchrun/srun with several ranks: a process group and rank 0's run timestamp for the block, both
+    gone after it (the variable unset, the group destroyed); elsewhere nothing."""
     env = external_launcher()
     if env is None or STAMP_VAR in os.environ:
+        yield
         return
     _ = (env.main_address, env.main_port)  # SLURM derives them from the job and exports MASTER_ADDR / MASTER_PORT
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
@@ -52,3 +57,9 @@ def share_run_stamp() -> None:
     stamp = [time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now)) + f"-{int(now % 1 * 1e6):06d}"]
     dist.broadcast_object_list(stamp, src=0)
     os.environ[STAMP_VAR] = stamp[0]
+    try:
+        yield
+    finally:
+        os.environ.pop(STAMP_VAR, None)
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -16,14 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
@@ -33,6 +30,7 @@ from PIL import Image
 from pipeline import tracking
 from pipeline.config import ConfigError, monitor_mode
 from pipeline.data.datamodule import usable_cores
+from pipeline.viz import is_number, objective_plot
 
 SWEEP_FILE = "sweep.json"
 TAG = f"{tracking.TAG_PREFIX}sweep."
@@ -59,19 +57,11 @@ def job_name(values: dict[str, str], job: int) -> str:
     parts = []
     for key, value in values.items():
         leaf = key.rsplit(".", 1)[-1].rsplit("/", 1)[-1]
-        is_choice = "." not in key and not _is_number(value)  # `model=fcn8s`, `model/backbone=resnet18`
-        if _is_number(value) and not float(value).is_integer():
+        is_choice = "." not in key and not is_number(value)  # `model=fcn8s`, `model/backbone=resnet18`
+        if is_number(value) and not float(value).is_integer():
             value = f"{float(value):.3g}"  # a sampled 0.0005611516… reads 0.000561
         parts.append(value if is_choice else f"{SHORT.get(leaf, leaf)}{value}")
     return "-".join([*parts, f"j{job}"])
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def read_sweep(sweep_dir: str | Path) -> dict[str, Any] | None:
@@ -82,11 +72,6 @@ def read_sweep(sweep_dir: str | Path) -> dict[str, Any] | None:
 
 def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _joined(overrides: list[str]) -> str:
-    """Overrides as one tag value (what the store accepts)."""
-    return " ".join(overrides)[:MAX_TAG_VAL_LENGTH] or "(none)"
 
 
 def current_job() -> dict[str, Any] | None:
@@ -110,7 +95,7 @@ def child_tags(job: dict[str, Any]) -> dict[str, str]:
         f"{TAG}id": job["parent_run_id"],
         f"{TAG}job": str(job["job"]),
         f"{TAG}params": json.dumps(job["values"]),
-        f"{TAG}overrides": _joined(job["overrides"]),
+        f"{TAG}overrides": tracking.joined(job["overrides"]),
     }
 
 
@@ -138,7 +123,7 @@ def previous_run(job: dict[str, Any]) -> Any | None:
     previous = _latest_run(MlflowClient(job["tracking_uri"]), job)
     if previous is None:
         return None
-    before, now = previous.data.tags.get(f"{TAG}overrides"), _joined(job["overrides"])
+    before, now = previous.data.tags.get(f"{TAG}overrides"), tracking.joined(job["overrides"])
     if before != now:
         raise ConfigError(
             f"Job {job['job']} of sweep {job['parent_run_id']} ran with overrides '{before}', not '{now}': re-run a "
@@ -235,7 +220,7 @@ class SweepTracking(Callback):
         tags = {
             f"{TAG}role": "parent",
             f"{TAG}dir": str(sweep_dir),
-            f"{TAG}overrides": _joined(list(config.hydra.overrides.task)),
+            f"{TAG}overrides": tracking.joined(list(config.hydra.overrides.task)),
             f"{TAG}space": json.dumps(varied)[:MAX_TAG_VAL_LENGTH],
             f"{TAG}monitor": monitor,
             "mlflow.source.git.commit": tracking.git_commit(str(Path(__file__).parent)),
@@ -287,44 +272,12 @@ def summarise(sweep_dir: Path, sweep: dict[str, Any]) -> list[dict[str, Any]]:
                  **{f"{TAG}best.{k}": str(best[k]) for k in keys}}  # fmt: skip
         step = len(client.get_metric_history(parent, metric))  # a resumed sweep logs its new best as the next step
         client.log_batch(parent, metrics=[Metric(metric, best["value"], int(time.time() * 1000), step)])
-        figure = objective_figure(scored, keys, sweep["monitor"])
+        figure = objective_plot(scored, keys, sweep["monitor"])
         client.log_image(parent, figure, "sweep.png")
-        _save_png(figure, sweep_dir / "sweep.png")
+        Image.fromarray(figure).save(sweep_dir / "sweep.png")
         print(f"Sweep best: {best['name']} {sweep['monitor']}={best['value']:.4f} (run {best['run_id']})")
     if failed:
         print(f"Sweep: {len(failed)} of {len(rows)} jobs did not finish: {tags[f'{TAG}failed_jobs']}")
     client.log_batch(parent, tags=[RunTag(k, v[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()])
     client.set_terminated(parent, "FINISHED")
     return rows
-
-
-def objective_figure(rows: list[dict[str, Any]], keys: list[str], monitor: str) -> np.ndarray:
-    """uint8 [H, W, 3]: the objective against each varied key (numbers on a log axis when they span 10×)."""
-    fig = Figure(figsize=(3.2 * max(1, len(keys)), 3.0), dpi=100)
-    FigureCanvasAgg(fig)
-    for i, key in enumerate(keys or ["job"]):
-        ax = fig.add_subplot(1, max(1, len(keys)), i + 1)
-        xs = [str(r.get(key, r["job"])) for r in rows]
-        ys = [r["value"] for r in rows]
-        if all(_is_number(x) for x in xs):
-            nums = [float(x) for x in xs]
-            ax.scatter(nums, ys)
-            if min(nums) > 0 and max(nums) / min(nums) >= 10:
-                ax.set_xscale("log")
-            if len(set(nums)) <= 8:  # a grid: label exactly the values tried
-                ax.set_xticks(sorted(set(nums)), [f"{v:g}" for v in sorted(set(nums))], rotation=30)
-                ax.minorticks_off()
-        else:
-            labels = sorted(set(xs))
-            ax.scatter([labels.index(x) for x in xs], ys)
-            ax.set_xticks(range(len(labels)), labels, rotation=30)
-        ax.set_xlabel(key)
-        ax.set_ylabel(monitor)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-def _save_png(image: np.ndarray, path: Path) -> None:
-    Image.fromarray(image).save(path)

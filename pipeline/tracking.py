@@ -86,6 +86,11 @@ def git_commit(root: str) -> str:
         return "unknown"
 
 
+def joined(overrides: list[str]) -> str:
+    """Overrides as one tag value, shortened to what the store accepts."""
+    return " ".join(overrides)[:MAX_PARAM_VAL_LENGTH] or "(none)"
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
     """Log string params in batches of 100 (MLflow's limit)."""
     items = [Param(k, v) for k, v in params.items()]
@@ -110,7 +115,7 @@ def run_tags(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
         "mlflow.source.git.commit": git_commit(str(Path(__file__).resolve().parent)),
         f"{TAG_PREFIX}task": str(cfg.model._target_).rsplit(".", 1)[-1],
         f"{TAG_PREFIX}model": model_name(cfg),
-        f"{TAG_PREFIX}overrides": " ".join(overrides)[:MAX_PARAM_VAL_LENGTH] or "(none)",
+        f"{TAG_PREFIX}overrides": joined(overrides),
         f"{TAG_PREFIX}run_dir": str(cfg.paths.output_dir),
         **{f"{TAG_PREFIX}tag.{t}": "1" for t in cfg.get("tags", [])},
     }
@@ -167,7 +172,7 @@ def continue_run(cfg: DictConfig, overrides: list[str], run_id: str, original_ur
     changed = {k: v for k, v in changed_keys(old, new).items() if k in old}
     tags = {
         f"{TAG_PREFIX}resume_count": str(n),
-        f"{TAG_PREFIX}resume.{n}.overrides": " ".join(overrides)[:MAX_PARAM_VAL_LENGTH] or "(none)",
+        f"{TAG_PREFIX}resume.{n}.overrides": joined(overrides),
         f"{TAG_PREFIX}resume.{n}.changed": json.dumps(changed)[:MAX_PARAM_VAL_LENGTH],
     }
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])

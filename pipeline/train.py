@@ -224,13 +224,13 @@ def main() -> None:
     """Console entry point `pipeline-train`."""
     global _USER_ARGV
     _USER_ARGV = list(sys.argv)
-    launch.share_run_stamp()  # ranks started by torchrun/srun: one run dir for all
     try:
         hydra_argv = argv_for_resume(sys.argv)
     except CheckpointError as err:
         sys.exit(f"error: {err}")
     try:
-        with _argv(hydra_argv):  # Hydra reads its overrides from sys.argv
+        # Ranks started by torchrun/srun share one run dir; Hydra reads its overrides from sys.argv.
+        with launch.shared_run_dir(), _argv(hydra_argv):
             _hydra_main()
     finally:
         _USER_ARGV = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -135,3 +137,40 @@ def box_size_scatter(sizes: dict[str, np.ndarray]) -> np.ndarray:
         axes.legend(loc="upper left")
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def objective_plot(rows: list[dict[str, Any]], keys: list[str], monitor: str) -> np.ndarray:
+    """uint8 [H, W, 3]: the objective against each varied key (numbers on a log axis when they span 10×)."""
+    fig = Figure(figsize=(3.2 * max(1, len(keys)), 3.0), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys or ["job"]):
+        ax = fig.add_subplot(1, max(1, len(keys)), i + 1)
+        xs = [str(r.get(key, r["job"])) for r in rows]
+        ys = [r["value"] for r in rows]
+        if all(is_number(x) for x in xs):
+            nums = [float(x) for x in xs]
+            ax.scatter(nums, ys)
+            if min(nums) > 0 and max(nums) / min(nums) >= 10:
+                ax.set_xscale("log")
+            if len(set(nums)) <= 8:  # a grid: label exactly the values tried
+                ax.set_xticks(sorted(set(nums)), [f"{v:g}" for v in sorted(set(nums))], rotation=30)
+                ax.minorticks_off()
+        else:
+            labels = sorted(set(xs))
+            ax.scatter([labels.index(x) for x in xs], ys)
+            ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set_xlabel(key)
+        ax.set_ylabel(monitor)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def is_number(text: str) -> bool:
+    """Whether a config value (a string) reads as a number."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
