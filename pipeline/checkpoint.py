@@ -1,20 +1,33 @@
-"""Resume resolution and run metadata stored in every checkpoint.
+"""Resume resolution, run metadata stored in every checkpoint, and the checks a checkpoint passes before use.
 
 Lightning's `ckpt_path="last"` only looks in the current run's folder; with Hydra's timestamped run dirs it
 finds nothing and silently trains from scratch. We resolve the checkpoint ourselves and fail loudly instead.
+A checkpoint is checked (readable, ours, this format, weights that fit the model, the run's latest state when
+continuing) before any MLflow run is created or re-opened, so a bad file never leaves a run RUNNING or forked.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import secrets
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from pipeline.tracking import changed_keys, flatten
+
+# The layout of the `pipeline` block and of what we store; bump it when a checkpoint of the previous layout can no
+# longer be resumed, evaluated or predicted from, so such a file is refused with a message instead of a KeyError.
+FORMAT = 1
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 
 class CheckpointError(FileNotFoundError):
@@ -35,13 +48,190 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def read_metadata(ckpt: str | os.PathLike) -> dict[str, Any]:
-    """The `pipeline` block (config, MLflow run id, run dir) of a checkpoint written by pipeline-train."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    meta = state.get("pipeline")
+def _check_archive(path: Path) -> None:
+    """Refuse a file that is empty, not a torch zip archive, truncated, or whose data fails its CRC-32.
+
+    torch's own reader skips the archive's checksums: a file with flipped bytes in a tensor loads without error.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        size = path.stat().st_size
+    except OSError as err:
+        raise CheckpointError(f"Checkpoint {path} cannot be read: {err.strerror or err}.") from None
+    if not head:
+        raise CheckpointError(f"Checkpoint {path} is empty (0 bytes): nothing was written to it.")
+    if head != _ZIP_MAGIC:
+        raise CheckpointError(
+            f"{path} is not a checkpoint: torch.save writes a zip archive, and this file starts with {head!r}. "
+            "Pass a .ckpt file that pipeline-train wrote (<run dir>/checkpoints/last.ckpt or best.ckpt)."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.infolist():
+                if entry.CRC:  # 0: saved without checksums (torch.serialization config), nothing to compare
+                    with archive.open(entry) as data:
+                        while data.read(1 << 24):
+                            pass
+    except Exception as err:  # zipfile meets damaged headers with BadZipFile, EOFError, OSError,
+        # NotImplementedError (a flipped method or flag bit), UnicodeDecodeError (a flipped name byte), …
+        damage = "the end of its zip archive is missing" if "not a zip file" in str(err) else str(err)
+        raise CheckpointError(
+            f"Checkpoint {path} is truncated or corrupt ({size} bytes; {damage}). It cannot be loaded; use another "
+            "checkpoint of the run (best.ckpt, last.ckpt, or the copy in its MLflow artifacts)."
+        ) from None
+
+
+def _describe(obj: object) -> str:
+    """What a loaded object is, in a few words: "a Tensor", "a dict with keys ['a', 'b']"."""
+    if isinstance(obj, dict):
+        keys = sorted(map(str, obj))
+        return f"a dict with keys {keys[:8]}{' …' if len(keys) > 8 else ''}"
+    return f"a {type(obj).__name__}"
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A whole pipeline-train checkpoint, loaded weights-only (memory-mapped); one clear CheckpointError otherwise.
+
+    Refused: an unreadable, empty, truncated or corrupt file, one that is not a torch checkpoint or holds objects a
+    weights-only load rejects, one not written by pipeline-train, and one of another checkpoint format.
+    """
+    path = Path(path)
+    _check_archive(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\n|$)", str(err))
+        raise CheckpointError(
+            f"{path} holds Python objects that a weights-only load refuses ({found.group(1) if found else err}), so it "
+            "was not written by pipeline-train, whose checkpoints hold only tensors and plain values. It is not loaded "
+            "unsafely; pass a checkpoint that pipeline-train wrote."
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as err:  # what torch raises for an archive it cannot parse
+        reason = str(err).split("\n")[0] or type(err).__name__
+        raise CheckpointError(f"Checkpoint {path} is corrupt: torch.load cannot read it ({reason}).") from None
+    meta = state.get("pipeline") if isinstance(state, dict) else None
     if not isinstance(meta, dict) or "config" not in meta:
-        raise CheckpointError(f"{ckpt} was not written by pipeline-train (no 'pipeline' metadata).")
-    return meta
+        raise CheckpointError(
+            f"{path} was not written by pipeline-train: it holds {_describe(state)}, without the 'pipeline' block "
+            "(config, MLflow run) that every pipeline-train checkpoint carries."
+        )
+    written = meta.get("format")
+    if written != FORMAT:
+        age = "a newer" if isinstance(written, int) and written > FORMAT else "an older"
+        raise CheckpointError(
+            f"{path} was written by {age}, incompatible version of pipeline-train (checkpoint format "
+            f"{written if written is not None else 'none'}; this version reads format {FORMAT}), so it cannot be "
+            "resumed, forked, evaluated or predicted from here. Use the version that wrote it (its commit is the "
+            "run's mlflow.source.git.commit tag in MLflow)."
+        )
+    missing = [key for key in ("state_dict", "epoch", "global_step") if key not in state]
+    if missing:
+        raise CheckpointError(f"Checkpoint {path} is incomplete: it has no {', '.join(missing)}.")
+    return state
+
+
+def _family(model: dict) -> tuple[str, str]:
+    """(task class, net class) of a model config: what decides whether a checkpoint's weights can fit at all."""
+    net = model.get("net") or {}
+    return str(model.get("_target_")), str(net.get("_target_") if isinstance(net, dict) else None)
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return str(list(tensor.shape))
+
+
+def _some(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_model(path: str | os.PathLike, state: dict[str, Any], task: torch.nn.Module, cfg: DictConfig) -> None:
+    """Refuse a checkpoint whose weights do not fit `task` (built from `cfg`): another model family, another number
+    of classes, another architecture; the message names the first differing keys and shapes and the config keys."""
+    theirs = state["pipeline"]["config"]
+    ours = OmegaConf.to_container(cfg, resolve=True)
+    if _family(theirs["model"]) != _family(ours["model"]):
+        (their_task, their_net), (our_task, our_net) = _family(theirs["model"]), _family(ours["model"])
+        raise CheckpointError(
+            f"{path} is a checkpoint of another model family: {their_task.rsplit('.', 1)[-1]} with "
+            f"{their_net.rsplit('.', 1)[-1]} (model._target_={their_task}, model.net._target_={their_net}), while this "
+            f"command builds {our_task.rsplit('.', 1)[-1]} with {our_net.rsplit('.', 1)[-1]} (model._target_="
+            f"{our_task}, model.net._target_={our_net}). Choose the model the checkpoint was trained with (its "
+            "config is the run's config.yaml), or a checkpoint of this model."
+        )
+    got, expected = state["state_dict"], task.state_dict()
+    shapes = [f"{k} is {_shape(got[k])} in the checkpoint, {_shape(v)} here" for k, v in expected.items()
+              if k in got and got[k].shape != v.shape]  # fmt: skip
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    if not (shapes or missing or unexpected):
+        return
+    problems = shapes[:3] + [f"{len(shapes) - 3} more of another shape"] * (len(shapes) > 3)
+    if missing:
+        problems.append(f"this model has {_some(missing)}, which the checkpoint lacks")
+    if unexpected:
+        problems.append(f"the checkpoint has {_some(unexpected)}, which this model lacks")
+    settings = changed_keys(flatten(theirs["model"], "model."), flatten(ours["model"], "model."))
+    config = {k: v for k, v in settings.items() if not k.startswith(("model.optimizer.", "model.scheduler.",
+                                                                     "model.class_names"))}  # fmt: skip
+    classes = theirs.get("data", {}).get("num_classes"), ours.get("data", {}).get("num_classes")
+    if classes[0] != classes[1]:
+        why = f"the checkpoint has {classes[0]} classes (data.num_classes), this run {classes[1]}"
+    elif config:
+        why = "the model settings differ: " + "; ".join(f"{k} is {a} in the checkpoint, {b} here" for k, (a, b) in
+                                                         list(config.items())[:4])  # fmt: skip
+    else:
+        why = ("its own config builds a different model with this version of the code, so it was written by an "
+               "incompatible version")  # fmt: skip
+    raise CheckpointError(f"The weights in {path} do not fit the model built here ({'; '.join(problems)}): {why}.")
+
+
+def check_latest(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Refuse to continue a run from anything but its latest state (its run dir's last.ckpt or the same step).
+
+    Continuing from best.ckpt or an older copy would log a second history into the same MLflow run and overwrite
+    last.ckpt with a branch; a fork (a new run from the weights) is what such a user wants.
+    """
+    path = Path(path).resolve()
+    meta = state["pipeline"]
+    last = Path(meta["run_dir"]) / "checkpoints" / "last.ckpt"
+    if not last.is_file():  # the run dir moved or is gone: nothing to branch from; only a last.ckpt is the latest
+        if path.name == "last.ckpt":
+            return
+        where = f"its run directory's {last} is missing"
+    elif last.resolve() == path:
+        return
+    else:
+        try:
+            latest = load_checkpoint(last)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"Cannot tell whether {path} is its run's latest state: {err} To start a new run from {path.name}'s "
+                f"weights instead, add resume_mode=fork: pipeline-train ckpt_path={path} resume_mode=fork"
+            ) from None
+        if (latest["global_step"], latest["epoch"]) == (state["global_step"], state["epoch"]):
+            return
+        where = f"the run went on to global step {latest['global_step']} (epoch {latest['epoch']}) in {last}"
+    raise CheckpointError(
+        f"{path} is not the latest state of MLflow run {meta.get('mlflow_run_id')}: it was saved at global step "
+        f"{state['global_step']} (epoch {state['epoch']}), and {where}. Continuing from it (resume_mode=continue) "
+        f"would log a second history into that run and overwrite its last.ckpt with a branch. To continue the run, "
+        f"pass ckpt_path={Path(meta['run_dir'])}; to start a new run from these weights, add resume_mode=fork: "
+        f"pipeline-train ckpt_path={path} resume_mode=fork"
+    )
+
+
+def check_resumable(path: str | os.PathLike, task: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
+    """The checkpoint's `pipeline` metadata once it passed every check for training from it with `cfg`.
+
+    Readable and ours (load_checkpoint), weights that fit `task` (check_model), and with resume_mode=continue the
+    run's latest state (check_latest); called before any MLflow run is created or re-opened.
+    """
+    state = load_checkpoint(path)
+    check_model(path, state, task, cfg)
+    if cfg.resume_mode == "continue":
+        check_latest(path, state)
+    return state["pipeline"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -82,7 +272,8 @@ class RunMetadata(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         category_ids = getattr(trainer.datamodule, "category_ids", None)
-        checkpoint["pipeline"] = {**self.meta, "category_ids": list(category_ids) if category_ids else None}
+        checkpoint["pipeline"] = {**self.meta, "format": FORMAT,
+                                  "category_ids": list(category_ids) if category_ids else None}  # fmt: skip
 
 
 def argv_for_resume(argv: list[str]) -> list[str]:
@@ -91,12 +282,19 @@ def argv_for_resume(argv: list[str]) -> list[str]:
     Hydra fixes the run dir before our code runs, so `ckpt_path=…` (without `resume_mode=fork` or an explicit
     `hydra.run.dir=…`) is resolved here first; this invocation's Hydra files go to `.hydra/resume-<time>`.
     Lightning-spawned DDP children already get the parent's run dir (`hydra.run.dir=…` on their command line);
-    every rank that torchrun/srun started resolves it here itself.
+    every rank that torchrun/srun started resolves it here itself. The file is checked here too (and a continued
+    run's checkpoint must be its latest state), so a bad one is refused before Hydra writes into any run dir.
     """
     args = dict(a.lstrip("+").split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
     ckpt = args.get("ckpt_path")
-    if ckpt in (None, "", "null") or args.get("resume_mode", "continue") == "fork" or "hydra.run.dir" in args:
+    if ckpt in (None, "", "null") or "hydra.run.dir" in args:
         return argv
-    run_dir = read_metadata(resolve_checkpoint(ckpt))["run_dir"]
+    if args.get("resume_mode", "continue") == "fork":
+        if not {"-m", "--multirun"} & set(argv):  # a sweep's jobs check their own values
+            load_checkpoint(resolve_checkpoint(ckpt))
+        return argv
+    path = resolve_checkpoint(ckpt)
+    state = load_checkpoint(path)
+    check_latest(path, state)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    return [*argv, f'hydra.run.dir="{run_dir}"', f"hydra.output_subdir=.hydra/resume-{stamp}"]
+    return [*argv, f'hydra.run.dir="{state["pipeline"]["run_dir"]}"', f"hydra.output_subdir=.hydra/resume-{stamp}"]

@@ -20,16 +20,27 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import tracking
-from pipeline.checkpoint import read_metadata, resolve_checkpoint
+from pipeline.checkpoint import check_model, load_checkpoint, resolve_checkpoint
 from pipeline.cli import CONF_DIR, exit_on_user_error
 from pipeline.config import EVAL_KEYS, validate_config
 
 
 def load_task(ckpt: Path) -> tuple[pl.LightningModule, DictConfig, dict]:
-    """The trained LightningModule (weights-only load), the training config and the checkpoint's metadata."""
-    meta = read_metadata(ckpt)
+    """The trained LightningModule (weights-only load), the training config and the checkpoint's metadata.
+
+    A file that is not a readable, current pipeline-train checkpoint, or whose weights do not fit the model its own
+    config builds with this code, is refused with a CheckpointError naming the file and the difference.
+    """
+    state = load_checkpoint(ckpt)
+    meta = state["pipeline"]
     train_cfg = OmegaConf.create(meta["config"])
-    task = get_class(train_cfg.model._target_).load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    try:
+        task = get_class(train_cfg.model._target_).load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    except RuntimeError as err:
+        if "Error(s) in loading state_dict" not in str(err):
+            raise
+        check_model(ckpt, state, instantiate(train_cfg.model), train_cfg)  # says which keys and shapes differ
+        raise
     return task.eval(), train_cfg, meta
 
 

@@ -26,7 +26,7 @@ from pipeline.checkpoint import (
     CheckpointError,
     RunMetadata,
     argv_for_resume,
-    read_metadata,
+    check_resumable,
     resolve_checkpoint,
 )
 from pipeline.cli import CONF_DIR, exit_on_user_error, user_error
@@ -64,12 +64,13 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if cfg.resume_mode not in ("continue", "fork"):
         raise ConfigError(f"resume_mode={cfg.resume_mode!r}: choose 'continue' or 'fork'.")
     resume = resolve_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
-    meta = read_metadata(resume) if resume else None
     pl.seed_everything(cfg.seed, workers=True)
 
     job = sweep.current_job()
     jobs = sweep.parallel_jobs()
     task = instantiate(cfg.model)
+    # Readable, ours, fitting this model, and (continuing) the run's latest state: before any MLflow run is touched.
+    meta = check_resumable(resume, task, cfg) if resume else None
     # The task says what a sample must carry; parallel sweep jobs share the cores among their loader workers.
     datamodule = instantiate(cfg.data, targets=task.TARGETS, parallel_jobs=jobs)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
