@@ -12,6 +12,7 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.callbacks import NonFiniteLossError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, monitor_mode
 from pipeline.data.checks import DataError, read_json
@@ -47,7 +48,9 @@ def coco_class_names(annotations: str) -> list[str]:
 _register("coco_class_names", coco_class_names)
 _register("yolo_class_names", yolo_class_names)
 
-USER_ERRORS = (ConfigError, CheckpointError, ConnectionError, FileNotFoundError, InstantiationException)
+USER_ERRORS = (
+    ConfigError, CheckpointError, ConnectionError, FileNotFoundError, InstantiationException, NonFiniteLossError
+)  # fmt: skip
 
 
 def user_error(err: BaseException) -> BaseException | None:

@@ -17,10 +17,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.plugins.io import CheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pipeline import launch, sweep, tracking
+from pipeline.callbacks import PREEMPTED_EXIT, NonFiniteLossError
 from pipeline.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -113,8 +116,19 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             # optimizer state would silently bring back the parent's learning rate).
             task.load_state_dict(checkpoint["state_dict"])
             resume = None
-    with _ddp_children_rerun(job, cfg.ckpt_path), _torch_threads(jobs):
-        trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+    try:
+        with _ddp_children_rerun(job, cfg.ckpt_path), _torch_threads(jobs):
+            trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+    except SIGTERMException:  # pre-empted: LastCheckpoint wrote last.ckpt at the batch boundary
+        _stopped(cfg, trainer, run_id, "KILLED", f"SIGTERM at step {trainer.global_step}")
+        if torch.distributed.is_initialized():  # every rank exits once the run is marked
+            torch.distributed.barrier()
+        if trainer.is_global_zero:
+            print(f"Stopped by SIGTERM at step {trainer.global_step}; resume with ckpt_path={run_dir}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
+    except NonFiniteLossError as err:
+        _stopped(cfg, trainer, run_id, "FAILED", str(err))
+        raise
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     best = next((c.best_model_score for c in trainer.checkpoint_callbacks if c.monitor == cfg.model.monitor), None)
@@ -128,6 +142,14 @@ def _train(cfg: DictConfig) -> dict[str, float]:
                                                           str(pruning.pruned_at_epoch))  # fmt: skip
         _report(cfg, trainer, metrics, run_id)
     return metrics
+
+
+def _stopped(cfg: DictConfig, trainer: pl.Trainer, run_id: str | None, status: str, reason: str) -> None:
+    """Give the run its end status (Lightning marked it FAILED) and the reason as the `pipeline.error` tag."""
+    if trainer.is_global_zero and run_id is not None:
+        client = MlflowClient(cfg.logger.tracking_uri)
+        client.set_tag(run_id, f"{tracking.TAG_PREFIX}error", reason[:MAX_TAG_VAL_LENGTH])
+        client.set_terminated(run_id, status)
 
 
 def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], run_id: str | None) -> None:

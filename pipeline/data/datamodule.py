@@ -11,6 +11,7 @@ import multiprocessing.queues
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from pipeline.config import ConfigError
 from pipeline.data.coco import CocoBoxSource, CocoInstanceSource, CocoSemanticSource
 from pipeline.data.formats import voc_box_dataset, voc_ids, voc_instance_dataset, yolo_dataset
 from pipeline.data.mask_folders import MaskFolderSource
-from pipeline.data.samplers import MultiScaleBatchSampler, ShardedSampler
+from pipeline.data.samplers import MultiScaleBatchSampler, SampleKey, ShardedSampler
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
 from pipeline.data.transforms import apply, apply_boxes, compose, letterbox
 from pipeline.ops.boxes import letterbox_scale
@@ -33,8 +34,20 @@ from pipeline.ops.boxes import letterbox_scale
 TARGETS = ("semantic", "boxes", "instances")
 
 
+def _key(key: int | tuple[int, int] | SampleKey, size: int) -> SampleKey:
+    """A sampler's key as it is; an index or an (index, size) pair: augmentation seeded by the index."""
+    if isinstance(key, SampleKey):
+        return key
+    index, size = key if isinstance(key, tuple) else (key, size)
+    return SampleKey(index, size, index)
+
+
 class SegmentationSamples(Dataset):
-    """Augmented, letterboxed samples of a source; a key is an index or an (index, size) pair from the sampler."""
+    """Augmented, letterboxed samples of a source; a key is a `SampleKey` from the sampler, an index or (index, size).
+
+    The augmentation is seeded per sample by its key, so a sample's pixels do not depend on which loader worker
+    made it, nor on what that worker made before.
+    """
 
     def __init__(self, source: CocoSemanticSource, augment: A.Compose, size: int, ignore_index: int) -> None:
         self.source, self.augment, self.size, self.ignore_index = source, augment, size, ignore_index
@@ -42,9 +55,10 @@ class SegmentationSamples(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        index, size = key if isinstance(key, tuple) else (key, self.size)
+    def __getitem__(self, key: int | tuple[int, int] | SampleKey) -> dict[str, torch.Tensor]:
+        index, size, seed = _key(key, self.size)
         image, mask = self.source.load(index)
+        self.augment.set_random_seed(seed)
         image, mask = apply(self.augment, image, mask)
         image, mask = apply(letterbox(size, self.ignore_index), image, mask)
         return {"image": _to_tensor(image), "mask": torch.from_numpy(np.ascontiguousarray(mask)).long()}
@@ -58,7 +72,7 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class BoxSamples(Dataset):
-    """Augmented, letterboxed samples with boxes; a key is an index or an (index, size) pair from the sampler.
+    """Augmented, letterboxed samples with boxes; keys as for `SegmentationSamples`.
 
     A sample: "image" [3, S, S]; "boxes" [N, 4] (x1, y1, x2, y2 letterboxed pixels), "labels" [N] (1..K) and
     "iscrowd" [N] after augmentation; "image_id" and "scale" (sx, sy), "orig_size" (H, W) to map predictions
@@ -73,11 +87,12 @@ class BoxSamples(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, size = key if isinstance(key, tuple) else (key, self.size)
+    def __getitem__(self, key: int | tuple[int, int] | SampleKey) -> dict:
+        index, size, seed = _key(key, self.size)
         image, ann = self.source.load(index)
         xyxy = np.concatenate([ann["boxes"][:, :2], ann["boxes"][:, :2] + ann["boxes"][:, 2:]], axis=1)
         masks = ann.get("masks")
+        self.augment.set_random_seed(seed)
         out = apply_boxes(self.augment, image, xyxy, masks, labels=ann["labels"], iscrowd=ann["iscrowd"])
         height, width = out["image"].shape[:2]
         out = apply_boxes(letterbox(size, 0, boxes=True), out["image"], out["boxes"], out.get("masks"), **{
@@ -124,10 +139,6 @@ def _worker_init(_: int) -> None:
     multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_exit_on_send_error)
     # OpenCV's own thread pool inside every loader worker would oversubscribe the cores.
     cv2.setNumThreads(0)
-    # Forked workers inherit one albumentations generator state: give each its own, from torch's worker seed
-    # (itself derived from the seeded main process, so runs stay reproducible).
-    info = torch.utils.data.get_worker_info()
-    info.dataset.augment.set_random_seed(info.seed % 2**32)
 
 
 def usable_cores() -> int:
@@ -182,12 +193,32 @@ class CocoDataModule(pl.LightningDataModule):
                 "annotation file's boxes in original pixels, so validation allows only colour transforms."
             )
         boxes = (bbox_params or {}) if targets != "semantic" else None
-        self.train_augment = compose(train_transforms, seed, boxes)
-        self.val_augment = compose(val_transforms, seed, boxes)
+        # Seeded per sample by the sampler's keys (from `seed`, the epoch and the index), not here.
+        self.train_augment = compose(train_transforms, bbox_params=boxes)
+        self.val_augment = compose(val_transforms, bbox_params=boxes)
         self.seed, self.targets = seed, targets
         self.train_set: SegmentationSamples | BoxSamples | None = None
         self.val_set: SegmentationSamples | BoxSamples | None = None
         self._reported = False  # the data check's summary is printed once
+        self._resume: tuple[int, int] | None = None  # (epoch, batches trained) from a mid-epoch checkpoint
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in its epoch (saved in every checkpoint): a resume continues at the next batch.
+
+        Lightning restores a plain DataLoader at the start of its epoch; the batches the checkpoint had trained
+        come from Lightning's own count, which includes the batch whose end wrote the checkpoint.
+        """
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Remember a checkpoint's position; the training loader made next starts its epoch there."""
+        if state:
+            self._resume = (state["epoch"], state["batches"])
+            # True for a plain DataLoader, not for ours: its sampler skips the batches already trained.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def _samples(self, files: dict, augment: A.Compose, size: int) -> SegmentationSamples | BoxSamples:
         """The samples of one split, in the form `targets` asks for; the file's categories must fit num_classes."""
@@ -269,6 +300,13 @@ class CocoDataModule(pl.LightningDataModule):
         sampler = ShardedSampler(len(self.train_set), shuffle=True, seed=self.seed, rank=rank, world_size=world)
         drop_last = len(sampler) >= self.batch_size
         batches = MultiScaleBatchSampler(sampler, self.batch_size, self.train_sizes, self.size_every, drop_last)
+        if self._resume is not None:
+            epoch, done = self._resume
+            if done >= len(batches):  # saved at the end of its epoch: training resumes with the next one
+                epoch, done = epoch + 1, 0
+            # Lightning makes (and prefetches from) the loader's first iterator before it calls set_epoch.
+            sampler.set_epoch(epoch)
+            batches.resume_at(epoch, done)
         return self._loader(self.train_set, batches)
 
     def val_dataloader(self) -> DataLoader:

@@ -1,17 +1,34 @@
 """Rank-sharded, epoch-seeded sampling with multi-scale batches.
 
-The order of every epoch is a function of (seed, epoch), so a resumed run sees exactly the batches it would
-have seen, and the square size of every batch is a function of (seed, epoch, batch // every), so all DDP
-ranks resize to the same size at the same step without communicating.
+Every random choice of the data is a function of the seed and the position in training, never of a process's
+RNG state: the order of every epoch is a function of (seed, epoch); the square size of every batch of
+(seed, epoch, batch // every), so all DDP ranks resize to the same size at the same step without communicating;
+and each sample's augmentation seed of (seed, epoch, index). A resumed run, at an epoch boundary or mid-epoch,
+therefore sees exactly the batches it would have seen, whatever the number of loader workers.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+
+class SampleKey(NamedTuple):
+    """What a dataset is asked for: sample `index`, letterboxed to `size` x `size`, augmented from `seed`."""
+
+    index: int
+    size: int
+    seed: int
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample `index` in `epoch`: independent streams per (seed, epoch, index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
 class ShardedSampler(Sampler[int]):
@@ -46,14 +63,23 @@ class ShardedSampler(Sampler[int]):
         return len(range(self.rank, self.size, self.world_size))
 
 
-class MultiScaleBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of (index, size) pairs; the size changes every `every` batches, drawn from `sizes`."""
+class MultiScaleBatchSampler(Sampler[list[SampleKey]]):
+    """Batches of sample keys; the size changes every `every` batches, drawn from `sizes`.
+
+    `resume_at(epoch, batches)` makes the next iteration over that epoch start after its first `batches` batches
+    (a mid-epoch checkpoint's position); later epochs start from their first batch.
+    """
 
     def __init__(self, sampler: ShardedSampler, batch_size: int, sizes: Sequence[int], every: int, drop_last: bool):
         if not sizes:
             raise ValueError("multi-scale training needs at least one size")
         self.sampler, self.batch_size, self.sizes = sampler, batch_size, list(sizes)
         self.every, self.drop_last = max(1, every), drop_last
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Skip the first `batches` batches of `epoch` (once): they were trained before the checkpoint."""
+        self._resume = (epoch, batches)
 
     def size_at(self, batch_index: int) -> int:
         """The square size of batch `batch_index` in the current epoch."""
@@ -63,11 +89,16 @@ class MultiScaleBatchSampler(Sampler[list[tuple[int, int]]]):
         generator = torch.Generator().manual_seed((self.sampler.seed * 100_003 + self.sampler.epoch) * 7919 + block)
         return self.sizes[int(torch.randint(len(self.sizes), (1,), generator=generator))]
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        epoch, seed = self.sampler.epoch, self.sampler.seed
+        start = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            start, self._resume = self._resume[1], None
         indices = list(self.sampler)
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             size = self.size_at(b)
-            yield [(i, size) for i in indices[b * self.batch_size : (b + 1) * self.batch_size]]
+            batch = indices[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [SampleKey(i, size, sample_seed(seed, epoch, i)) for i in batch]
 
     def __len__(self) -> int:
         n = len(self.sampler)

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -45,36 +40,6 @@ def test_resume_with_more_epochs_continues_the_same_run_and_step(workdir: Path):
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3 * STEPS_PER_EPOCH and last["epoch"] == 2
     assert last["pipeline"]["mlflow_run_id"] == run.info.run_id
-
-
-def test_sigkill_after_first_checkpoint_then_resume_finishes_in_the_same_run(workdir: Path):
-    epochs = 6
-    args = [*TINY, f"trainer.max_epochs={epochs}", "data.spec.num_train=48", "data.num_workers=0"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=workdir,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    last = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list((workdir / "outputs" / "train" / "runs").glob("*/checkpoints/last.ckpt"))
-        if found:
-            last = found[0]
-            break
-        time.sleep(0.05)
-    assert last is not None, "no checkpoint appeared"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-
-    client, runs = _training_runs(workdir)
-    assert runs[0].info.status == "RUNNING"  # killed: nobody marked it finished
-    run_cli("train", *args, f"ckpt_path={last}", cwd=workdir)
-
-    client, runs = _training_runs(workdir)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps_per_epoch = 48 // 4
-    assert _epoch_steps(client, runs[0].info.run_id) == [steps_per_epoch * e - 1 for e in range(1, epochs + 1)]
-    loss_steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss_step")})
-    assert loss_steps[-1] == epochs * steps_per_epoch - 1
 
 
 def test_fork_starts_a_new_run_tagged_with_its_parent(workdir: Path):

@@ -1,4 +1,4 @@
-"""Augmentations differ between loader workers and repeat with the seed."""
+"""Each sample's augmentation is a function of (seed, epoch, index): not of the loader worker, nor of a restart."""
 
 import albumentations as A
 import numpy as np
@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.datamodule import SegmentationSamples, _worker_init
+from pipeline.data.samplers import MultiScaleBatchSampler, ShardedSampler
 from pipeline.data.transforms import compose
 
 
@@ -19,18 +20,33 @@ class _GreySource:
         return np.full((32, 32, 3), 128, np.uint8), np.zeros((32, 32), np.uint8)
 
 
-def _images(seed: int) -> list[torch.Tensor]:
-    augment = compose([A.ColorJitter(brightness=0.5, contrast=0.0, saturation=0.0, hue=0.0, p=1.0)], seed)
+def _batches(seed: int, epoch: int, workers: int, resume_after: int | None = None) -> list[torch.Tensor]:
+    """The images of one epoch, batch size 2, through a real DataLoader with `workers` worker processes."""
+    augment = compose([A.ColorJitter(brightness=0.5, contrast=0.0, saturation=0.0, hue=0.0, p=1.0)])
     samples = SegmentationSamples(_GreySource(), augment, 32, 255)
-    torch.manual_seed(seed)
-    loader = DataLoader(samples, batch_size=1, num_workers=2, worker_init_fn=_worker_init)
+    sampler = ShardedSampler(len(samples), shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    batches = MultiScaleBatchSampler(sampler, 2, [32], 1, drop_last=False)
+    if resume_after is not None:
+        batches.resume_at(epoch, resume_after)
+    torch.manual_seed(1234 + workers)  # the main process's RNG (worker seeds come from it) must not matter
+    loader = DataLoader(samples, batch_sampler=batches, num_workers=workers,
+                        worker_init_fn=_worker_init if workers else None)  # fmt: skip
     return [batch["image"] for batch in loader]
 
 
-def test_each_worker_draws_its_own_augmentations_reproducibly():
-    first = _images(seed=3)
-    means = [round(float(x.mean()), 5) for x in first]
-    # batches alternate between the two workers: with one shared generator state, pairs would be equal
-    assert all(means[i] != means[i + 1] for i in range(0, 8, 2))
-    assert len(set(means)) == 8
-    assert all(torch.equal(a, b) for a, b in zip(first, _images(seed=3), strict=True))
+def test_augmentations_depend_on_seed_epoch_and_index_not_on_the_workers():
+    inline = _batches(seed=3, epoch=0, workers=0)
+    means = [round(float(x.mean()), 5) for batch in inline for x in batch]
+    assert len(set(means)) == 8  # every sample its own draw (one shared stream per worker would still differ,
+    # but two workers forked with one generator state would repeat each other's: see the next line)
+    assert all(torch.equal(a, b) for a, b in zip(inline, _batches(seed=3, epoch=0, workers=2), strict=True))
+    assert not torch.equal(torch.cat(inline), torch.cat(_batches(seed=3, epoch=1, workers=0)))
+    assert not torch.equal(torch.cat(inline), torch.cat(_batches(seed=4, epoch=0, workers=0)))
+
+
+def test_a_resumed_epoch_gives_the_remaining_batches_unchanged():
+    whole = _batches(seed=3, epoch=2, workers=0)
+    rest = _batches(seed=3, epoch=2, workers=2, resume_after=1)
+    assert len(rest) == len(whole) - 1
+    assert all(torch.equal(a, b) for a, b in zip(whole[1:], rest, strict=True))

@@ -1,12 +1,14 @@
 """Epoch order from (seed, epoch) and the same multi-scale size on every DDP rank."""
 
-from pipeline.data.samplers import MultiScaleBatchSampler, ShardedSampler
+from pipeline.data.samplers import MultiScaleBatchSampler, ShardedSampler, sample_seed
 
 
 def _batches(rank: int, world: int, epoch: int, seed: int = 3) -> list[list[tuple[int, int]]]:
+    """(index, size) of every sample of one epoch's batches."""
     sampler = ShardedSampler(50, shuffle=True, seed=seed, rank=rank, world_size=world)
     sampler.set_epoch(epoch)
-    return list(MultiScaleBatchSampler(sampler, batch_size=4, sizes=[64, 96, 128], every=2, drop_last=True))
+    batches = MultiScaleBatchSampler(sampler, batch_size=4, sizes=[64, 96, 128], every=2, drop_last=True)
+    return [[(key.index, key.size) for key in batch] for batch in batches]
 
 
 def test_every_rank_gets_the_same_size_at_each_step_and_disjoint_samples():
@@ -42,3 +44,25 @@ def test_len_matches_the_indices_it_yields():
             sampler = ShardedSampler(size, shuffle=True, seed=0, rank=rank, world_size=world, pad=pad)
             assert len(sampler) == len(list(sampler))
     assert len(list(ShardedSampler(1, shuffle=False, seed=0, rank=3, world_size=4))) == 1  # padded, not empty
+
+
+def test_augmentation_seeds_are_a_function_of_seed_epoch_and_index():
+    sampler = ShardedSampler(20, shuffle=True, seed=5)
+    batches = MultiScaleBatchSampler(sampler, batch_size=4, sizes=[64], every=1, drop_last=False)
+    first = [key for batch in batches for key in batch]
+    assert [k.seed for k in first] == [sample_seed(5, 0, k.index) for k in first]
+    assert len({k.seed for k in first}) == 20
+    sampler.set_epoch(1)
+    assert {k.seed for batch in batches for k in batch}.isdisjoint({k.seed for k in first})
+
+
+def test_resume_at_skips_the_trained_batches_of_that_epoch_only():
+    sampler = ShardedSampler(20, shuffle=True, seed=5)
+    batches = MultiScaleBatchSampler(sampler, batch_size=4, sizes=[64, 96], every=1, drop_last=False)
+    sampler.set_epoch(2)
+    whole = list(batches)
+    batches.resume_at(2, 3)
+    assert list(batches) == whole[3:]
+    assert list(batches) == whole  # once: the next pass over the epoch is whole again
+    batches.resume_at(1, 3)  # a position in another epoch does not apply
+    assert list(batches) == whole

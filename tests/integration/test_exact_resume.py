@@ -1,0 +1,178 @@
+"""Resume is exact: interrupted and resumed trainings end with the weights, and log the losses, of an uninterrupted one.
+
+On CPU with `trainer.deterministic=true`: at an epoch boundary, mid-epoch after SIGTERM (a pre-emption), with 0 or
+2 loader workers, in one process and in 2-process DDP; a non-finite loss stops the run before it reaches the
+weights or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
+
+# 32 training images, batch 4: 8 steps per epoch; every random draw seeded; no loader workers unless said.
+EXACT = [*TINY, "data.spec.num_train=32", "trainer.deterministic=true", "trainer.max_epochs=2"]
+STEPS_PER_EPOCH = 8
+
+
+def _last(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key  # bit-equal, not close
+
+
+def _only_run(workdir: Path):
+    client = MlflowClient(tracking_uri(workdir))
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return client, run
+
+
+def _step_losses(workdir: Path) -> dict[int, set[float]]:
+    """Every logged value of train/loss_step by step (a step trained twice, before and after a kill, logs twice)."""
+    client, run = _only_run(workdir)
+    values = defaultdict(set)
+    for m in client.get_metric_history(run.info.run_id, "train/loss_step"):
+        values[m.step].add(m.value)
+    return dict(values)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> tuple[dict, dict]:
+    """An uninterrupted 2-epoch training with 2 loader workers: its last checkpoint and per-step losses."""
+    root = tmp_path_factory.mktemp("reference")
+    (root / "outputs").mkdir()
+    shutil.copy(_migrated_store, root / "outputs" / "mlflow.db")
+    run_cli("train", *EXACT, "data.num_workers=2", cwd=root)
+    (run_dir,) = run_dirs(root)
+    losses = _step_losses(root)
+    assert sorted(losses) == list(range(2 * STEPS_PER_EPOCH)) and all(len(v) == 1 for v in losses.values())
+    return _last(run_dir), losses
+
+
+def _start(workdir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *overrides], cwd=workdir, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _wait_for_checkpoint(workdir: Path, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(workdir.glob("outputs/train/runs/*/*/last.ckpt")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the training ended before it could be interrupted"
+
+
+def test_killed_after_its_first_epoch_and_resumed_equals_uninterrupted_whatever_the_loader_workers(
+    workdir: Path, reference
+):
+    checkpoint, losses = reference
+    proc = _start(workdir, *EXACT)  # no loader workers here, 2 in the reference
+    _wait_for_checkpoint(workdir, proc)  # epoch 0's last.ckpt
+    proc.kill()
+    proc.wait()
+    (run_dir,) = run_dirs(workdir)
+    assert _last(run_dir)["global_step"] == STEPS_PER_EPOCH  # an epoch boundary
+    assert _only_run(workdir)[1].info.status == "RUNNING"  # killed: nobody marked it finished
+
+    run_cli("train", *EXACT, f"ckpt_path={run_dir}", cwd=workdir)
+
+    _assert_same_weights(_last(run_dir), checkpoint)
+    assert _step_losses(workdir) == losses  # each step with the uninterrupted run's value (some logged twice)
+    client, run = _only_run(workdir)  # the same run, finished, each epoch's validation logged once
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [7, 15]
+
+
+def test_sigterm_mid_epoch_writes_a_checkpoint_and_resuming_it_equals_the_uninterrupted_run(workdir: Path, reference):
+    checkpoint, losses = reference
+    args = [*EXACT, "callbacks.last_checkpoint.every_n_train_steps=3"]
+    proc = _start(workdir, *args)
+    _wait_for_checkpoint(workdir, proc)  # the step-3 checkpoint: training is under way, mid-epoch
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+
+    assert proc.returncode == 143, out[-3000:]  # documented: stopped by SIGTERM, checkpoint written
+    (run_dir,) = run_dirs(workdir)
+    stopped = _last(run_dir)
+    position = stopped["ShapesDataModule"]
+    assert 0 < position["batches"] < STEPS_PER_EPOCH and position["epoch"] == 0  # a mid-epoch checkpoint
+    assert stopped["global_step"] == position["batches"] > 3  # written after SIGTERM, not the step-3 one
+    assert f"resume with ckpt_path={run_dir}" in out
+    client, run = _only_run(workdir)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["pipeline.error"] == f"SIGTERM at step {stopped['global_step']}"
+
+    run_cli("train", *args, f"ckpt_path={run_dir}", cwd=workdir)
+
+    _assert_same_weights(_last(run_dir), checkpoint)
+    assert _step_losses(workdir) == losses
+    client, run = _only_run(workdir)
+    assert run.info.status == "FINISHED"
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_reaches_the_weights(workdir: Path):
+    # lr 1e10: step 1 leaves huge (finite) weights, the loss of step 2 is NaN; a checkpoint after every step
+    proc = run_cli("train", *TINY, "model.optimizer.lr=1e10", "callbacks.last_checkpoint.every_n_train_steps=1",
+                   cwd=workdir, check=False)  # fmt: skip
+
+    assert proc.returncode == 1
+    assert "Non-finite training loss at step 1 (epoch 0, batch 1): train/loss=nan" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (run_dir,) = run_dirs(workdir)
+    last = _last(run_dir)
+    assert last["global_step"] == 1  # the last good step's checkpoint, not overwritten
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    _, run = _only_run(workdir)
+    assert run.info.status == "FAILED"
+    assert "Non-finite training loss at step 1" in run.data.tags["pipeline.error"]
+
+
+def test_two_process_ddp_sigterm_mid_epoch_then_resume_equals_uninterrupted_and_its_miou_one_process_eval(
+    workdir: Path, tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path
+):
+    # 2 ranks: 4 steps per epoch; 7 val images, so ranks score 4 + 3 and an unsynced metric would differ.
+    ddp = [*EXACT, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.spec.num_val=7"]
+    root = tmp_path_factory.mktemp("ddp-reference")
+    (root / "outputs").mkdir()
+    shutil.copy(_migrated_store, root / "outputs" / "mlflow.db")
+    run_cli("train", *ddp, cwd=root, timeout=900)
+    (reference_dir,) = run_dirs(root)
+    client, run = _only_run(root)
+    assert run.info.status == "FINISHED"
+    assert sorted(p.name for p in (reference_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [3, 7]
+    run_cli("eval", f"ckpt_path={reference_dir}", "trainer.accelerator=cpu", "trainer.devices=1", cwd=root)
+    (eval_dir,) = run_dirs(root, "eval")
+    single = json.loads((eval_dir / "metrics.json").read_text())["metrics"]["val/mIoU"]
+    assert run.data.metrics["val/mIoU"] == pytest.approx(single, abs=1e-6)
+
+    args = [*ddp, "callbacks.last_checkpoint.every_n_train_steps=1"]
+    proc = _start(workdir, *args)
+    _wait_for_checkpoint(workdir, proc)
+    proc.send_signal(signal.SIGTERM)  # to rank 0, as a scheduler or Ctrl-C-less `kill` would
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-3000:]
+    (run_dir,) = run_dirs(workdir)
+    assert 0 < _last(run_dir)["ShapesDataModule"]["batches"] < 4  # every rank stopped after the same batch
+    assert _only_run(workdir)[1].info.status == "KILLED"
+
+    run_cli("train", *args, f"ckpt_path={run_dir}", cwd=workdir, timeout=900)
+
+    _assert_same_weights(_last(run_dir), _last(reference_dir))
+    assert _only_run(workdir)[1].info.status == "FINISHED"
