@@ -54,6 +54,23 @@ def workdir(tmp_path: Path, _migrated_store: Path, monkeypatch: pytest.MonkeyPat
     return tmp_path
 
 
+def long_dir(base: Path, length: int = 120) -> Path:
+    """A new directory under `base` whose path is at least `length` characters (a deep clone, a long $HOME)."""
+    path = base / "a-project-cloned-somewhere-deep"
+    while len(str(path)) < length:
+        path = path / "in-a-home-directory-with-long-names"
+    path.mkdir(parents=True)
+    return path
+
+
+def long_project_root(tmp_path: Path, store: Path) -> Path:
+    """A project root of at least 120 characters with its own copy of the migrated MLflow store."""
+    root = long_dir(tmp_path)
+    (root / "outputs").mkdir()
+    shutil.copy(store, root / "outputs" / "mlflow.db")
+    return root
+
+
 def tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}"
 

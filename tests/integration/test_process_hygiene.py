@@ -8,7 +8,6 @@ loader worker fail and the run hang. A worker that cannot send a batch must end 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,26 +21,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 
 from pipeline.cli import CONF_DIR
-from tests.conftest import ROOT, TINY, run_cli, tracking_uri
+from tests.conftest import ROOT, TINY, long_dir, long_project_root, run_cli, tracking_uri
 
 WORKERS = [o for o in TINY if not o.startswith("data.num_workers=")] + ["data.num_workers=2"]
-
-
-def _long_dir(base: Path, length: int = 120) -> Path:
-    """A new directory under `base` whose path is at least `length` characters (a deep clone, a long $HOME)."""
-    path = base / "a-project-cloned-somewhere-deep"
-    while len(str(path)) < length:
-        path = path / "in-a-home-directory-with-long-names"
-    path.mkdir(parents=True)
-    return path
-
-
-def _long_root(tmp_path: Path, store: Path) -> Path:
-    """A project root of at least 120 characters with its own migrated MLflow store."""
-    root = _long_dir(tmp_path)
-    (root / "outputs").mkdir()
-    shutil.copy(store, root / "outputs" / "mlflow.db")
-    return root
 
 
 def _runs(root: Path):
@@ -50,7 +32,7 @@ def _runs(root: Path):
 
 
 def test_training_with_loader_workers_from_a_120_character_project_root(tmp_path: Path, _migrated_store: Path):
-    root = _long_root(tmp_path, _migrated_store)
+    root = long_project_root(tmp_path, _migrated_store)
     run_cli("train", *WORKERS, cwd=root, timeout=300)
 
     (last,) = root.glob("outputs/train/runs/*/checkpoints/last.ckpt")
@@ -59,24 +41,12 @@ def test_training_with_loader_workers_from_a_120_character_project_root(tmp_path
     assert [r.info.status for r in _runs(root)] == ["FINISHED"]
 
 
-def test_a_two_job_sweep_with_loader_workers_from_a_120_character_project_root(tmp_path: Path, _migrated_store: Path):
-    root = _long_root(tmp_path, _migrated_store)
-    run_cli("train", "-m", "seed=1,2", *WORKERS, cwd=root, timeout=420)
-
-    jobs = sorted(root.glob("outputs/train/multiruns/*/*/checkpoints/last.ckpt"))
-    assert [p.parts[-3] for p in jobs] == ["0", "1"]
-    runs = _runs(root)  # the sweep's parent run and its two jobs
-    jobs = [r for r in runs if r.data.tags.get("pipeline.sweep.role") != "parent"]
-    assert sorted(r.data.params["seed"] for r in jobs) == ["1", "2"]
-    assert {r.info.status for r in runs} == {"FINISHED"}
-
-
 def test_a_loader_worker_that_cannot_send_its_batch_ends_the_run_with_its_error(tmp_path: Path, _migrated_store: Path):
     """A $TMPDIR too long for multiprocessing's socket: today's Python only prints the error and drops the batch."""
-    root = _long_root(tmp_path, _migrated_store)
+    root = long_project_root(tmp_path, _migrated_store)
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.train", *WORKERS],
-        cwd=root, env={**os.environ, "TMPDIR": str(_long_dir(tmp_path / "tmp"))}, capture_output=True, text=True,
+        cwd=root, env={**os.environ, "TMPDIR": str(long_dir(tmp_path / "tmp"))}, capture_output=True, text=True,
         timeout=300,  # a hang fails the test instead of the suite
     )  # fmt: skip
     assert proc.returncode == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, run_cli, tracking_uri
+from tests.conftest import TINY, long_project_root, run_cli, tracking_uri
 
 
 def _sweep(workdir: Path) -> tuple[Path, MlflowClient, object, list]:
@@ -27,12 +27,22 @@ def _sweep(workdir: Path) -> tuple[Path, MlflowClient, object, list]:
     return sweep_dir, client, parent, children
 
 
-def test_a_2x2_sweep_is_one_parent_with_four_named_children_and_a_summary(workdir: Path):
-    run_cli("train", "-m", "model.optimizer.lr=0.001,0.003", "seed=1,2", *TINY, "trainer.max_epochs=2", cwd=workdir)
+def test_a_2x2_joblib_sweep_two_at_a_time_is_one_parent_with_four_named_children_and_a_summary(
+    tmp_path: Path, _migrated_store: Path
+):
+    # Two jobs at a time, each with a loader worker, from a project root of 120+ characters (issue 10's hang).
+    root = long_project_root(tmp_path, _migrated_store)
+    workers = [o for o in TINY if not o.startswith("data.num_workers=")] + ["data.num_workers=1"]
+    proc = run_cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.optimizer.lr=0.001,0.003",
+                   "seed=1,2", *workers, "trainer.max_epochs=2", cwd=root)  # fmt: skip
 
-    sweep_dir, client, parent, children = _sweep(workdir)
+    log = proc.stdout + proc.stderr
+    assert "Joblib" in log or "joblib" in log  # it really ran on the joblib launcher
+    assert "database is locked" not in log and "OperationalError" not in log
+    sweep_dir, client, parent, children = _sweep(root)
     assert [r.info.status for r in children] == ["FINISHED"] * 4
     assert [r.info.run_name for r in children] == ["lr0.001-s1-j0", "lr0.001-s2-j1", "lr0.003-s1-j2", "lr0.003-s2-j3"]
+    assert sorted(p.parent.parent.name for p in sweep_dir.glob("*/checkpoints/last.ckpt")) == ["0", "1", "2", "3"]
     for job, run in enumerate(children):
         tags = run.data.tags
         assert tags["mlflow.parentRunId"] == tags["pipeline.sweep.id"] == parent.info.run_id
@@ -62,20 +72,6 @@ def test_a_2x2_sweep_is_one_parent_with_four_named_children_and_a_summary(workdi
     assert {"model.optimizer.lr", "seed", "duration_s"} <= set(rows[0])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep.csv", "sweep.png"} <= artifacts
-
-
-def test_two_parallel_joblib_jobs_with_loader_workers_share_one_store_without_errors(workdir: Path):
-    workers = [o for o in TINY if not o.startswith("data.num_workers=")] + ["data.num_workers=1"]
-    proc = run_cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2,3,4", *workers,
-                   cwd=workdir)  # fmt: skip
-
-    sweep_dir, _, parent, children = _sweep(workdir)
-    assert [r.info.status for r in children] == ["FINISHED"] * 4
-    assert parent.data.tags["pipeline.sweep.failed"] == "0"
-    assert sorted(p.parent.parent.name for p in sweep_dir.glob("*/checkpoints/last.ckpt")) == ["0", "1", "2", "3"]
-    log = proc.stdout + proc.stderr
-    assert "database is locked" not in log and "OperationalError" not in log
-    assert "Joblib" in log or "joblib" in log  # it really ran on the joblib launcher
 
 
 def test_a_failing_job_is_a_failed_child_with_its_reason_and_the_sweep_goes_on(workdir: Path):

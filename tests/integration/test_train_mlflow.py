@@ -84,15 +84,3 @@ def test_missing_checkpoint_is_an_error_not_a_fresh_start(workdir: Path):
     assert proc.returncode != 0
     assert "does not exist; refusing to start from scratch" in proc.stderr
     assert not (workdir / "outputs" / "train").exists()
-
-
-def test_multirun_sweep_gives_one_mlflow_run_per_job(workdir: Path):
-    run_cli("train", "-m", "model=fcn8s,fcn32s", *TINY, cwd=workdir)
-    client = MlflowClient(tracking_uri(workdir))
-    runs = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
-    jobs = [r for r in runs if r.data.tags.get("pipeline.sweep.role") != "parent"]  # and the sweep's parent run
-    assert len(runs) == 3
-    assert sorted(r.data.params["model.net.variant"] for r in jobs) == ["32s", "8s"]
-    assert all(r.info.status == "FINISHED" for r in runs)
-    (sweep_dir,) = (workdir / "outputs" / "train" / "multiruns").iterdir()
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]
