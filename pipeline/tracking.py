@@ -7,23 +7,33 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
+import sys
 import tempfile
-import urllib.error
-import urllib.request
-from pathlib import Path
+import time
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from mlflow.entities import Param, RunTag
+import torch
+import yaml
+from lightning_fabric.utilities.logger import _add_prefix
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.loggers.utilities import _scan_checkpoints
 from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline.config import ConfigError
+from pipeline.uploads import UploadQueue, describe, unreachable
 
 TAG_PREFIX = "pipeline."
 
@@ -33,17 +43,12 @@ def check_reachable(uri: str) -> None:
 
     MLflow's own client would retry an unreachable server with back-off for minutes before failing.
     """
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
-    except urllib.error.HTTPError:
-        return  # it answered (an auth proxy or a server without /health): reachable
-    except (urllib.error.URLError, OSError) as err:
+    reason = unreachable(uri)
+    if reason is not None:
         raise ConnectionError(
-            f"MLflow tracking server {uri} is not reachable ({err}). Start it, fix MLFLOW_TRACKING_URI / "
+            f"MLflow tracking server {uri} is not reachable ({reason}). Start it, fix MLFLOW_TRACKING_URI / "
             "logger.tracking_uri, or unset it to use the local SQLite store."
-        ) from None
+        )
 
 
 def experiment_id(client: MlflowClient, name: str, log_dir: str | Path | None = None) -> str:
@@ -181,11 +186,100 @@ def continue_run(cfg: DictConfig, overrides: list[str], run_id: str, original_ur
 
 
 def log_image(logger: Any, image: np.ndarray, artifact_file: str) -> None:
-    """Log a uint8 [H, W, 3] picture as an image artifact when the logger is an MLflow one (rank zero only)."""
-    from pytorch_lightning.loggers import MLFlowLogger
+    """Log a uint8 [H, W, 3] picture as an image artifact when the logger is an MLflow one (rank zero only).
 
-    if isinstance(logger, MLFlowLogger) and logger.run_id is not None:
+    Our `MLflowLogger` queues it (the upload runs in the background); Lightning's own uploads it at once.
+    """
+    if isinstance(logger, MLflowLogger):
+        logger.log_image(image, artifact_file)
+    elif isinstance(logger, MLFlowLogger) and logger.run_id is not None:
         logger.experiment.log_image(logger.run_id, image, artifact_file=artifact_file)
+
+
+class MLflowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger whose metrics, checkpoints and images reach MLflow from a background thread.
+
+    Training never waits on the tracking store: `log_metrics`, each saved checkpoint (`log_model: all`) and
+    `log_image` are queued (`pipeline.uploads.UploadQueue`) and sent in order, retried while the store is away.
+    A checkpoint is copied into `upload_dir` before it is queued, since the next save of `last.ckpt` may replace
+    the file while its upload runs; a newer copy of the same checkpoint replaces a waiting one, so an outage
+    keeps at most two copies per checkpoint name there (the one being sent and the newest). In the store each
+    checkpoint is the folder `<name>/` (`last/last.ckpt`, `best/best.ckpt`, with Lightning's `metadata.yaml`
+    and `aliases.txt`), replaced in place. `finalize` uploads any checkpoint rewritten since its last upload,
+    waits up to `drain_timeout` seconds for the queue, then marks the run finished.
+    """
+
+    def __init__(self, *, upload_dir: str, drain_timeout: float = 300.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.drain_timeout = drain_timeout
+        self.uploads = UploadQueue(self._tracking_uri, upload_dir)
+        self._checkpoint_callbacks: dict[str, Any] = {}
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Queue metric values with their step and the time they were logged (names cleaned as Lightning does)."""
+        now = int(time.time() * 1000)
+        values = [
+            Metric(re.sub(r"[^a-zA-Z0-9_/. -]+", "", k), float(v), now, step or 0)
+            for k, v in _add_prefix(dict(metrics), self._prefix, self.LOGGER_JOIN_CHAR).items()
+            if not isinstance(v, str)
+        ]
+        self.uploads.put_metrics(self.run_id, values)
+
+    @rank_zero_only
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        """Queue a uint8 [H, W, 3] picture as the artifact `artifact_file` (e.g. `val_images/epoch_003.png`)."""
+        from PIL import Image
+
+        path = PurePosixPath(artifact_file)
+        folder = self.uploads.staging_folder()
+        Image.fromarray(image).save(folder / path.name)
+        self.uploads.put_folder(self.run_id, folder, None if str(path.parent) == "." else str(path.parent))
+
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        """Remember the callback (for `finalize`) and queue its new checkpoints as Lightning would upload them."""
+        self._checkpoint_callbacks[checkpoint_callback.state_key] = checkpoint_callback
+        if self._log_model == "all" or (self._log_model is True and checkpoint_callback.save_top_k == -1):
+            self._scan_and_log_checkpoints(checkpoint_callback)
+
+    def _scan_and_log_checkpoints(self, checkpoint_callback: ModelCheckpoint) -> None:
+        """Copy each checkpoint saved since its last upload into a staging folder and queue it as `<name>/`."""
+        for mtime, path, score, _ in _scan_checkpoints(checkpoint_callback, self._logged_model_time):
+            folder = self.uploads.staging_folder()
+            shutil.copyfile(path, folder / Path(path).name)
+            best = path == checkpoint_callback.best_model_path
+            keys = ("monitor", "mode", "save_last", "save_top_k", "save_weights_only", "_every_n_train_steps",
+                    "_every_n_val_epochs")  # fmt: skip
+            metadata = {
+                "score": score.item() if isinstance(score, torch.Tensor) else score,
+                "original_filename": Path(path).name,
+                "Checkpoint": {k: getattr(checkpoint_callback, k) for k in keys if hasattr(checkpoint_callback, k)},
+            }
+            (folder / "metadata.yaml").write_text(yaml.dump(metadata, default_flow_style=False))
+            (folder / "aliases.txt").write_text(str(["latest", "best"] if best else ["latest"]))
+            self.uploads.put_folder(self._run_id, folder, Path(path).stem, replaceable=True)
+            self._logged_model_time[path] = mtime
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        """Queue checkpoints rewritten since their upload, wait for the queue, then end the run with `status`."""
+        if not self._initialized:
+            return
+        if self._log_model:
+            for callback in self._checkpoint_callbacks.values():
+                self._scan_and_log_checkpoints(callback)
+        self._checkpoint_callback = None  # Lightning's finalize would scan it again
+        left = self.uploads.drain(self.drain_timeout)
+        if left:
+            print(f"MLflow did not take every write within {self.drain_timeout:g} s (logger.drain_timeout); not in "
+                  f"run {self._run_id}: {describe(left)} (checkpoints stay in their run directory, unsent files in "
+                  f"{self.uploads.staging_dir})", file=sys.stderr, flush=True)  # fmt: skip
+            reason = unreachable(self._tracking_uri)
+            if reason is not None:
+                print(f"MLflow store {self._tracking_uri} is not reachable ({reason}): run {self._run_id} stays "
+                      f"RUNNING.", file=sys.stderr, flush=True)  # fmt: skip
+                return
+        super().finalize(status)
 
 
 def ui_hint(tracking_uri: str, run_id: str) -> str:
@@ -216,8 +310,6 @@ class DatasetStats(Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from pytorch_lightning.loggers import MLFlowLogger
-
         from pipeline.viz import box_size_scatter
 
         logger, data = trainer.logger, trainer.datamodule
