@@ -47,8 +47,8 @@ class LastCheckpoint(ModelCheckpoint):
 
     Resuming from any of them continues at the next batch (the DataModule saves its position in the epoch). On
     SIGTERM (a scheduler's kill, a spot instance) Lightning stops at the next batch boundary and this callback
-    writes the checkpoint; a second SIGTERM, or `sigterm_grace_s` seconds without a clean stop (a run stuck in
-    a dead loader, say), exits at once with status 143.
+    writes the checkpoint; a second SIGTERM, or `sigterm_grace_s` seconds without reaching a batch boundary (a
+    run stuck in a dead loader, say), exits at once with status 143.
     """
 
     def __init__(
@@ -60,7 +60,7 @@ class LastCheckpoint(ModelCheckpoint):
         if every_n_train_steps is not None and every_n_train_steps < 1:
             raise ValueError(f"every_n_train_steps={every_n_train_steps}: give a positive number of steps, or null")
         self.step_interval, self.sigterm_grace_s = every_n_train_steps, sigterm_grace_s
-        self._sigterm_seen = False
+        self._sigterm_seen, self._grace_timer = False, None
 
     @property
     def path(self) -> Path:
@@ -83,9 +83,9 @@ class LastCheckpoint(ModelCheckpoint):
         self._sigterm_seen = True
         print(f"SIGTERM: stopping at the next batch and writing {self.path}", file=sys.stderr, flush=True)
         why = f"no clean stop {self.sigterm_grace_s:g} s after SIGTERM"
-        timer = threading.Timer(self.sigterm_grace_s, self._exit_now, [trainer, why])
-        timer.daemon = True
-        timer.start()
+        self._grace_timer = threading.Timer(self.sigterm_grace_s, self._exit_now, [trainer, why])
+        self._grace_timer.daemon = True
+        self._grace_timer.start()
 
     def _exit_now(self, trainer: pl.Trainer, why: str) -> None:
         print(f"{why}: exiting now (status {PREEMPTED_EXIT}); the last checkpoint written is {self.path}",
@@ -109,6 +109,8 @@ class LastCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):  # the batch in flight has finished: a consistent state
             trainer.save_checkpoint(self.path, weights_only=False)
+            if self._grace_timer is not None:  # stopped cleanly: the logger may take its own time to finish
+                self._grace_timer.cancel()
 
 
 class NonFiniteLossError(RuntimeError):

@@ -28,3 +28,15 @@ def build_optimizers(task: pl.LightningModule) -> Any:
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "interval": task.hparams.scheduler_interval},
     }
+
+
+def schedule_from_config(checkpoint: dict, scheduler: dict | None) -> None:
+    """On resume, a scheduler's settings (`T_max`, `eta_min`, …) come from this run's config, its progress from
+    the checkpoint (edits `checkpoint["lr_schedulers"]` before Lightning restores them).
+
+    Lightning restores a scheduler's whole state, settings included: a cosine schedule continued with more epochs
+    (`T_max: ${trainer.max_epochs}`) would keep the old length and climb back to the base rate (a warm restart).
+    """
+    settings = {k: v for k, v in (scheduler or {}).items() if not k.startswith("_")}
+    for state in checkpoint.get("lr_schedulers", []):
+        state.update({k: v for k, v in settings.items() if k in state})

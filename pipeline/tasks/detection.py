@@ -22,7 +22,7 @@ from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall, 
 from pipeline.ops.assign import assign, ignored
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels, unletterbox
 from pipeline.ops.nms import select_detections
-from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, to_primitive
+from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, schedule_from_config, to_primitive
 from pipeline.tracking import log_image
 from pipeline.viz import detection_panel
 
@@ -116,9 +116,11 @@ class DetectionTask(pl.LightningModule):
         self._log_anchors(sizes)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """A resumed or forked run keeps the checkpoint's anchors (whatever k-means gives on today's data)."""
+        """A resumed or forked run keeps the checkpoint's anchors (whatever k-means gives on today's data); a
+        continued schedule takes its settings from this run's config."""
         self.anchors = self._check_anchors(checkpoint["hyper_parameters"]["anchors"])
         self.hparams.anchors = self.anchors.reshape(-1, 2).tolist()
+        schedule_from_config(checkpoint, self.hparams.scheduler)
 
     @rank_zero_only
     def _log_anchors(self, sizes: Tensor) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from pipeline.metrics.segmentation import ConfusionMatrixIoU
-from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, to_primitive
+from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, schedule_from_config, to_primitive
 from pipeline.tracking import log_image
 from pipeline.viz import comparison_panel
 
@@ -100,3 +100,7 @@ class SegmentationTask(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return build_optimizers(self)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A continued schedule takes its settings (a cosine's length, say) from this run's config."""
+        schedule_from_config(checkpoint, self.hparams.scheduler)

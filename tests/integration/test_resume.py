@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
@@ -40,6 +41,11 @@ def test_resume_with_more_epochs_continues_the_same_run_and_step(workdir: Path):
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3 * STEPS_PER_EPOCH and last["epoch"] == 2
     assert last["pipeline"]["mlflow_run_id"] == run.info.run_id
+    # the cosine schedule (T_max = max_epochs) takes the new length and goes on from where it was: it had reached
+    # its minimum after the first run's only epoch and stays there, instead of restarting at the base rate
+    assert last["lr_schedulers"][0]["T_max"] == 3
+    lrs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr-AdamW"), key=lambda m: m.step)]
+    assert lrs == [pytest.approx(v) for v in (3e-3, 1e-5, 1e-5)]
 
 
 def test_fork_starts_a_new_run_tagged_with_its_parent(workdir: Path):
