@@ -249,6 +249,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a save that was killed (SIGKILL)
+            stale.unlink(missing_ok=True)
         staging = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
         try:
             with open(staging, "xb") as f:  # created with the usual permissions (umask), unlike mkstemp's 0600

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,37 @@ def test_remote_paths_and_storage_options_go_to_lightnings_own_save(tmp_path: Pa
         AtomicCheckpointIO().save_checkpoint({"epoch": 1}, tmp_path / "x.ckpt", storage_options={"a": 1})
     AtomicCheckpointIO().save_checkpoint({"epoch": 1}, f"memory://{tmp_path}/x.ckpt")  # fsspec's in-memory store
     assert not (tmp_path / "x.ckpt").exists()
+
+
+# A process that dies by SIGKILL in the middle of writing a checkpoint: the object after the weights announces
+# itself while torch.save pickles it, then waits there for the kill.
+_KILLED_IN_SAVE = textwrap.dedent("""
+    import sys, time, torch
+    from pipeline.checkpoint import AtomicCheckpointIO
+
+    class Waits:
+        def __reduce__(self):
+            print("saving", flush=True)
+            time.sleep(600)
+
+    state = {"state_dict": {"w": torch.ones(1 << 20)}, "epoch": 2, "then": Waits()}
+    AtomicCheckpointIO().save_checkpoint(state, sys.argv[1])
+""")
+
+
+def test_a_sigkill_inside_the_save_leaves_the_previous_checkpoint_whole(tmp_path: Path):
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, target)
+    good = target.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_IN_SAVE, str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "saving\n"  # inside torch.save, its staging file open
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    assert target.read_bytes() == good
+    assert torch.load(target, weights_only=True)["epoch"] == 1
+    (staging,) = tmp_path.glob(".last.ckpt.*.tmp")  # what the killed process left; nothing can clean it up then
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 3}, target)  # the next save of that file does
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.load(target, weights_only=True)["epoch"] == 3
