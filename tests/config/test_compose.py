@@ -161,3 +161,20 @@ def test_the_instance_config_builds_a_task_whose_detections_carry_box_relative_m
     for det in detections:
         assert det["masks"].shape == (len(det["boxes"]), 28, 28)
         assert bool(((det["masks"] >= 0) & (det["masks"] <= 1)).all())
+
+
+def test_a_default_fcn8s_checkpoint_is_about_7_mb_as_the_readme_says():
+    """The README's disk cost per run: weights and AdamW's two moments of the default model, as torch.save writes."""
+    import io
+
+    import torch
+    from hydra.utils import instantiate
+
+    task = instantiate(_compose("train", [])["model"])
+    optimizer = torch.optim.AdamW(task.parameters())
+    for p in task.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # creates the moments
+    buffer = io.BytesIO()
+    torch.save({"state_dict": task.state_dict(), "optimizer_states": [optimizer.state_dict()]}, buffer)
+    assert 6.8e6 < buffer.tell() < 7.6e6

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
 
 # 32 training images, batch 4: 8 steps per epoch; every random draw seeded; no loader workers unless said.
-EXACT = [*TINY, "data.spec.num_train=32", "trainer.deterministic=true", "trainer.max_epochs=2"]
+EXACT = [*TINY, "data.spec.num_train=32", "deterministic=true", "trainer.max_epochs=2"]
 STEPS_PER_EPOCH = 8
 
 
