@@ -99,12 +99,21 @@ class LastCheckpoint(ModelCheckpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if trainer.strategy.reduce_boolean_decision(self._sigterm_seen, all=False):  # any rank signalled
-            trainer._signal_connector.received_sigterm = True  # Lightning stops every rank after this batch
-            return
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches  # the epoch's own checkpoint follows
+        if trainer.strategy.reduce_boolean_decision(self._sigterm_seen, all=False):  # any rank signalled
+            # Lightning stops every rank after this batch; after an epoch's last one, only after the next batch, so
+            # the epoch's validation and checkpoint are not cut short (Lightning would stop inside validation).
+            if not last_of_epoch:
+                trainer._signal_connector.received_sigterm = True
+            return
         if self.step_interval and trainer.global_step % self.step_interval == 0 and not last_of_epoch:
             trainer.save_checkpoint(self.path, weights_only=False)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:  # any checkpoint: the metrics of the steps it holds reach the store first
+            flush = getattr(logger, "flush_metrics", None)
+            if flush is not None:
+                flush()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):  # the batch in flight has finished: a consistent state
@@ -118,10 +127,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteLoss(pl.Callback):
-    """Stop at the `patience`-th consecutive non-finite loss, before it reaches the weights.
+    """Stop at the `patience`-th consecutive non-finite step, before it reaches the weights.
 
-    A non-finite loss is caught before backward; its step is skipped (no gradient reaches the optimizer), so the
-    weights and every checkpoint written stay finite. The error names the step and the logged loss terms.
+    A step is non-finite when its loss (on any DDP rank) or its gradients are NaN or infinite. Its optimizer step
+    is skipped (no gradient reaches the optimizer), so the weights and every checkpoint written stay finite; the
+    error names the step and the logged loss terms.
     """
 
     def __init__(self, patience: int = 1) -> None:
@@ -130,22 +140,37 @@ class NonFiniteLoss(pl.Callback):
         self.patience, self._bad, self._skip = patience, 0, False
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        self._skip = not bool(torch.isfinite(loss.detach()).all())
-        self._bad = self._bad + 1 if self._skip else 0
-        if self._bad >= self.patience:
-            metrics = trainer.callback_metrics  # this step's logged values carry the suffix "_step"
-            terms = {k.removesuffix("_step"): float(v) for k, v in metrics.items() if k.startswith("train/loss")
-                     and k.endswith("_step") and v.numel() == 1}  # fmt: skip
-            shown = ", ".join(f"{k}={v:g}" for k, v in sorted(terms.items())) or f"loss={float(loss.detach()):g}"
-            batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
-            streak = f" ({self._bad} non-finite losses in a row)" if self._bad > 1 else ""
-            raise NonFiniteLossError(
-                f"Non-finite training loss at step {trainer.global_step} (epoch {trainer.current_epoch}, batch "
-                f"{batch}){streak}: {shown}. Training stopped before this step changed the weights; the checkpoints "
-                "written so far are kept. Lower model.optimizer.lr, or check this batch's data (pipeline-check-data)."
-            )
+        finite = bool(torch.isfinite(loss.detach()).all())
+        # Every rank decides alike: one rank raising alone would leave the others waiting in the gradient all-reduce.
+        self._skip = trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        if self._skip:
+            self._count(trainer, f"loss={float(loss.detach()):g}" if not finite else "loss non-finite on another rank")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._skip:  # an optimizer steps no parameter without a gradient
-            for param in pl_module.parameters():
-                param.grad = None
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not self._skip and grads:  # the same on every rank: DDP has averaged them
+            norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            if not bool(torch.isfinite(norms).all()):
+                self._skip = True
+                self._count(trainer, "a finite loss with non-finite gradients")
+        if not self._skip:
+            self._bad = 0
+            return
+        for param in pl_module.parameters():  # an optimizer steps no parameter without a gradient
+            param.grad = None
+
+    def _count(self, trainer: pl.Trainer, what: str) -> None:
+        self._bad += 1
+        if self._bad < self.patience:
+            return
+        metrics = trainer.callback_metrics  # this step's logged values carry the suffix "_step"
+        terms = {k.removesuffix("_step"): float(v) for k, v in metrics.items() if k.startswith("train/loss")
+                 and k.endswith("_step") and v.numel() == 1}  # fmt: skip
+        shown = ", ".join(f"{k}={v:g}" for k, v in sorted(terms.items())) or what
+        batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
+        streak = f" ({self._bad} non-finite steps in a row)" if self._bad > 1 else ""
+        raise NonFiniteLossError(
+            f"Non-finite training loss at step {trainer.global_step} (epoch {trainer.current_epoch}, batch "
+            f"{batch}){streak}: {shown}. Training stopped before this step changed the weights; the checkpoints "
+            "written so far are kept. Lower model.optimizer.lr, or check this batch's data (pipeline-check-data)."
+        )

@@ -236,6 +236,12 @@ class MLflowLogger(MLFlowLogger):
         Image.fromarray(image).save(folder / path.name)
         self.uploads.put_folder(self.run_id, folder, None if str(path.parent) == "." else str(path.parent))
 
+    @rank_zero_only
+    def flush_metrics(self, timeout: float = 10.0) -> None:
+        """Wait (bounded, not during an outage) until the metrics logged so far are in the store: called before a
+        checkpoint is written, so a run killed after it does not lose metrics of steps it will not train again."""
+        self.uploads.wait_for_metrics(timeout)
+
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
         """Remember the callback (for `finalize`) and queue its new checkpoints as Lightning would upload them."""
         self._checkpoint_callbacks[checkpoint_callback.state_key] = checkpoint_callback

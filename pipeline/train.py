@@ -147,9 +147,12 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 def _stopped(cfg: DictConfig, trainer: pl.Trainer, run_id: str | None, status: str, reason: str) -> None:
     """Give the run its end status (Lightning marked it FAILED) and the reason as the `pipeline.error` tag."""
     if trainer.is_global_zero and run_id is not None:
-        client = MlflowClient(cfg.logger.tracking_uri)
-        client.set_tag(run_id, f"{tracking.TAG_PREFIX}error", reason[:MAX_TAG_VAL_LENGTH])
-        client.set_terminated(run_id, status)
+        try:  # best effort: a pre-empted run must still exit in time when the store is away
+            client = MlflowClient(cfg.logger.tracking_uri)
+            client.set_tag(run_id, f"{tracking.TAG_PREFIX}error", reason[:MAX_TAG_VAL_LENGTH])
+            client.set_terminated(run_id, status)
+        except Exception as err:
+            print(f"Could not mark MLflow run {run_id} {status} ({reason}): {err}", file=sys.stderr)
 
 
 def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], run_id: str | None) -> None:

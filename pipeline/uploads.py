@@ -94,6 +94,7 @@ class UploadQueue:
         self._thread: threading.Thread | None = None
         self._names = itertools.count()
         self._client: MlflowClient | None = None
+        self._outage = False  # the store did not take the last try
 
     def staging_folder(self) -> Path:
         """A new empty folder under the staging dir, for the files of one artifact job.
@@ -142,6 +143,13 @@ class UploadQueue:
         """The jobs not yet in the store: the one being sent first, then the queue."""
         with self._cond:
             return [*self._in_flight, *self._jobs]
+
+    def wait_for_metrics(self, timeout: float) -> bool:
+        """Wait up to `timeout` s until no metric values are queued or being sent (at once during an outage)."""
+        with self._cond:
+            return self._outage or self._cond.wait_for(
+                lambda: self._outage or not any(job.metrics for job in (*self._in_flight, *self._jobs)), timeout
+            )
 
     def drain(self, timeout: float) -> list[Job]:
         """Wait up to `timeout` s until everything queued is in the store; return what is left (then abandoned)."""
@@ -204,6 +212,7 @@ class UploadQueue:
                 if reason is not None:
                     raise ConnectionError(reason)
                 self._send(batch)
+                self._outage = False
                 if outage_since is not None:
                     print(f"MLflow store {self.tracking_uri} is back after {time.monotonic() - outage_since:.0f} s, "
                           f"sending {describe(self.pending())}", file=sys.stderr, flush=True)  # fmt: skip
@@ -212,6 +221,7 @@ class UploadQueue:
                 if refused(err):
                     print(f"MLflow refused {describe(batch)}, dropped: {err}", file=sys.stderr, flush=True)
                     return
+                self._outage = True
                 if outage_since is None:
                     outage_since = time.monotonic()
                     print(f"MLflow store {self.tracking_uri} is not answering ({err}); training goes on, metrics and "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing.queues
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -139,6 +140,9 @@ def _worker_init(_: int) -> None:
     multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_exit_on_send_error)
     # OpenCV's own thread pool inside every loader worker would oversubscribe the cores.
     cv2.setNumThreads(0)
+    # A SIGTERM to the whole process group (scancel, systemd) is the training process's to handle: it stops at the
+    # next batch and shuts its workers down; a worker killed by it first would fail the run instead.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def usable_cores() -> int:

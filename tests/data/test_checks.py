@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.checks import DataError, check_coco
-from tests.conftest import run_cli
+from tests.conftest import run_main
 
 
 def _write(tmp_path: Path, edit=None, images: int = 2) -> tuple[Path, Path]:
@@ -140,14 +140,14 @@ def test_training_on_a_broken_file_fails_before_any_step_without_a_traceback(tmp
     images, path = _write(tmp_path, lambda d: _ann(d, 21).update(category_id=4))
     files = [f"data.train.images={images}", f"data.train.annotations={path}", f"data.val.images={images}",
              f"data.val.annotations={path}"]  # fmt: skip
-    proc = run_cli("train", "model=yolo", "data=coco", *files, "data.train_sizes=[64]", "data.val_size=64",
-                   "data.num_workers=0", "trainer.accelerator=cpu", cwd=tmp_path, check=False)  # fmt: skip
+    proc = run_main("train", "model=yolo", "data=coco", *files, "data.train_sizes=[64]", "data.val_size=64",
+                    "data.num_workers=0", "trainer.accelerator=cpu", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"error: {path}: unusable annotations: annotation id 21 has category id 4" in proc.stderr
     assert not list(tmp_path.glob("outputs/train/runs/*/checkpoints/*.ckpt"))
     # A mistyped annotation path (read for the class names while the config resolves): the same one-liner.
     typo = [f.replace("instances.json", "instance.json") for f in files]
-    proc = run_cli("train", "model=yolo", "data=coco", *typo, cwd=tmp_path, check=False)
+    proc = run_main("train", "model=yolo", "data=coco", *typo, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"error: {tmp_path / 'instance.json'}: no such annotation file." in proc.stderr
 

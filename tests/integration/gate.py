@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -24,3 +25,15 @@ class EpochGate(pl.Callback):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no go-{epoch} in {self.folder} within {self.timeout:g} s")
             time.sleep(0.1)
+
+
+class SignalAt(pl.Callback):
+    """Send `signum` to this training process when a training batch ends at global step `step` (rank 0 only):
+    an interruption at an exact point of the training, as a scheduler's SIGTERM or the OOM killer's SIGKILL."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            os.kill(os.getpid(), self.signum)

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
+from tests.conftest import TINY, run_cli, run_dirs, run_main, tracking_uri
 
 # The shapes smoke run as a detector: 64 px inputs (a multiple of 32), a narrow neck, a few epochs.
 DETECTION = ["experiment=shapes_yolo", *TINY, "model.net.neck_width=32", "trainer.max_epochs=3"]
@@ -94,7 +94,7 @@ def test_resume_continues_the_run_with_its_anchors_and_weight_average(trained: P
 
 
 def test_input_sizes_not_divisible_by_32_fail_before_training(workdir: Path) -> None:
-    proc = run_cli("train", *DETECTION, "data.val_size=48", cwd=workdir, check=False)
+    proc = run_main("train", *DETECTION, "data.val_size=48", cwd=workdir)
     assert proc.returncode != 0
     assert "multiples of 32" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
     assert not list((workdir / "outputs" / "train" / "runs").glob("*/checkpoints/*.ckpt"))

@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -66,31 +63,28 @@ def reference(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -
     return _last(run_dir), losses
 
 
-def _start(workdir: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *overrides], cwd=workdir, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+def _signal_at(step: int, signum: int) -> list[str]:
+    """Overrides that make the training send itself `signum` right after global step `step` (tests/.../gate.py)."""
+    return ["+callbacks.signal._target_=tests.integration.gate.SignalAt", f"+callbacks.signal.step={step}",
+            f"+callbacks.signal.signum={int(signum)}"]  # fmt: skip
 
 
-def _wait_for_checkpoint(workdir: Path, proc: subprocess.Popen) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(workdir.glob("outputs/train/runs/*/*/last.ckpt")):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the training ended before it could be interrupted"
-
-
-def test_killed_after_its_first_epoch_and_resumed_equals_uninterrupted_whatever_the_loader_workers(
+def test_killed_mid_epoch_then_at_an_epoch_boundary_and_resumed_equals_uninterrupted_whatever_the_workers(
     workdir: Path, reference
 ):
     checkpoint, losses = reference
-    proc = _start(workdir, *EXACT)  # no loader workers here, 2 in the reference
-    _wait_for_checkpoint(workdir, proc)  # epoch 0's last.ckpt
-    proc.kill()
-    proc.wait()
+    args = [*EXACT, "callbacks.last_checkpoint.every_n_train_steps=3"]  # no loader workers here, 2 in the reference
+    proc = run_cli("train", *args, *_signal_at(5, signal.SIGKILL), cwd=workdir, check=False)
+    assert proc.returncode == -signal.SIGKILL
     (run_dir,) = run_dirs(workdir)
-    assert _last(run_dir)["global_step"] == STEPS_PER_EPOCH  # an epoch boundary
+    assert _last(run_dir)["global_step"] == 3  # the step checkpoint: mid-epoch, written at a batch's end
     assert _only_run(workdir)[1].info.status == "RUNNING"  # killed: nobody marked it finished
 
-    run_cli("train", *EXACT, f"ckpt_path={run_dir}", cwd=workdir)
+    proc = run_cli("train", *args, *_signal_at(9, signal.SIGKILL), f"ckpt_path={run_dir}", cwd=workdir, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert _last(run_dir)["global_step"] == STEPS_PER_EPOCH  # now the end of epoch 0's checkpoint
+
+    run_cli("train", *args, f"ckpt_path={run_dir}", cwd=workdir)
 
     _assert_same_weights(_last(run_dir), checkpoint)
     assert _step_losses(workdir) == losses  # each step with the uninterrupted run's value (some logged twice)
@@ -99,31 +93,29 @@ def test_killed_after_its_first_epoch_and_resumed_equals_uninterrupted_whatever_
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [7, 15]
 
 
-def test_sigterm_mid_epoch_writes_a_checkpoint_and_resuming_it_equals_the_uninterrupted_run(workdir: Path, reference):
+def test_sigterm_writes_a_checkpoint_and_resuming_it_equals_the_uninterrupted_run(workdir: Path, reference):
     checkpoint, losses = reference
-    args = [*EXACT, "callbacks.last_checkpoint.every_n_train_steps=3"]
-    proc = _start(workdir, *args)
-    _wait_for_checkpoint(workdir, proc)  # the step-3 checkpoint: training is under way, mid-epoch
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    # SIGTERM during the last batch of epoch 0: its validation and checkpoint still run, the stop comes one batch on
+    proc = run_cli("train", *EXACT, *_signal_at(STEPS_PER_EPOCH, signal.SIGTERM), cwd=workdir, check=False)
 
-    assert proc.returncode == 143, out[-3000:]  # documented: stopped by SIGTERM, checkpoint written
+    assert proc.returncode == 143, proc.stderr[-3000:]  # documented: stopped by SIGTERM, checkpoint written
     (run_dir,) = run_dirs(workdir)
     stopped = _last(run_dir)
-    position = stopped["ShapesDataModule"]
-    assert 0 < position["batches"] < STEPS_PER_EPOCH and position["epoch"] == 0  # a mid-epoch checkpoint
-    assert stopped["global_step"] == position["batches"] > 3  # written after SIGTERM, not the step-3 one
-    assert f"resume with ckpt_path={run_dir}" in out
+    assert stopped["global_step"] == STEPS_PER_EPOCH + 1  # mid-epoch: the first batch of epoch 1
+    assert stopped["ShapesDataModule"] == {"epoch": 1, "batches": 1}
+    assert f"resume with ckpt_path={run_dir}" in proc.stderr
     client, run = _only_run(workdir)
     assert run.info.status == "KILLED"
-    assert run.data.tags["pipeline.error"] == f"SIGTERM at step {stopped['global_step']}"
+    assert run.data.tags["pipeline.error"] == f"SIGTERM at step {STEPS_PER_EPOCH + 1}"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [7]  # epoch 0's, whole
 
-    run_cli("train", *args, f"ckpt_path={run_dir}", cwd=workdir)
+    run_cli("train", *EXACT, f"ckpt_path={run_dir}", cwd=workdir)
 
     _assert_same_weights(_last(run_dir), checkpoint)
     assert _step_losses(workdir) == losses
     client, run = _only_run(workdir)
     assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [7, 15]
 
 
 def test_a_non_finite_loss_stops_the_run_before_it_reaches_the_weights(workdir: Path):
@@ -162,17 +154,14 @@ def test_two_process_ddp_sigterm_mid_epoch_then_resume_equals_uninterrupted_and_
     single = json.loads((eval_dir / "metrics.json").read_text())["metrics"]["val/mIoU"]
     assert run.data.metrics["val/mIoU"] == pytest.approx(single, abs=1e-6)
 
-    args = [*ddp, "callbacks.last_checkpoint.every_n_train_steps=1"]
-    proc = _start(workdir, *args)
-    _wait_for_checkpoint(workdir, proc)
-    proc.send_signal(signal.SIGTERM)  # to rank 0, as a scheduler or Ctrl-C-less `kill` would
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 143, out[-3000:]
+    proc = run_cli("train", *ddp, *_signal_at(2, signal.SIGTERM), cwd=workdir, check=False, timeout=900)
+    assert proc.returncode == 143, proc.stderr[-3000:]
     (run_dir,) = run_dirs(workdir)
-    assert 0 < _last(run_dir)["ShapesDataModule"]["batches"] < 4  # every rank stopped after the same batch
+    stopped = _last(run_dir)  # every rank stopped after the same batch, mid-epoch
+    assert stopped["global_step"] == 2 and stopped["ShapesDataModule"] == {"epoch": 0, "batches": 2}
     assert _only_run(workdir)[1].info.status == "KILLED"
 
-    run_cli("train", *args, f"ckpt_path={run_dir}", cwd=workdir, timeout=900)
+    run_cli("train", *ddp, f"ckpt_path={run_dir}", cwd=workdir, timeout=900)
 
     _assert_same_weights(_last(run_dir), _last(reference_dir))
     assert _only_run(workdir)[1].info.status == "FINISHED"

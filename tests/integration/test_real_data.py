@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from pycocotools.coco import COCO
 
-from tests.conftest import SHARED, requires_shared, run_cli, run_dirs, tracking_uri
+from tests.conftest import SHARED, requires_shared, run_cli, run_dirs, run_main, tracking_uri
 
 pytestmark = requires_shared
 
@@ -104,7 +104,7 @@ MASK_FILES = [f"data.{split}.{key}={ISBI / folder}" for split in ("train", "val"
 
 def test_fcn_trains_and_evaluates_on_isbi_mask_folders(workdir: Path) -> None:
     binary = ["data.values={0:0,255:1}", "data.class_names=[membrane,cell]", "data.num_classes=2"]
-    run_cli("check_data", "data=masks", *MASK_FILES, *binary, cwd=workdir)
+    assert run_main("check_data", "data=masks", *MASK_FILES, *binary, cwd=workdir).returncode == 0
     (check,) = run_dirs(workdir, "check_data")
     assert json.loads((check / "summary.json").read_text())["train"]["images"] == 30
     run_cli("train", "data=masks", *MASK_FILES, *binary, *SMALL, "data.val_size=128", cwd=workdir)
@@ -125,7 +125,7 @@ LABELME_VOC = SHARED / "datasets" / "labelme_voc_examples" / "data_dataset_voc"
 
 def test_yolo_trains_and_evaluates_on_bccd_voc_boxes(workdir: Path) -> None:
     voc = ["data=voc", f"data.root={BCCD}", "data.class_names=[background,RBC,WBC,Platelets]"]
-    run_cli("check_data", "model=yolo", *voc, cwd=workdir)
+    assert run_main("check_data", "model=yolo", *voc, cwd=workdir).returncode == 0
     (check,) = run_dirs(workdir, "check_data")
     summary = json.loads((check / "summary.json").read_text())
     assert summary["train"]["images"] == 205 and summary["val"]["instances_per_class"]["WBC"] == 87
@@ -143,7 +143,7 @@ def test_yolo_trains_and_evaluates_on_bccd_voc_boxes(workdir: Path) -> None:
 
 
 def test_fcn_trains_and_evaluates_on_voc_palette_masks(workdir: Path) -> None:
-    run_cli("check_data", "data=voc", f"data.root={LABELME_VOC}", cwd=workdir)
+    assert run_main("check_data", "data=voc", f"data.root={LABELME_VOC}", cwd=workdir).returncode == 0
     (check,) = run_dirs(workdir, "check_data")
     summary = json.loads((check / "summary.json").read_text())["train"]
     assert summary["images"] == 3 and summary["instances_per_class"]["person"] == 2  # images containing a person

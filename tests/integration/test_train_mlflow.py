@@ -10,7 +10,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
+from tests.conftest import TINY, run_cli, run_dirs, run_main, tracking_uri
 
 
 def _only_run(workdir: Path):
@@ -80,7 +80,7 @@ def test_eval_and_predict_from_a_checkpoint(workdir: Path):
 
 
 def test_missing_checkpoint_is_an_error_not_a_fresh_start(workdir: Path):
-    proc = run_cli("train", *TINY, f"ckpt_path={workdir / 'nope.ckpt'}", cwd=workdir, check=False)
+    proc = run_main("train", *TINY, f"ckpt_path={workdir / 'nope.ckpt'}", cwd=workdir)
     assert proc.returncode != 0
     assert "does not exist; refusing to start from scratch" in proc.stderr
     assert not (workdir / "outputs" / "train").exists()

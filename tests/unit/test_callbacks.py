@@ -1,4 +1,5 @@
-"""The SIGTERM escape hatches of LastCheckpoint, in a real process: a second SIGTERM, or the grace period, exits."""
+"""LastCheckpoint's SIGTERM escape hatches in a real process (a second SIGTERM, the grace period); NonFiniteLoss's
+patience in a real (tiny) Lightning training."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from pipeline.callbacks import NonFiniteLoss, NonFiniteLossError
 
 # A process with LastCheckpoint's SIGTERM handler that never reaches the end of its batch: it would otherwise never
 # stop (a training stuck in a dead loader, say). The trainer is reduced to what the handler touches.
@@ -53,3 +60,45 @@ def test_a_run_that_does_not_stop_within_the_grace_period_is_ended(tmp_path: Pat
     assert proc.returncode == 143 and time.monotonic() - start >= 0.5
     assert f"SIGTERM: stopping at the next batch and writing {tmp_path}/ckpts/last.ckpt" in err
     assert "no clean stop 0.5 s after SIGTERM: exiting now" in err
+
+
+class _NaNAt(pl.LightningModule):
+    """A linear regression whose loss is NaN at the given batch indices; records its weight after every batch."""
+
+    def __init__(self, nan_batches: set[int]) -> None:
+        super().__init__()
+        self.layer, self.nan_batches, self.weights = torch.nn.Linear(2, 1), nan_batches, []
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+        return loss * float("nan") if batch_idx in self.nan_batches else loss
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.weights.append(self.layer.weight.detach().clone())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(module: pl.LightningModule, patience: int) -> None:
+    data = torch.utils.data.TensorDataset(torch.randn(12, 2), torch.randn(12, 1))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[NonFiniteLoss(patience=patience)])  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+
+
+def test_non_finite_steps_below_the_patience_are_skipped_without_touching_the_weights():
+    module = _NaNAt({1, 2})
+    _fit(module, patience=3)
+    w = module.weights
+    assert len(w) == 6  # the training went on
+    assert torch.equal(w[0], w[1]) and torch.equal(w[1], w[2])  # batches 1 and 2 did not step
+    assert not torch.equal(w[2], w[3]) and all(torch.isfinite(x).all() for x in w)
+
+
+def test_the_patience_th_non_finite_step_in_a_row_stops_the_training():
+    module = _NaNAt({1, 2})
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 \(epoch 0, batch 2\) \(2 non-finite steps in a row\)"):
+        _fit(module, patience=2)
+    assert len(module.weights) == 2 and torch.equal(module.weights[0], module.weights[1])
