@@ -29,7 +29,7 @@ from pipeline.data.formats import voc_box_dataset, voc_ids, voc_instance_dataset
 from pipeline.data.mask_folders import MaskFolderSource
 from pipeline.data.samplers import MultiScaleBatchSampler, SampleKey, ShardedSampler
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
-from pipeline.data.transforms import apply, apply_boxes, compose, letterbox
+from pipeline.data.transforms import apply, apply_boxes, compose, letterbox, reseed
 from pipeline.ops.boxes import letterbox_scale
 
 TARGETS = ("semantic", "boxes", "instances")
@@ -59,7 +59,7 @@ class SegmentationSamples(Dataset):
     def __getitem__(self, key: int | tuple[int, int] | SampleKey) -> dict[str, torch.Tensor]:
         index, size, seed = _key(key, self.size)
         image, mask = self.source.load(index)
-        self.augment.set_random_seed(seed)
+        reseed(self.augment, seed)
         image, mask = apply(self.augment, image, mask)
         image, mask = apply(letterbox(size, self.ignore_index), image, mask)
         return {"image": _to_tensor(image), "mask": torch.from_numpy(np.ascontiguousarray(mask)).long()}
@@ -93,7 +93,7 @@ class BoxSamples(Dataset):
         image, ann = self.source.load(index)
         xyxy = np.concatenate([ann["boxes"][:, :2], ann["boxes"][:, :2] + ann["boxes"][:, 2:]], axis=1)
         masks = ann.get("masks")
-        self.augment.set_random_seed(seed)
+        reseed(self.augment, seed)
         out = apply_boxes(self.augment, image, xyxy, masks, labels=ann["labels"], iscrowd=ann["iscrowd"])
         height, width = out["image"].shape[:2]
         out = apply_boxes(letterbox(size, 0, boxes=True), out["image"], out["boxes"], out.get("masks"), **{

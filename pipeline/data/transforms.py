@@ -8,6 +8,7 @@ from functools import lru_cache
 import albumentations as A
 import cv2
 import numpy as np
+from albumentations.core.composition import BaseCompose
 
 # Per-box fields that travel with the boxes through a pipeline (and are dropped with them); "index" (each box's
 # position in the input) lets per-instance masks follow their boxes.
@@ -60,6 +61,23 @@ def letterbox(size: int, ignore_index: int, boxes: bool = False) -> A.Compose:
         ],
         bbox_params=_box_params({}) if boxes else None,
     )
+
+
+def reseed(pipeline: A.Compose, seed: int) -> None:
+    """Seed `pipeline` for one sample, each transform from its own stream spawned from `seed`.
+
+    albumentations' `set_random_seed` gives every transform of a Compose the same seed: freshly seeded per sample,
+    transforms with the same `p` would then always fire together (and draw alike), shrinking the augmentations.
+    """
+    pipeline.set_random_seed(seed)
+    _reseed_children(pipeline, np.random.SeedSequence(seed))
+
+
+def _reseed_children(compose: BaseCompose, sequence: np.random.SeedSequence) -> None:
+    for transform, child in zip(compose.transforms, sequence.spawn(len(compose.transforms)), strict=True):
+        transform.set_random_seed(int(child.generate_state(1)[0]))
+        if isinstance(transform, BaseCompose):
+            _reseed_children(transform, child)
 
 
 def apply(pipeline: A.Compose, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

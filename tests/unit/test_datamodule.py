@@ -50,3 +50,19 @@ def test_a_resumed_epoch_gives_the_remaining_batches_unchanged():
     rest = _batches(seed=3, epoch=2, workers=2, resume_after=1)
     assert len(rest) == len(whole) - 1
     assert all(torch.equal(a, b) for a, b in zip(whole[1:], rest, strict=True))
+
+
+def test_transforms_of_one_pipeline_draw_independently_when_reseeded_per_sample():
+    # albumentations' own set_random_seed gives every transform the same seed: two flips with p=0.5 would then
+    # always fire together (half the samples flipped both ways, none one way only).
+    from pipeline.data.transforms import reseed
+
+    image = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    flips = compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    outcomes = []
+    for seed in range(400):
+        reseed(flips, seed)
+        out = flips(image=image)["image"]
+        outcomes.append((np.array_equal(out, image[:, ::-1]), np.array_equal(out, image[::-1])))
+    one_way = sum(h or v for h, v in outcomes) / len(outcomes)
+    assert 0.4 < one_way < 0.6  # independent: P(exactly one flip) = 0.5; correlated: 0
