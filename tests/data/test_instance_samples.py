@@ -15,6 +15,7 @@ from torchvision.ops import masks_to_boxes
 
 from pipeline.data.coco import CocoInstanceSource
 from pipeline.data.datamodule import BoxSamples, CocoDataModule
+from pipeline.data.samplers import SampleKey
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
 from pipeline.data.transforms import apply_boxes, compose, letterbox
 
@@ -84,9 +85,9 @@ def test_masks_follow_their_boxes_through_a_random_resized_crop(source: CocoInst
     # one of their output pixels: the first one's pixel is size / 64 letterboxed pixels.
     tolerance = 1.0 + size / 64
     inside = dropped = 0
-    for _ in range(4):
+    for repeat in range(4):  # each (sample, repeat) its own augmentation seed, as the sampler gives per epoch
         for index in range(len(samples)):
-            sample = samples[(index, size)]
+            sample = samples[SampleKey(index, size, seed=repeat * len(samples) + index)]
             _check_sample(sample, size)
             dropped += len(source.load(index)[1]["boxes"]) - len(sample["boxes"])
             for mask, box in zip(sample["masks"], sample["boxes"], strict=True):
