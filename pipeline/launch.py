@@ -1,17 +1,24 @@
-"""Ranks started by an external launcher (torchrun, srun) agree on one run directory before Hydra composes.
+"""Ranks started by an external launcher (torchrun, srun) agree on one run directory before Hydra composes, and a
+requeued SLURM job finds the run directory of its first attempt.
 
 Each rank composes its own config, and `hydra.run.dir` holds a timestamp: without agreement every rank would
 write to a directory of its own. Rank 0's timestamp is broadcast over the process group that Lightning then
 uses as it is (it skips its own initialisation when one exists), and exported as `PIPELINE_RUN_STAMP`, which
 `conf/hydra/default.yaml` reads in place of the current time.
+
+A SLURM requeue (pre-emption, node failure, `scontrol requeue`) runs the job's script again with the same job id
+and `SLURM_RESTART_COUNT` raised: its new timestamp would start a new run. Every training under SLURM records its
+run dir in `<paths.log_dir>/slurm/<job id>[.<step id>]`; a requeued one reads it and continues that run.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -63,3 +70,58 @@ def shared_run_dir() -> Iterator[None]:
         os.environ.pop(STAMP_VAR, None)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def slurm_job_key() -> str | None:
+    """`<job id>` (a batch script) or `<job id>.<step id>` (an `srun` step) of this SLURM job, None outside SLURM.
+
+    Both are the same when SLURM requeues the job: its script runs again under the same job id, its steps are
+    numbered again from 0.
+    """
+    job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID", "")
+    if not job:
+        return None
+    return f"{job}.{step}" if step.isdigit() and int(step) < 0xFFFFFFF0 else job  # larger ids: batch/extern steps
+
+
+def record_slurm_run(log_dir: str | Path, run_dir: str | Path) -> None:
+    """Under SLURM: write `run_dir` to `<log_dir>/slurm/<job key>` (atomically), for a requeue of this job to read."""
+    key = slurm_job_key()
+    if key is None:
+        return
+    marker = Path(log_dir) / "slurm" / key
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    staging = marker.with_name(f".{key}.{os.getpid()}")
+    staging.write_text(f"{Path(run_dir).resolve()}\n")
+    staging.replace(marker)
+
+
+def argv_for_requeue(argv: list[str], conf_dir: str) -> list[str]:
+    """A requeued SLURM job's command line: the user's, continuing the run of the job's first attempt.
+
+    Outside a requeue (`SLURM_RESTART_COUNT` unset or 0), in a sweep (`-m`: its jobs resume as a re-run sweep
+    does), or when the first attempt left no `last.ckpt`, `argv` as it is. Otherwise its `ckpt_path` and
+    `resume_mode` are replaced by `ckpt_path=<that run dir>`: the job continues where it stopped, even if it was
+    started as a fork of another checkpoint. `paths.log_dir` is composed from `argv`, as the training composes it.
+    """
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    key = slurm_job_key()
+    if key is None or not restarts.isdigit() or int(restarts) < 1 or {"-m", "--multirun"} & set(argv):
+        return argv
+    from hydra import compose, initialize_config_dir
+
+    overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
+    try:
+        with initialize_config_dir(conf_dir, version_base="1.3"):
+            log_dir = Path(compose("train", overrides=overrides).paths.log_dir)
+    except Exception:  # a command that does not compose: the training itself says why
+        return argv
+    marker = log_dir / "slurm" / key
+    run_dir = Path(marker.read_text().strip()) if marker.is_file() else None
+    if run_dir is None or not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        print(f"SLURM job {key}, restart {restarts}: no checkpoint of an earlier attempt in {marker}; starting anew",
+              file=sys.stderr)  # fmt: skip
+        return argv
+    print(f"SLURM job {key}, restart {restarts}: continuing {run_dir}", file=sys.stderr)
+    keep = [a for a in argv[1:] if a.lstrip("+").split("=", 1)[0] not in ("ckpt_path", "resume_mode")]
+    return [argv[0], *keep, f"ckpt_path={run_dir}"]

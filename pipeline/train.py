@@ -82,6 +82,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     run_id = None
     if launch.is_global_zero():  # one MLflow run per training, however many ranks or nodes
         tracking.check_reachable(cfg.logger.tracking_uri)
+        if job is None:  # a SLURM requeue of this job continues this run dir (sweep jobs have their own)
+            launch.record_slurm_run(cfg.paths.log_dir, run_dir)
         if meta is not None and cfg.resume_mode == "continue" and meta.get("mlflow_run_id"):
             run_id = meta["mlflow_run_id"]
             tracking.continue_run(cfg, overrides, run_id, meta.get("tracking_uri"))
@@ -251,7 +253,7 @@ def main() -> None:
     global _USER_ARGV
     _USER_ARGV = list(sys.argv)
     try:
-        hydra_argv = argv_for_resume(sys.argv)
+        hydra_argv = argv_for_resume(launch.argv_for_requeue(sys.argv, CONF_DIR))
     except CheckpointError as err:
         sys.exit(f"error: {err}")
     try:

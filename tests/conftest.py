@@ -79,13 +79,19 @@ def tracking_uri(workdir: Path) -> str:
 
 
 def run_cli(
-    entry: str, *overrides: str, cwd: Path, check: bool = True, timeout: int = 600, tracking_uri: str | None = None
+    entry: str,
+    *overrides: str,
+    cwd: Path,
+    check: bool = True,
+    timeout: int = 600,
+    tracking_uri: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `python -m pipeline.<entry> overrides…` in cwd as a user would; fail with its output on error.
 
-    The run logs to cwd's outputs/mlflow.db unless `tracking_uri` sets MLFLOW_TRACKING_URI.
+    The run logs to cwd's outputs/mlflow.db unless `tracking_uri` sets MLFLOW_TRACKING_URI; `env` adds variables.
     """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     if any("tests.integration.gate." in o for o in overrides):  # a test's own callback, imported by the training
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)

@@ -93,10 +93,15 @@ def test_killed_mid_epoch_then_at_an_epoch_boundary_and_resumed_equals_uninterru
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [7, 15]
 
 
-def test_sigterm_writes_a_checkpoint_and_resuming_it_equals_the_uninterrupted_run(workdir: Path, reference):
+def test_sigterm_then_a_slurm_requeue_of_the_same_command_continues_the_run_and_equals_the_uninterrupted_one(
+    workdir: Path, reference
+):
     checkpoint, losses = reference
+    # What SLURM sets in a job's processes (not SLURM_NTASKS: Lightning would then take the ranks from SLURM)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0"}
+    command = [*EXACT, *_signal_at(STEPS_PER_EPOCH, signal.SIGTERM)]
     # SIGTERM during the last batch of epoch 0: its validation and checkpoint still run, the stop comes one batch on
-    proc = run_cli("train", *EXACT, *_signal_at(STEPS_PER_EPOCH, signal.SIGTERM), cwd=workdir, check=False)
+    proc = run_cli("train", *command, cwd=workdir, check=False, env=slurm)
 
     assert proc.returncode == 143, proc.stderr[-3000:]  # documented: stopped by SIGTERM, checkpoint written
     (run_dir,) = run_dirs(workdir)
@@ -109,8 +114,13 @@ def test_sigterm_writes_a_checkpoint_and_resuming_it_equals_the_uninterrupted_ru
     assert run.data.tags["pipeline.error"] == f"SIGTERM at step {STEPS_PER_EPOCH + 1}"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [7]  # epoch 0's, whole
 
-    run_cli("train", *EXACT, f"ckpt_path={run_dir}", cwd=workdir)
+    assert (workdir / "outputs" / "slurm" / "4242.0").read_text().strip() == str(run_dir.resolve())
 
+    # The requeue: the same command again, under the same job id, SLURM_RESTART_COUNT raised; no ckpt_path given
+    proc = run_cli("train", *command, cwd=workdir, env={**slurm, "SLURM_RESTART_COUNT": "1"})
+
+    assert f"SLURM job 4242.0, restart 1: continuing {run_dir.resolve()}" in proc.stderr
+    assert run_dirs(workdir) == [run_dir]  # no new run dir
     _assert_same_weights(_last(run_dir), checkpoint)
     assert _step_losses(workdir) == losses
     client, run = _only_run(workdir)
