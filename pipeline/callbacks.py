@@ -43,7 +43,7 @@ class StepSeed(pl.Callback):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """`last.ckpt`: after every epoch, every `every_n_train_steps` steps within an epoch, and on SIGTERM.
+    """`last.ckpt`: after every epoch (validated or not), every `every_n_train_steps` steps within an epoch, and on SIGTERM.
 
     Resuming from any of them continues at the next batch (the DataModule saves its position in the epoch). On
     SIGTERM (a scheduler's kill, a spot instance) Lightning stops at the next batch boundary and this callback
@@ -54,9 +54,10 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(
         self, dirpath: str, filename: str = "last", every_n_train_steps: int | None = None, sigterm_grace_s: float = 120
     ) -> None:
-        super().__init__(
-            dirpath=dirpath, filename=filename, save_top_k=1, every_n_epochs=1, enable_version_counter=False
-        )
+        # At every epoch's end, after its validation if it has one: Lightning's default would save only after
+        # validations, so `check_val_every_n_epoch=2` would leave every other epoch without a checkpoint.
+        super().__init__(dirpath=dirpath, filename=filename, save_top_k=1, every_n_epochs=1,
+                         enable_version_counter=False, save_on_train_epoch_end=True)  # fmt: skip
         if every_n_train_steps is not None and every_n_train_steps < 1:
             raise ValueError(f"every_n_train_steps={every_n_train_steps}: give a positive number of steps, or null")
         self.step_interval, self.sigterm_grace_s = every_n_train_steps, sigterm_grace_s

@@ -1,5 +1,5 @@
-"""LastCheckpoint's SIGTERM escape hatches in a real process (a second SIGTERM, the grace period); NonFiniteLoss's
-patience in a real (tiny) Lightning training."""
+"""LastCheckpoint's SIGTERM escape hatches in a real process (a second SIGTERM, the grace period) and its epoch
+checkpoints; NonFiniteLoss's patience in a real (tiny) Lightning training."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from pipeline.callbacks import NonFiniteLoss, NonFiniteLossError
+from pipeline.callbacks import LastCheckpoint, NonFiniteLoss, NonFiniteLossError
 
 # A process with LastCheckpoint's SIGTERM handler that never reaches the end of its batch: it would otherwise never
 # stop (a training stuck in a dead loader, say). The trainer is reduced to what the handler touches.
@@ -102,3 +102,28 @@ def test_the_patience_th_non_finite_step_in_a_row_stops_the_training():
     with pytest.raises(NonFiniteLossError, match=r"at step 2 \(epoch 0, batch 2\) \(2 non-finite steps in a row\)"):
         _fit(module, patience=2)
     assert len(module.weights) == 2 and torch.equal(module.weights[0], module.weights[1])
+
+
+class _Validated(_NaNAt):
+    """The regression with a validation pass; records the epochs it validated."""
+
+    def __init__(self) -> None:
+        super().__init__(set())
+        self.validated: list[int] = []
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self.validated.append(self.current_epoch)
+
+
+def test_last_ckpt_is_written_after_every_epoch_also_those_without_validation(tmp_path: Path):
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2), torch.randn(4, 1)))
+    module, saved = _Validated(), []
+    callback = LastCheckpoint(dirpath=str(tmp_path))
+    callback.on_save_checkpoint = lambda trainer, *_: saved.append(trainer.current_epoch)
+    trainer = pl.Trainer(max_epochs=3, check_val_every_n_epoch=2, accelerator="cpu", logger=False,
+                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback])  # fmt: skip
+    trainer.fit(module, data, data)
+    assert sorted(set(module.validated)) == [1]  # only the second epoch was validated
+    assert saved == [0, 1, 2]
+    assert torch.load(callback.path, weights_only=True)["epoch"] == 2
