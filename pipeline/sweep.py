@@ -3,7 +3,8 @@
 The sweep process (Hydra's `on_multirun_start`, before any job) creates the store, its experiment and the parent
 run once, so parallel jobs never race to migrate the SQLite file or create the experiment, and writes
 `<sweep dir>/sweep.json`, which every job (in this process, a joblib worker or a submitit job) reads to find its
-parent. `on_multirun_end` collects the children by their `pipeline.sweep.id` tag.
+parent. `on_multirun_end` collects the children by their `pipeline.sweep.id` tag; a sweep that stops before it
+(`end_unfinished`, called by `pipeline-train`) leaves its parent FAILED, not RUNNING.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import json
 import math
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -192,10 +194,37 @@ def _enable_wal(tracking_uri: str, launcher: str) -> None:
             db.execute("PRAGMA journal_mode=WAL")
 
 
+# The parent run of the sweep this process runs, from its start to its summary: (tracking URI, run id, sweep dir).
+_OPEN: tuple[str, str, str] | None = None
+
+
+def end_unfinished(error: BaseException) -> None:
+    """A sweep that stopped before its summary (a job's config that does not compose, an error in the sweeper,
+    Ctrl-C): its parent run ends FAILED (KILLED when interrupted) with the reason as `pipeline.error`."""
+    global _OPEN
+    if _OPEN is None:
+        return
+    (uri, parent, sweep_dir), _OPEN = _OPEN, None
+    interrupted = isinstance(error, KeyboardInterrupt)
+    if isinstance(error, SystemExit):
+        cause = f"exit status {error.code}; the sweep's output says why"
+    else:
+        cause = f"{type(error).__name__}: {error}"
+    reason = f"The sweep stopped before its end ({cause}); resume it with hydra.sweep.dir={sweep_dir}"
+    try:
+        client = MlflowClient(uri)
+        client.set_tag(parent, f"{tracking.TAG_PREFIX}error", reason[:MAX_TAG_VAL_LENGTH])
+        client.set_terminated(parent, "KILLED" if interrupted else "FAILED")
+        print(f"Sweep parent run {parent} marked {'KILLED' if interrupted else 'FAILED'}: {reason}", file=sys.stderr)
+    except Exception as err:  # the store may be what failed
+        print(f"Could not mark the sweep's parent run {parent} ({reason}): {err}", file=sys.stderr)
+
+
 class SweepTracking(Callback):
     """Hydra callback: the parent MLflow run of a `-m` sweep (any sweeper, any launcher)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _OPEN
         if OmegaConf.select(config, "model.monitor") is None:  # a sweep of pipeline-eval/predict: nothing to track
             return
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -211,6 +240,7 @@ class SweepTracking(Callback):
             for run in stale:
                 client.set_terminated(run.info.run_id, "KILLED")
             client.update_run(parent, status="RUNNING")
+            _OPEN = (uri, parent, str(sweep_dir))
             print(f"Resuming sweep {sweep_dir} (parent run {parent}): finished jobs are skipped")
             return
         exp_id = tracking.experiment_id(client, config.logger.experiment_name, config.paths.log_dir)  # migrates
@@ -229,12 +259,15 @@ class SweepTracking(Callback):
         record = {"parent_run_id": parent, "experiment_id": exp_id, "tracking_uri": uri, "varied": list(varied),
                   "monitor": monitor, "mode": monitor_mode(monitor)}  # fmt: skip
         tracking.write_json(sweep_dir / SWEEP_FILE, record)
+        _OPEN = (uri, parent, str(sweep_dir))
         print(f"Sweep parent run {parent}: {tracking.ui_hint(uri, parent)}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _OPEN
         sweep = read_sweep(config.hydra.sweep.dir)
         if sweep is not None:
             summarise(Path(config.hydra.sweep.dir), sweep)
+        _OPEN = None
 
 
 def summarise(sweep_dir: Path, sweep: dict[str, Any]) -> list[dict[str, Any]]:

@@ -260,6 +260,9 @@ def main() -> None:
         # Ranks started by torchrun/srun share one run dir; Hydra reads its overrides from sys.argv.
         with launch.shared_run_dir(), _argv(hydra_argv):
             _hydra_main()
+    except BaseException as err:  # Hydra reports errors as SystemExit; a sweep's parent run must not stay RUNNING
+        sweep.end_unfinished(err)
+        raise
     finally:
         _USER_ARGV = []
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, long_project_root, run_cli, tracking_uri
+from tests.conftest import TINY, long_project_root, run_cli, run_main, tracking_uri
 
 
 def _sweep(workdir: Path) -> tuple[Path, MlflowClient, object, list]:
@@ -132,3 +132,18 @@ def test_a_killed_sweep_run_again_in_its_dir_skips_finished_jobs_and_continues_t
         assert steps == [4 * e - 1 for e in (1, 2, 3)]  # 16 images / batch 4 = 4 steps per epoch
     assert torch.load(sweep_dir / "1" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
     assert len(list(csv.DictReader(open(sweep_dir / "sweep.csv")))) == 2
+
+
+def test_a_sweep_whose_job_config_does_not_compose_stops_at_once_and_its_parent_is_failed(workdir: Path):
+    # Hydra composes every job of the grid before the first one starts: `model=nope` stops the sweep there
+    proc = run_main("train", "-m", *TINY, "model=fcn8s,nope", cwd=workdir)
+
+    assert proc.returncode == 1
+    assert "nope" in proc.stderr
+    sweep_dir, _, parent, children = _sweep(workdir)
+    assert children == []  # nothing trained
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["pipeline.error"] == (
+        f"The sweep stopped before its end (exit status 1; the sweep's output says why); resume it with "
+        f"hydra.sweep.dir={sweep_dir}"
+    )
