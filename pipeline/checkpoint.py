@@ -222,7 +222,7 @@ def check_latest(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def check_resumable(path: str | os.PathLike, task: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
-    """The checkpoint's `pipeline` metadata once it passed every check for training from it with `cfg`.
+    """The checkpoint (its `pipeline` key holds our metadata) once it passed every check for training from it.
 
     Readable and ours (load_checkpoint), weights that fit `task` (check_model), and with resume_mode=continue the
     run's latest state (check_latest); called before any MLflow run is created or re-opened.
@@ -231,7 +231,7 @@ def check_resumable(path: str | os.PathLike, task: torch.nn.Module, cfg: DictCon
     check_model(path, state, task, cfg)
     if cfg.resume_mode == "continue":
         check_latest(path, state)
-    return state["pipeline"]
+    return state
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -5,13 +5,16 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import random
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -47,12 +50,20 @@ _LIGHTNING_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORL
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train; return the final callback metrics and `best/<monitor>` (the best epoch's value, best.ckpt's)."""
+    """Train; return the final callback metrics and `best/<monitor>` (the best epoch's value, best.ckpt's).
+
+    The caller's process is left as it was: environment, random generators (seeded here), warning filters.
+    """
     saved = {key: os.environ.get(key) for key in _LIGHTNING_ENV}
     had_group = torch.distributed.is_initialized()  # torchrun/srun: created by main(), or by the caller
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
-        return _train(cfg)
+        with warnings.catch_warnings():
+            return _train(cfg)
     finally:
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -73,7 +84,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     jobs = sweep.parallel_jobs()
     task = instantiate(cfg.model)
     # Readable, ours, fitting this model, and (continuing) the run's latest state: before any MLflow run is touched.
-    meta = check_resumable(resume, task, cfg) if resume else None
+    checkpoint = check_resumable(resume, task, cfg) if resume else None
+    meta = checkpoint["pipeline"] if checkpoint else None
     # The task says what a sample must carry; parallel sweep jobs share the cores among their loader workers.
     datamodule = instantiate(cfg.data, targets=task.TARGETS, parallel_jobs=jobs)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -109,8 +121,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         plugins.append(AtomicCheckpointIO())
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=plugins)
 
-    if resume is not None:
-        checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
+    if checkpoint is not None:
         # Task state that fitting starts from before Lightning restores the rest (the detector's anchors).
         task.on_load_checkpoint(checkpoint)
         if cfg.resume_mode == "fork":
@@ -118,6 +129,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             # optimizer state would silently bring back the parent's learning rate).
             task.load_state_dict(checkpoint["state_dict"])
             resume = None
+        del checkpoint  # Lightning reads the file itself when it restores the rest
     try:
         with _ddp_children_rerun(job, cfg.ckpt_path), _torch_threads(jobs):
             trainer.fit(task, datamodule=datamodule, ckpt_path=resume)

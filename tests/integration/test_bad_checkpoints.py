@@ -16,7 +16,7 @@ from omegaconf import DictConfig, open_dict
 from pipeline.checkpoint import CheckpointError, argv_for_resume, check_latest, check_model, load_checkpoint
 from pipeline.cli import CONF_DIR
 from pipeline.eval import load_task
-from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
+from tests.conftest import TINY, run_cli, run_dirs, run_main, tracking_uri
 
 # Three epochs of 4 steps; best.ckpt is only considered every second epoch, so it stays at epoch 1 (step 8) while
 # last.ckpt goes on to epoch 2 (step 12): the run dir a user has after a run whose best epoch was not its last.
@@ -202,11 +202,16 @@ def test_a_foreign_or_corrupt_checkpoint_is_refused_by_the_cli_with_the_store_un
 def test_continue_with_another_number_of_classes_leaves_the_run_as_it_was(trained: Path):
     # Today's bug: the run was set RUNNING (and its resume tags logged) before the weights met the model.
     before = _store(trained)
-    proc = run_cli("train", *TINY, *EPOCHS, "data.num_classes=3", "data.class_names=[background,circle,square]",
-                   f"ckpt_path={_ckpt(trained)}", cwd=trained, check=False)  # fmt: skip
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    # In this process (pipeline-train's own main): it seeds the generators, then refuses the checkpoint
+    proc = run_main("train", *TINY, *EPOCHS, "data.num_classes=3", "data.class_names=[background,circle,square]",
+                    f"ckpt_path={_ckpt(trained)}", cwd=trained)  # fmt: skip
     _refused(proc, str(_ckpt(trained)), "the checkpoint has 4 classes (data.num_classes), this run 3")
     assert _store(trained) == before
     assert [status for _, status, *_ in before] == ["FINISHED"]
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream as it was, not re-seeded
 
 
 def test_fork_from_best_ckpt_starts_a_new_run(trained: Path):  # last: the store then holds two runs
