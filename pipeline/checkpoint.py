@@ -221,17 +221,28 @@ def check_latest(path: str | os.PathLike, state: dict[str, Any]) -> None:
     )
 
 
-def check_resumable(path: str | os.PathLike, task: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
-    """The checkpoint (its `pipeline` key holds our metadata) once it passed every check for training from it.
+def check_fork(path: str | os.PathLike, state: dict[str, Any], task: torch.nn.Module) -> None:
+    """Refuse to fork from a checkpoint that shares no tensor (by name and shape) with `task`: nothing to start
+    from. Any overlap is enough (another number of classes, the detector's weights for the instance model)."""
+    got, expected = state["state_dict"], task.state_dict()
+    if not any(k in got and got[k].shape == v.shape for k, v in expected.items()):
+        their = _family(state["pipeline"]["config"]["model"])
+        raise CheckpointError(
+            f"{path} shares no weights with the model built here: none of its {len(got)} tensors (a "
+            f"{their[0].rsplit('.', 1)[-1]} with {their[1].rsplit('.', 1)[-1]}) has the name and shape of one of "
+            f"this model's {len(expected)}. Fork from a checkpoint of a model with the same backbone."
+        )
 
-    Readable and ours (load_checkpoint), weights that fit `task` (check_model), and with resume_mode=continue the
-    run's latest state (check_latest); called before any MLflow run is created or re-opened.
-    """
-    state = load_checkpoint(path)
+
+def check_resumable(path: str | os.PathLike, state: dict[str, Any], task: torch.nn.Module, cfg: DictConfig) -> None:
+    """Refuse a loaded checkpoint (load_checkpoint) that this training cannot start from, before any MLflow run is
+    created or re-opened: continuing needs weights that fit `task` exactly (check_model) and the run's latest
+    state (check_latest); a fork needs some weights in common (check_fork)."""
+    if cfg.resume_mode == "fork":
+        check_fork(path, state, task)
+        return
     check_model(path, state, task, cfg)
-    if cfg.resume_mode == "continue":
-        check_latest(path, state)
-    return state
+    check_latest(path, state)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -33,11 +33,13 @@ from pipeline.checkpoint import (
     RunMetadata,
     argv_for_resume,
     check_resumable,
+    load_checkpoint,
     resolve_checkpoint,
 )
 from pipeline.cli import CONF_DIR, exit_on_user_error, user_error
 from pipeline.config import TRAIN_KEYS, ConfigError, validate_config
 from pipeline.data.datamodule import usable_cores
+from pipeline.models.surgery import load_matching
 
 # Set by main(): the command line as the user typed it, which DDP child processes must re-run.
 _USER_ARGV: list[str] = []
@@ -78,13 +80,17 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if cfg.resume_mode not in ("continue", "fork"):
         raise ConfigError(f"resume_mode={cfg.resume_mode!r}: choose 'continue' or 'fork'.")
     resume = resolve_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    checkpoint = load_checkpoint(resume) if resume else None  # readable and ours
+    if checkpoint is not None and cfg.resume_mode == "fork":
+        _fork_anchors(cfg, checkpoint)
     pl.seed_everything(cfg.seed, workers=True)
 
     job = sweep.current_job()
     jobs = sweep.parallel_jobs()
     task = instantiate(cfg.model)
-    # Readable, ours, fitting this model, and (continuing) the run's latest state: before any MLflow run is touched.
-    checkpoint = check_resumable(resume, task, cfg) if resume else None
+    # Fitting this model, and (continuing) the run's latest state: before any MLflow run is touched.
+    if checkpoint is not None:
+        check_resumable(resume, checkpoint, task, cfg)
     meta = checkpoint["pipeline"] if checkpoint else None
     # The task says what a sample must carry; parallel sweep jobs share the cores among their loader workers.
     datamodule = instantiate(cfg.data, targets=task.TARGETS, parallel_jobs=jobs)
@@ -121,15 +127,16 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         plugins.append(AtomicCheckpointIO())
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=plugins)
 
-    if checkpoint is not None:
+    if checkpoint is not None and cfg.resume_mode == "fork":
+        # A fork starts from the weights only, so its own optimizer, schedule and epochs apply (restoring the
+        # optimizer state would silently bring back the parent's learning rate); what does not fit stays fresh.
+        loaded, fresh = load_matching(task, checkpoint["state_dict"])
+        _report_fork(resume, loaded, fresh, run_id if trainer.is_global_zero else None, cfg.logger.tracking_uri)
+        resume = None
+    elif checkpoint is not None:
         # Task state that fitting starts from before Lightning restores the rest (the detector's anchors).
         task.on_load_checkpoint(checkpoint)
-        if cfg.resume_mode == "fork":
-            # A fork starts from the weights only, so its own optimizer, schedule and epochs apply (restoring the
-            # optimizer state would silently bring back the parent's learning rate).
-            task.load_state_dict(checkpoint["state_dict"])
-            resume = None
-        del checkpoint  # Lightning reads the file itself when it restores the rest
+    del checkpoint  # Lightning reads the file itself when it restores the rest
     try:
         with _ddp_children_rerun(job, cfg.ckpt_path), _torch_threads(jobs):
             trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
@@ -156,6 +163,27 @@ def _train(cfg: DictConfig) -> dict[str, float]:
                                                           str(pruning.pruned_at_epoch))  # fmt: skip
         _report(cfg, trainer, metrics, run_id)
     return metrics
+
+
+def _fork_anchors(cfg: DictConfig, checkpoint: dict) -> None:
+    """A fork of an anchor-based model keeps the checkpoint's anchors unless the command gives its own
+    (`model.anchors=[[w, h], …]`) or asks for new ones (`model.anchors=kmeans`: k-means on this run's data)."""
+    theirs = checkpoint.get("hyper_parameters", {}).get("anchors")
+    if "anchors" in cfg.model and cfg.model.anchors is None and theirs is not None:
+        with open_dict(cfg):
+            cfg.model.anchors = theirs
+
+
+def _report_fork(path: Path, loaded: list[str], fresh: dict[str, str], run_id: str | None, uri: str) -> None:
+    """Print (and tag the run with) how much of the checkpoint a fork took and which tensors start fresh."""
+    total = len(loaded) + len(fresh)
+    text = f"{len(loaded)} of {total} tensors from {path}"
+    if fresh:
+        shown = "; ".join(f"{k} ({why})" for k, why in list(fresh.items())[:8])
+        text += f"; left fresh: {shown}" + (f"; and {len(fresh) - 8} more" if len(fresh) > 8 else "")
+    print(f"Fork: {text}")
+    if run_id is not None:
+        MlflowClient(uri).set_tag(run_id, f"{tracking.TAG_PREFIX}fork_loaded", text[:MAX_TAG_VAL_LENGTH])
 
 
 def _stopped(cfg: DictConfig, trainer: pl.Trainer, run_id: str | None, status: str, reason: str) -> None:

@@ -1,4 +1,5 @@
-"""Network surgery from the FCN paper: a classifier's dense layers recast as the equivalent convolutions."""
+"""Network surgery: a classifier's dense layers recast as the equivalent convolutions (the FCN paper), and
+weights moved between models that share only some layers (fine-tuning across heads)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,20 @@ def dense_to_conv(linear: nn.Linear, in_channels: int, kernel_size: int | tuple[
         if linear.bias is not None:
             conv.bias.copy_(linear.bias)
     return conv
+
+
+def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, str]]:
+    """Copy into `module` every tensor of `state_dict` whose name and shape it has (fine-tuning across heads).
+
+    Returns the names loaded and, for each of the module's tensors left as initialised, why: not in the
+    checkpoint, or the checkpoint's shape (another number of classes, another head).
+    """
+    own = module.state_dict()
+    loaded = [k for k, v in state_dict.items() if k in own and own[k].shape == v.shape]
+    fresh = {
+        k: "not in the checkpoint" if k not in state_dict else f"{list(state_dict[k].shape)} in the checkpoint"
+        for k in own
+        if k not in loaded
+    }
+    module.load_state_dict({k: state_dict[k] for k in loaded}, strict=False)
+    return loaded, fresh

@@ -40,7 +40,8 @@ class DetectionTask(pl.LightningModule):
 
     Labels 1..K are the data's (class_names[0] is the background of the shared label space); the net's class
     logits are over the K foreground classes. Anchors [3, A, 2] (pixels at `input_size`, one row per stride
-    8/16/32) come from `anchors` or, when null, from k-means over the training boxes when fitting starts; they
+    8/16/32) come from `anchors` or, when null (or "kmeans"), from k-means over the training boxes when fitting
+    starts (a fork passes the checkpoint's unless told otherwise); they
     then become the `anchors` hyper-parameter, so checkpoints carry them to eval and predict. At other input
     sizes they scale with the input. `loss` and `postprocess` hold the keys of LOSS_KEYS and `select_detections`.
     """
@@ -59,7 +60,7 @@ class DetectionTask(pl.LightningModule):
         input_size: int,
         loss: dict,
         postprocess: dict,
-        anchors: list[list[float]] | None = None,
+        anchors: list[list[float]] | str | None = None,
         monitor: str = "val/map",
         scheduler_interval: str = "epoch",
         num_vis_images: int = 4,
@@ -78,7 +79,9 @@ class DetectionTask(pl.LightningModule):
             raise ValueError(f"model.postprocess: unknown keys {sorted(unknown)}; accepted: {sorted(POSTPROCESS_KEYS)}")
         self.save_hyperparameters(logger=False)
         self.net = instantiate(net, num_classes=num_classes - 1)
-        self.anchors = self._check_anchors(anchors) if anchors is not None else None
+        if isinstance(anchors, str) and anchors != "kmeans":
+            raise ValueError(f"model.anchors={anchors!r}: give [w, h] pairs, null or kmeans")
+        self.anchors = self._check_anchors(anchors) if isinstance(anchors, list) else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.val_map = CocoMAP(iou_types=self.IOU_TYPES)

@@ -50,6 +50,7 @@ def _refused(proc, *expected: str) -> None:
     """Exit 1, one `error:` message with every expected part, no traceback."""
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-4000:]
+    assert "error:" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     message = proc.stderr[proc.stderr.index("error:") :]
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
@@ -192,10 +193,16 @@ def test_a_foreign_or_corrupt_checkpoint_is_refused_by_the_cli_with_the_store_un
     noise = tmp_path / "noise.ckpt"
     noise.write_bytes(os.urandom(4096))
     _refused(run_cli("train", *TINY, f"ckpt_path={noise}", cwd=trained, check=False), f"{noise} is not a checkpoint")
-    # a yolo command forking the FCN checkpoint: refused before its new run would be created
-    proc = run_cli("train", *TINY, "model=yolo", f"ckpt_path={_ckpt(trained)}", "resume_mode=fork", cwd=trained,
+    # continuing the FCN's run as a detector: refused before the run is re-opened
+    proc = run_cli("train", *TINY, *EPOCHS, "model=yolo", f"ckpt_path={_ckpt(trained)}", cwd=trained,
                    check=False)  # fmt: skip
     _refused(proc, str(_ckpt(trained)), "another model family")
+    # forking it into torchvision's Mask R-CNN, which shares no layer with it: refused before a new run is created
+    tv = [o for o in TINY if not o.startswith("model.net.backbone")]  # its own backbone has no width
+    proc = run_main("train", *tv, "model=torchvision_maskrcnn", f"ckpt_path={_ckpt(trained)}", "resume_mode=fork",
+                    cwd=trained)  # fmt: skip
+    _refused(proc, str(_ckpt(trained)), "shares no weights with the model built here: none of its 63 tensors",
+             "(a SegmentationTask with FCN)")  # fmt: skip
     assert _store(trained) == before
 
 

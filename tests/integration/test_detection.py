@@ -100,16 +100,25 @@ def test_input_sizes_not_divisible_by_32_fail_before_training(workdir: Path) -> 
     assert not list((workdir / "outputs" / "train" / "runs").glob("*/checkpoints/*.ckpt"))
 
 
-def test_fork_keeps_the_parent_anchors_even_with_another_seed(trained: Path) -> None:
+def test_a_fork_into_the_instance_model_takes_the_detector_weights_and_anchors_even_with_another_seed(
+    trained: Path,
+) -> None:
     (parent_dir,) = run_dirs(trained)
-    run_cli("train", *DETECTION, f"ckpt_path={parent_dir}", "resume_mode=fork", "seed=7", "trainer.max_epochs=1",
-            cwd=trained)  # fmt: skip
+    instance = ["experiment=shapes_instance", *TINY, "model.net.neck_width=32", "model.net.mask_width=16"]
+    proc = run_cli("train", *instance, f"ckpt_path={parent_dir}", "resume_mode=fork", "seed=7",
+                   "trainer.max_epochs=1", cwd=trained)  # fmt: skip
+    parent_ckpt = torch.load(parent_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    shared = len(parent_ckpt["state_dict"])  # every detector tensor: the instance model adds its mask branch
+    assert f"Fork: {shared} of " in proc.stdout and "left fresh: net.mask_lateral.0.weight (not in the checkpoint)" in (
+        proc.stdout
+    )
     client = MlflowClient(tracking_uri(trained))
     runs = [r for r in client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
             if "pipeline.kind" not in r.data.tags]  # fmt: skip
     fork = next(r for r in runs if "pipeline.forked_from" in r.data.tags)
     parent = next(r for r in runs if r.info.run_id != fork.info.run_id)
     assert fork.data.params["anchors"] == parent.data.params["anchors"]
+    assert fork.data.tags["pipeline.fork_loaded"].startswith(f"{shared} of ")
     (fork_dir,) = [d for d in run_dirs(trained) if d != parent_dir]
     checkpoint = torch.load(fork_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert [f"{w:g}x{h:g}" for w, h in checkpoint["hyper_parameters"]["anchors"]] == parent.data.params[

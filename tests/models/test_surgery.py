@@ -1,4 +1,5 @@
-"""dense_to_conv: a classifier's dense layer becomes a conv that scores every window of a larger map."""
+"""dense_to_conv: a classifier's dense layer becomes a conv that scores every window of a larger map; load_matching
+moves the weights that fit between models that share some layers."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models.surgery import dense_to_conv
+from pipeline.models.surgery import dense_to_conv, load_matching
 
 
 @pytest.fixture(autouse=True)
@@ -52,3 +53,20 @@ def test_mismatched_sizes_are_rejected() -> None:
         dense_to_conv(linear, in_channels=100, kernel_size=6)
     with pytest.raises(ValueError, match="4900 inputs"):
         dense_to_conv(linear, in_channels=50, kernel_size=7)
+
+
+def test_load_matching_copies_what_fits_and_names_what_stays_fresh():
+    torch.manual_seed(0)
+    source = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 5, 1))  # 5 classes
+    target = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 2, 1), torch.nn.Conv2d(2, 2, 1))
+    fresh_before = {k: v.clone() for k, v in target.state_dict().items()}
+
+    loaded, fresh = load_matching(target, source.state_dict())
+
+    assert loaded == ["0.weight", "0.bias"]
+    assert torch.equal(target[0].weight, source[0].weight) and torch.equal(target[0].bias, source[0].bias)
+    assert fresh == {"1.weight": "[5, 4, 1, 1] in the checkpoint", "1.bias": "[5] in the checkpoint",
+                     "2.weight": "not in the checkpoint", "2.bias": "not in the checkpoint"}  # fmt: skip
+    for key in fresh:  # left exactly as initialised
+        assert torch.equal(target.state_dict()[key], fresh_before[key])
+

@@ -58,3 +58,18 @@ def test_anchors_from_config_are_sorted_by_area_and_checked() -> None:
         _task(loss={**LOSS, "typo": 1.0})
     with pytest.raises(RuntimeError, match="no anchors yet"):
         _task(anchors=None).level_anchors(64)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [(None, [[10.0, 12.0]] * 9), ([[3.0, 4.0]] * 9, [[3.0, 4.0]] * 9), ("kmeans", "kmeans")],
+)
+def test_a_fork_keeps_the_checkpoint_anchors_unless_the_command_gives_or_refits_them(given, expected):
+    from omegaconf import OmegaConf
+
+    from pipeline.train import _fork_anchors
+
+    cfg = OmegaConf.create({"model": {"anchors": given}})
+    OmegaConf.set_struct(cfg, True)
+    _fork_anchors(cfg, {"hyper_parameters": {"anchors": [[10.0, 12.0]] * 9}})
+    assert OmegaConf.to_container(cfg.model)["anchors"] == expected
