@@ -18,7 +18,7 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 
 from pipeline.config import ConfigError
 from pipeline.metrics.detection import COCO_STATS, CocoMAP, pr_curve_figure
-from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall, kmeans_anchors
+from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall, cached_kmeans_anchors
 from pipeline.ops.assign import assign, ignored
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels, unletterbox
 from pipeline.ops.nms import select_detections
@@ -61,6 +61,7 @@ class DetectionTask(pl.LightningModule):
         loss: dict,
         postprocess: dict,
         anchors: list[list[float]] | str | None = None,
+        anchor_cache: str | None = None,
         monitor: str = "val/map",
         scheduler_interval: str = "epoch",
         num_vis_images: int = 4,
@@ -111,12 +112,20 @@ class DetectionTask(pl.LightningModule):
         if odd:
             raise ConfigError(f"the detector needs input sizes that are multiples of 32 (strides 8/16/32), got {odd}: "
                               "check data.train_sizes, data.val_size and model.input_size")  # fmt: skip
-        sizes = torch.from_numpy(datamodule.train_box_sizes(self.hparams.input_size))
+        zero = self.trainer.is_global_zero
+        sizes = torch.from_numpy(datamodule.train_box_sizes(self.hparams.input_size)) if zero else None
         if self.anchors is None:
-            found = kmeans_anchors(sizes, k=3 * self.net.num_anchors, seed=self.hparams.seed)
-            self.anchors = self._check_anchors([[round(float(v), 1) for v in wh] for wh in found])
+            # Rank 0 clusters (or reads its cache) and every rank takes its anchors: the ranks agree by construction.
+            found = None
+            if zero:
+                found = cached_kmeans_anchors(sizes, 3 * self.net.num_anchors, self.hparams.seed,
+                                              self.hparams.anchor_cache)  # fmt: skip
+                found = [[round(float(v), 1) for v in wh] for wh in found]
+            found = self.trainer.strategy.broadcast(found, src=0)
+            self.anchors = self._check_anchors(found)
             self.hparams.anchors = self.anchors.reshape(-1, 2).tolist()
-        self._log_anchors(sizes)
+        if zero:
+            self._log_anchors(sizes)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resumed or forked run keeps the checkpoint's anchors (whatever k-means gives on today's data); a
@@ -140,20 +149,23 @@ class DetectionTask(pl.LightningModule):
         title = f"{len(sizes)} training boxes at {self.hparams.input_size}px"
         log_image(logger, anchor_plot(sizes, anchors, title), "anchors.png")
 
-    def level_anchors(self, size: int) -> Tensor:
-        """Anchors [3, A, 2] in pixels of a `size` input (they scale with the input)."""
+    def level_anchors(self, size: tuple[int, int]) -> Tensor:
+        """Anchors [3, A, 2] (w, h) in pixels of an input of `size` (H, W): widths scale with W, heights with H."""
         if self.anchors is None:
             raise RuntimeError("the detector has no anchors yet: set model.anchors or fit it (k-means runs then)")
-        return self.anchors.to(self.device) * (size / self.hparams.input_size)
+        height, width = size
+        scale = torch.tensor([width, height], dtype=torch.float32) / self.hparams.input_size
+        return (self.anchors * scale).to(self.device)
 
     # ---- forward and loss ----------------------------------------------------------------------------------
 
     def forward(self, images: Tensor) -> tuple[Tensor, SlotGrid]:
         """images: [B, 3, S, S] RGB in 0..1 -> (raw slot predictions [B, P, 5 + K], the slots' geometry)."""
-        return self._slots(self.net((images - self.mean) / self.std), images.shape[-1])
+        return self._slots(self.net((images - self.mean) / self.std), tuple(images.shape[-2:]))
 
-    def _slots(self, outputs: list[Tensor], size: int) -> tuple[Tensor, SlotGrid]:
-        """The net's per stride outputs [B, A, H_s, W_s, 5 + K] for a `size` input -> ([B, P, 5 + K], the grid)."""
+    def _slots(self, outputs: list[Tensor], size: tuple[int, int]) -> tuple[Tensor, SlotGrid]:
+        """The net's per stride outputs [B, A, H_s, W_s, 5 + K] for an input of `size` (H, W) -> ([B, P, 5 + K],
+        the grid)."""
         shapes = [tuple(o.shape[2:4]) for o in outputs]
         return flatten_levels(outputs), SlotGrid.build(shapes, self.net.strides, self.level_anchors(size))
 

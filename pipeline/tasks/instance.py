@@ -46,7 +46,7 @@ class InstanceTask(DetectionTask):
     def forward(self, images: Tensor) -> tuple[Tensor, SlotGrid, list[Tensor]]:
         """images: [B, 3, S, S] in 0..1 -> (slot predictions [B, P, 5 + K], their geometry, the neck levels)."""
         outputs, levels = self.net((images - self.mean) / self.std)
-        pred, grid = self._slots(outputs, images.shape[-1])
+        pred, grid = self._slots(outputs, tuple(images.shape[-2:]))
         return pred, grid, levels
 
     # ---- training ------------------------------------------------------------------------------------------

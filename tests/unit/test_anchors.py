@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall, kmeans_anchors, shape_iou
+from pipeline.ops.anchors import (
+    anchor_fit,
+    anchor_plot,
+    best_possible_recall,
+    cached_kmeans_anchors,
+    kmeans_anchors,
+    shape_iou,
+)
 
 # YOLOv3's COCO anchors: aspect ratios from 0.5 to 2, areas from 130 to 120 000 px^2 (about three decades).
 CENTRES = torch.tensor(
@@ -100,3 +107,20 @@ def test_anchor_plot_is_an_rgb_image() -> None:
     assert isinstance(image, np.ndarray) and image.dtype == np.uint8
     assert image.ndim == 3 and image.shape[2] == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert image.std() > 0  # something was drawn
+
+
+def test_cached_kmeans_reads_back_the_same_anchors_and_refits_other_boxes(tmp_path, monkeypatch) -> None:
+    wh = torch.rand(200, 2, generator=torch.Generator().manual_seed(3)) * 60 + 4
+    first = cached_kmeans_anchors(wh, 9, 0, tmp_path)
+    assert torch.equal(first, kmeans_anchors(wh, k=9, seed=0))
+    (cache,) = tmp_path.iterdir()
+
+    calls = []
+    monkeypatch.setattr("pipeline.ops.anchors.kmeans_anchors", lambda *a, **kw: calls.append(a) or first)
+    assert torch.equal(cached_kmeans_anchors(wh, 9, 0, tmp_path), first) and calls == []  # read, not clustered
+    cached_kmeans_anchors(wh * 2, 9, 0, tmp_path)  # other boxes: clustered, cached under their own fingerprint
+    cached_kmeans_anchors(wh, 9, 1, tmp_path)  # another seed too
+    assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 3
+    cache.write_text("{not json")  # a damaged file is recomputed
+    cached_kmeans_anchors(wh, 9, 0, tmp_path)
+    assert len(calls) == 3

@@ -57,7 +57,17 @@ def test_anchors_from_config_are_sorted_by_area_and_checked() -> None:
     with pytest.raises(ValueError, match="model.loss needs exactly the keys"):
         _task(loss={**LOSS, "typo": 1.0})
     with pytest.raises(RuntimeError, match="no anchors yet"):
-        _task(anchors=None).level_anchors(64)
+        _task(anchors=None).level_anchors((64, 64))
+    assert _task(anchors="kmeans").anchors is None  # k-means when fitting starts
+    with pytest.raises(ValueError, match="give \\[w, h\\] pairs, null or kmeans"):
+        _task(anchors="auto")
+
+
+def test_anchors_scale_per_axis_with_the_input() -> None:
+    task = _task()  # anchors in pixels of a 64 x 64 input
+    anchors = task.anchors
+    scaled = task.level_anchors((32, 128))  # half the height, twice the width
+    assert torch.equal(scaled[..., 0], anchors[..., 0] * 2) and torch.equal(scaled[..., 1], anchors[..., 1] / 2)
 
 
 @pytest.mark.parametrize(
