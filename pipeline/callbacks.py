@@ -43,7 +43,8 @@ class StepSeed(pl.Callback):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """`last.ckpt`: after every epoch (validated or not), every `every_n_train_steps` steps within an epoch, and on SIGTERM.
+    """`last.ckpt`: after every epoch (validated or not), every `every_n_train_steps` steps within an epoch, and
+    on SIGTERM.
 
     Resuming from any of them continues at the next batch (the DataModule saves its position in the epoch). On
     SIGTERM (a scheduler's kill, a spot instance) Lightning stops at the next batch boundary and this callback

@@ -69,4 +69,3 @@ def test_load_matching_copies_what_fits_and_names_what_stays_fresh():
                      "2.weight": "not in the checkpoint", "2.bias": "not in the checkpoint"}  # fmt: skip
     for key in fresh:  # left exactly as initialised
         assert torch.equal(target.state_dict()[key], fresh_before[key])
-
