@@ -5,13 +5,17 @@ Reports the wall time of each sweep and its ratio to the sequential one, the job
 "database is locked" / OperationalError line in the sweep's output (racing store writers). Small FCN jobs on
 shapes at 96 px (`--epochs` each), loader workers `auto`.
 
-    python bench/sweep_parallel.py [--epochs 3]
+    python bench/sweep_parallel.py [--epochs 3] [--repeats 3] [--no-4]
+
+With `--repeats N` the launchers take turns N times and the table shows medians (the ratio is the median of each
+round's own ratio); `--no-4` leaves out 4 jobs at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,13 +58,20 @@ def run_sweep(extra: list[str], epochs: int) -> tuple[float, int, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-4", dest="four", action="store_false", help="leave out joblib n_jobs=4")
     args = parser.parse_args()
-    results = {name: run_sweep(extra, args.epochs) for name, extra in LAUNCHERS.items()}
-    base = results["basic (sequential)"][0]
-    print(f"4-job sweep, {args.epochs} epochs per job, {os.cpu_count()} cores")
-    print(f"{'launcher':<22}{'wall s':>9}{'ratio':>8}{'finished':>10}{'store errors':>14}")
-    for name, (seconds, finished, errors) in results.items():
-        print(f"{name:<22}{seconds:>9.1f}{seconds / base:>8.2f}{finished:>8}/4{len(errors):>14}")
+    launchers = {k: v for k, v in LAUNCHERS.items() if args.four or "n_jobs=4" not in k}
+    rounds = [{name: run_sweep(extra, args.epochs) for name, extra in launchers.items()} for _ in range(args.repeats)]
+    print(f"4-job sweep, {args.epochs} epochs per job, {os.cpu_count()} cores, median of {args.repeats}")
+    print(f"{'launcher':<22}{'wall s':>9}{'ratio':>8}{'finished':>10}{'store errors':>14}  each round's ratio")
+    for name in launchers:
+        seconds = [r[name][0] for r in rounds]
+        ratios = [r[name][0] / r["basic (sequential)"][0] for r in rounds]
+        finished = min(r[name][1] for r in rounds)
+        errors = [line for r in rounds for line in r[name][2]]
+        print(f"{name:<22}{statistics.median(seconds):>9.1f}{statistics.median(ratios):>8.2f}{finished:>8}/4"
+              f"{len(errors):>14}  {' '.join(f'{x:.2f}' for x in ratios)}")  # fmt: skip
         for line in errors[:3]:
             print(f"    {line[:150]}")
 

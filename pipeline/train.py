@@ -45,10 +45,11 @@ from pipeline.models.surgery import load_matching
 _USER_ARGV: list[str] = []
 
 
-# Set in this process by Lightning (DDP launch, seeding): a later training in the same process (the next sweep job)
-# would take LOCAL_RANK & co. to mean that a launcher started its ranks, and wait for peers that never come.
+# Set in this process by Lightning (DDP launch, seeding, its MLflow logger): a later training in the same process
+# (the next sweep job) would take LOCAL_RANK & co. to mean that a launcher started its ranks, and wait for peers
+# that never come, or log to the previous job's store.
 _LIGHTNING_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED",
-                  "PL_SEED_WORKERS")  # fmt: skip
+                  "PL_SEED_WORKERS", "MLFLOW_TRACKING_URI")  # fmt: skip
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
