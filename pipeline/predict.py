@@ -43,14 +43,17 @@ def _to_input(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _predict_masks(task: torch.nn.Module, images: list[Path], out_dir: Path, train_cfg: DictConfig, device) -> None:
-    """Segmentation at each image's own size: index-PNG masks (pixel = class id) and overlays."""
+    """Segmentation as validation scores it: letterboxed to the training's `data.val_size`, mapped back to each
+    image's own size; index-PNG masks (pixel = class id) and overlays."""
+    size = int(train_cfg.data.val_size)
     num_classes = int(train_cfg.data.num_classes)
     colours = palette(num_classes).numpy().astype(np.uint8).reshape(-1).tolist()
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
     for path in track(images, description="Predicting"):
         rgb = read_rgb(path)
-        labels = task.predict_masks(_to_input(rgb, device))[0].cpu()
+        image = _to_input(letterbox(size, 0)(image=rgb)["image"], device)
+        labels = task.predict_masks(image, [rgb.shape[:2]])[0].cpu()
         mask = Image.fromarray(labels.numpy().astype(np.uint8))
         mask.putpalette(colours)  # makes it an index PNG: pixel value = class id, shown in class colours
         mask.save(out_dir / "masks" / f"{path.stem}.png")

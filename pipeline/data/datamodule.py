@@ -47,11 +47,16 @@ class SegmentationSamples(Dataset):
     """Augmented, letterboxed samples of a source; a key is a `SampleKey` from the sampler, an index or (index, size).
 
     The augmentation is seeded per sample by its key, so a sample's pixels do not depend on which loader worker
-    made it, nor on what that worker made before.
+    made it, nor on what that worker made before. A sample: "image" [3, S, S], "mask" [S, S] long (letterboxed,
+    padding void); with `keep_original` (validation) also "orig_mask" [H, W]: the mask at the image's own size, which
+    the FCN paper's protocol scores predictions against.
     """
 
-    def __init__(self, source: CocoSemanticSource, augment: A.Compose, size: int, ignore_index: int) -> None:
+    def __init__(
+        self, source: CocoSemanticSource, augment: A.Compose, size: int, ignore_index: int, keep_original: bool = False
+    ) -> None:
         self.source, self.augment, self.size, self.ignore_index = source, augment, size, ignore_index
+        self.keep_original = keep_original
 
     def __len__(self) -> int:
         return len(self.source)
@@ -61,10 +66,20 @@ class SegmentationSamples(Dataset):
         image, mask = self.source.load(index)
         reseed(self.augment, seed)
         image, mask = apply(self.augment, image, mask)
+        original = mask
         image, mask = apply(letterbox(size, self.ignore_index), image, mask)
-        return {"image": _to_tensor(image), "mask": torch.from_numpy(np.ascontiguousarray(mask)).long()}
+        sample = {"image": _to_tensor(image), "mask": torch.from_numpy(np.ascontiguousarray(mask)).long()}
+        if self.keep_original:
+            sample["orig_mask"] = torch.from_numpy(np.ascontiguousarray(original)).long()
+        return sample
 
-    collate = staticmethod(torch.utils.data.default_collate)
+    @staticmethod
+    def collate(samples: list[dict]) -> dict:
+        """Images and letterboxed masks stacked ([B, 3, S, S], [B, S, S]); original masks (sizes differ) a list."""
+        batch = torch.utils.data.default_collate([{k: v for k, v in s.items() if k != "orig_mask"} for s in samples])
+        if samples and "orig_mask" in samples[0]:
+            batch["orig_mask"] = [s["orig_mask"] for s in samples]
+        return batch
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -255,6 +270,8 @@ class CocoDataModule(pl.LightningDataModule):
             self.train_set = self._samples(self.train_files, self.train_augment, max(self.train_sizes))
         if self.val_set is None:
             self.val_set = self._samples(self.val_files, self.val_augment, self.val_size)
+            if isinstance(self.val_set, SegmentationSamples):  # scored at each image's own resolution
+                self.val_set.keep_original = True
         if self._rank_world()[0] == 0 and not self._reported:
             for samples in (self.train_set, self.val_set):
                 if samples is not None:

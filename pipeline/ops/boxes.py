@@ -1,4 +1,5 @@
-"""YOLOv3 box coding over a flat list of prediction slots, and the letterbox mapping back to image pixels.
+"""YOLOv3 box coding over a flat list of prediction slots, and the letterbox mapping back to image pixels (boxes
+and dense maps).
 
 A detector with S output strides and A anchors per stride predicts, per image, P = sum_s A * H_s * W_s slots,
 flattened stride by stride, then anchor, row, column (the order `flatten_levels` produces). `SlotGrid`
@@ -101,3 +102,16 @@ def unletterbox(boxes: Tensor, scale: tuple[float, float], height: int, width: i
     out = boxes / boxes.new_tensor([sx, sy, sx, sy])
     limits = boxes.new_tensor([width, height, width, height])
     return torch.minimum(out.clamp(min=0), limits)
+
+
+def unletterbox_map(maps: Tensor, height: int, width: int) -> Tensor:
+    """Dense maps [C, S, S] of a letterboxed input -> [C, H, W] on the original image's pixels.
+
+    The inverse of `transforms.letterbox` (longest side to S, padded bottom/right): the content region is cropped
+    and resized bilinearly with pixel-centre alignment (as the forward resize), e.g. class logits to score or
+    predict at the image's own resolution.
+    """
+    size = maps.shape[-1]
+    sx, sy = letterbox_scale(height, width, size)
+    content = maps[None, :, : round(height * sy), : round(width * sx)]
+    return torch.nn.functional.interpolate(content, size=(height, width), mode="bilinear", align_corners=False)[0]

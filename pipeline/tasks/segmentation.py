@@ -1,4 +1,5 @@
-"""Semantic segmentation: cross-entropy with void pixels, FCN-paper mIoU, overlays logged each validation."""
+"""Semantic segmentation: cross-entropy with void pixels, FCN-paper mIoU at each image's own resolution, overlays
+logged each validation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from pipeline.metrics.segmentation import ConfusionMatrixIoU
+from pipeline.ops.boxes import unletterbox_map
 from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, schedule_from_config, to_primitive
 from pipeline.tracking import log_image
 from pipeline.viz import comparison_panel
@@ -21,7 +23,10 @@ class SegmentationTask(pl.LightningModule):
 
     The net, optimizer and scheduler arrive as config dicts (`_target_` + args) and are built here, so the
     checkpoint's hyper-parameters are primitives and load under torch's weights-only unpickler.
-    `monitor` names the validation metric that ranks checkpoints and that sweeps optimise.
+    `monitor` names the validation metric that ranks checkpoints and that sweeps optimise. Validation scores
+    the predictions mapped back to each image's original resolution (`val/mIoU`, `val/pixel_acc`, `val/IoU/<class>`),
+    as the FCN paper and VOC do and as `pipeline-predict` outputs them; `val/mIoU_letterbox` is the same on the
+    letterboxed `val_size` masks the loss sees.
     """
 
     TARGETS = "semantic"
@@ -49,6 +54,7 @@ class SegmentationTask(pl.LightningModule):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.val_iou = ConfusionMatrixIoU(num_classes, ignore_index)
+        self.val_iou_letterbox = ConfusionMatrixIoU(num_classes, ignore_index)
         self._vis: dict[str, torch.Tensor] | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -71,20 +77,25 @@ class SegmentationTask(pl.LightningModule):
         logits = self(batch["image"])
         loss = self._loss(logits, batch["mask"])
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(logits))
-        self.val_iou.update(logits, batch["mask"])
+        self.val_iou_letterbox.update(logits, batch["mask"])
+        for image_logits, original in zip(logits, batch["orig_mask"], strict=True):
+            self.val_iou.update(unletterbox_map(image_logits, *original.shape)[None], original[None])
         if batch_idx == 0:
             k = self.hparams.num_vis_images
             self._vis = {"image": batch["image"][:k], "mask": batch["mask"][:k], "pred": logits[:k].argmax(1)}
 
     def on_validation_epoch_end(self) -> None:
         stats = self.val_iou.summary()  # synced across DDP ranks: every rank logs the same values
+        letterboxed = self.val_iou_letterbox.summary()
         self.val_iou.reset()
+        self.val_iou_letterbox.reset()
         # Already global; sync_dist only averages identical values (and keeps Lightning from warning).
         self.log_dict(
             {"val/mIoU": stats["mIoU"].float(), "val/pixel_acc": stats["pixel_acc"].float()},
             prog_bar=True,
             sync_dist=True,
         )
+        self.log("val/mIoU_letterbox", letterboxed["mIoU"].float(), sync_dist=True)
         per_class = zip(self.hparams.class_names, stats["per_class_IoU"], strict=True)
         self.log_dict(
             {f"val/IoU/{name}": iou.float() for name, iou in per_class if not torch.isnan(iou)}, sync_dist=True
@@ -94,9 +105,9 @@ class SegmentationTask(pl.LightningModule):
             log_image(self.logger, panel, f"val_images/epoch_{self.current_epoch:03d}.png")
         self._vis = None
 
-    def predict_masks(self, images: torch.Tensor) -> torch.Tensor:
-        """images: [B, 3, H, W] in 0..1 -> predicted labels [B, H, W]."""
-        return self(images).argmax(1)
+    def predict_masks(self, images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """Letterboxed images [B, 3, S, S] in 0..1 and each one's original (H, W) -> labels [H, W] per image."""
+        return [unletterbox_map(logits, *size).argmax(0) for logits, size in zip(self(images), sizes, strict=True)]
 
     def configure_optimizers(self) -> Any:
         return build_optimizers(self)

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipeline.data.coco import CocoSemanticSource
 from tests.conftest import TINY, run_cli, run_dirs, run_main, tracking_uri
 
 
@@ -54,8 +56,18 @@ def test_one_epoch_writes_run_params_metrics_config_and_checkpoints(workdir: Pat
     assert list((workdir / "outputs" / "mlartifacts").rglob("last.ckpt")) and not (workdir / "mlruns").exists()
 
 
+def _miou(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int = 255) -> float:
+    """The FCN paper's mean IU from one numpy confusion matrix over all pixels (void excluded)."""
+    keep = gt != ignore
+    cm = np.bincount(gt[keep].astype(int) * num_classes + pred[keep], minlength=num_classes**2)
+    cm = cm.reshape(num_classes, num_classes)
+    union = cm.sum(0) + cm.sum(1) - np.diag(cm)
+    return float(np.mean(np.diag(cm)[union > 0] / union[union > 0]))
+
+
 def test_eval_and_predict_from_a_checkpoint(workdir: Path):
-    run_cli("train", *TINY, cwd=workdir)
+    # Validation letterboxes the 64 px images to 96 px and scores at 64 px, as predict outputs them
+    run_cli("train", *[o for o in TINY if not o.startswith("data.val_size")], "data.val_size=96", cwd=workdir)
     (run_dir,) = run_dirs(workdir)
     _, _, train_run = _only_run(workdir)
 
@@ -77,6 +89,17 @@ def test_eval_and_predict_from_a_checkpoint(workdir: Path):
     assert len(masks) == 8 and len(list((predict_dir / "overlays").glob("*.png"))) == 8
     mask = np.asarray(Image.open(masks[0]))
     assert mask.shape == (64, 64) and mask.max() < 4
+    # val/mIoU describes what predict writes: predict's masks scored by numpy against the annotation file
+    source = CocoSemanticSource(images, workdir / "data" / "shapes" / "annotations" / "instances_val.json")
+    gt, pred = [], []
+    for index, image_id in enumerate(source.image_ids):
+        gt.append(source.load(index)[1])
+        name = Path(source.coco.imgs[image_id]["file_name"]).stem
+        pred.append(np.asarray(Image.open(predict_dir / "masks" / f"{name}.png")))
+    expected = _miou(np.stack(gt), np.stack(pred), 4)
+    # eval runs batches of 4, predict one image at a time: float sums in another order may flip a rare pixel
+    assert metrics["val/mIoU"] == pytest.approx(expected, abs=2e-3)
+    assert "val/mIoU_letterbox" in metrics
 
 
 def test_missing_checkpoint_is_an_error_not_a_fresh_start(workdir: Path):

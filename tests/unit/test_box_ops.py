@@ -1,14 +1,23 @@
-"""Box coder round trip, target assignment, NMS and the letterbox mapping back to original pixels."""
+"""Box coder round trip, target assignment, NMS and the letterbox mapping back to original pixels (boxes, maps)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.data.transforms import apply_boxes, letterbox
 from pipeline.ops.assign import assign, ignored
-from pipeline.ops.boxes import SlotGrid, decode, encode, flatten_levels, letterbox_scale, unletterbox
+from pipeline.ops.boxes import (
+    SlotGrid,
+    decode,
+    encode,
+    flatten_levels,
+    letterbox_scale,
+    unletterbox,
+    unletterbox_map,
+)
 from pipeline.ops.nms import select_detections
 
 STRIDES = [8, 16, 32]
@@ -131,3 +140,21 @@ def test_letterboxed_boxes_map_back_to_original_pixels(height: int, width: int, 
     # Boxes reaching past the image (a prediction into the padding) are clipped to it.
     outside = unletterbox(torch.tensor([[-4.0, -4.0, size + 10.0, size + 10.0]]), scale, height, width)
     assert outside.tolist() == [[0, 0, width, height]]
+
+
+@pytest.mark.parametrize(("height", "width"), [(30, 50), (64, 20), (48, 48)])
+def test_unletterbox_map_undoes_the_letterbox_albumentations_applies(height: int, width: int):
+    # A label map with vertical and horizontal bands (10 px wide), letterboxed to 64 by the pipeline's own
+    # albumentations transform; its one-hot maps mapped back must give the original labels away from band edges.
+    ys, xs = np.mgrid[:height, :width]
+    labels = ((xs // 10) % 2 + 2 * ((ys // 10) % 2)).astype(np.uint8)
+    boxed = letterbox(64, 255)(image=np.zeros((height, width, 3), np.uint8), mask=labels)["mask"]
+    one_hot = F.one_hot(torch.from_numpy(boxed).long().clamp(max=3), 4).permute(2, 0, 1).float()
+    one_hot[:, torch.from_numpy(boxed == 255)] = 0  # the padding belongs to no class
+
+    back = unletterbox_map(one_hot, height, width)
+
+    assert back.shape == (4, height, width)
+    far = (np.abs((xs % 10) - 4.5) < 3) & (np.abs((ys % 10) - 4.5) < 3)  # pixels >= 2 px from a band edge
+    assert np.array_equal(back.argmax(0).numpy()[far], labels[far])
+    assert back.sum(0).min() > 0.99  # no padding read into the image
