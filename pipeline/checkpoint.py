@@ -225,7 +225,9 @@ def check_fork(path: str | os.PathLike, state: dict[str, Any], task: torch.nn.Mo
     """Refuse to fork from a checkpoint that shares no tensor (by name and shape) with `task`: nothing to start
     from. Any overlap is enough (another number of classes, the detector's weights for the instance model)."""
     got, expected = state["state_dict"], task.state_dict()
-    if not any(k in got and got[k].shape == v.shape for k, v in expected.items()):
+    # weights, not counters: two models with any BatchNorm share a `num_batches_tracked` of shape []
+    if not any(k in got and got[k].shape == v.shape and v.is_floating_point() and v.numel() > 1
+               for k, v in expected.items()):  # fmt: skip
         their = _family(state["pipeline"]["config"]["model"])
         raise CheckpointError(
             f"{path} shares no weights with the model built here: none of its {len(got)} tensors (a "

@@ -8,11 +8,13 @@ uses as it is (it skips its own initialisation when one exists), and exported as
 
 A SLURM requeue (pre-emption, node failure, `scontrol requeue`) runs the job's script again with the same job id
 and `SLURM_RESTART_COUNT` raised: its new timestamp would start a new run. Every training under SLURM records its
-run dir in `<paths.log_dir>/slurm/<job id>[.<step id>]`; a requeued one reads it and continues that run.
+run dir in `<paths.log_dir>/slurm/<job id>[.<step id>]-<command digest>`; a requeued one reads it and continues that
+run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -84,14 +86,22 @@ def slurm_job_key() -> str | None:
     return f"{job}.{step}" if step.isdigit() and int(step) < 0xFFFFFFF0 else job  # larger ids: batch/extern steps
 
 
-def record_slurm_run(log_dir: str | Path, run_dir: str | Path) -> None:
-    """Under SLURM: write `run_dir` to `<log_dir>/slurm/<job key>` (atomically), for a requeue of this job to read."""
+def _command_key(argv: list[str]) -> str:
+    """A short digest of a command line without its `ckpt_path`/`resume_mode` (which a requeue rewrites): several
+    trainings of one batch script (a loop over seeds, say) each find their own run."""
+    kept = [a for a in argv[1:] if a.lstrip("+").split("=", 1)[0] not in ("ckpt_path", "resume_mode")]
+    return hashlib.sha1("\0".join(kept).encode()).hexdigest()[:10]
+
+
+def record_slurm_run(log_dir: str | Path, run_dir: str | Path, argv: list[str]) -> None:
+    """Under SLURM: write `run_dir` to `<log_dir>/slurm/<job key>-<command digest>` (atomically), for a requeue of
+    this command in this job to read. Nothing without the command line (`train()` called from Python)."""
     key = slurm_job_key()
-    if key is None:
+    if key is None or not argv:
         return
-    marker = Path(log_dir) / "slurm" / key
+    marker = Path(log_dir) / "slurm" / f"{key}-{_command_key(argv)}"
     marker.parent.mkdir(parents=True, exist_ok=True)
-    staging = marker.with_name(f".{key}.{os.getpid()}")
+    staging = marker.with_name(f".{marker.name}.{os.getpid()}")
     staging.write_text(f"{Path(run_dir).resolve()}\n")
     staging.replace(marker)
 
@@ -116,7 +126,7 @@ def argv_for_requeue(argv: list[str], conf_dir: str) -> list[str]:
             log_dir = Path(compose("train", overrides=overrides).paths.log_dir)
     except Exception:  # a command that does not compose: the training itself says why
         return argv
-    marker = log_dir / "slurm" / key
+    marker = log_dir / "slurm" / f"{key}-{_command_key(argv)}"
     run_dir = Path(marker.read_text().strip()) if marker.is_file() else None
     if run_dir is None or not (run_dir / "checkpoints" / "last.ckpt").is_file():
         print(f"SLURM job {key}, restart {restarts}: no checkpoint of an earlier attempt in {marker}; starting anew",

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pipeline import tracking
+from pipeline.callbacks import PREEMPTED_EXIT
 from pipeline.config import ConfigError, monitor_mode
 from pipeline.data.datamodule import usable_cores
 from pipeline.viz import is_number, objective_plot
@@ -205,7 +206,9 @@ def end_unfinished(error: BaseException) -> None:
     if _OPEN is None:
         return
     (uri, parent, sweep_dir), _OPEN = _OPEN, None
-    interrupted = isinstance(error, KeyboardInterrupt)
+    interrupted = isinstance(error, KeyboardInterrupt) or (
+        isinstance(error, SystemExit) and error.code == PREEMPTED_EXIT
+    )
     if isinstance(error, SystemExit):
         cause = f"exit status {error.code}; the sweep's output says why"
     else:

@@ -55,7 +55,7 @@ _LIGHTNING_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORL
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train; return the final callback metrics and `best/<monitor>` (the best epoch's value, best.ckpt's).
 
-    The caller's process is left as it was: environment, random generators (seeded here), warning filters.
+    The caller's process is left as it was: environment, CPU random generators (seeded here), warning filters.
     """
     saved = {key: os.environ.get(key) for key in _LIGHTNING_ENV}
     had_group = torch.distributed.is_initialized()  # torchrun/srun: created by main(), or by the caller
@@ -102,7 +102,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if launch.is_global_zero():  # one MLflow run per training, however many ranks or nodes
         tracking.check_reachable(cfg.logger.tracking_uri)
         if job is None:  # a SLURM requeue of this job continues this run dir (sweep jobs have their own)
-            launch.record_slurm_run(cfg.paths.log_dir, run_dir)
+            launch.record_slurm_run(cfg.paths.log_dir, run_dir, _USER_ARGV)
         if meta is not None and cfg.resume_mode == "continue" and meta.get("mlflow_run_id"):
             run_id = meta["mlflow_run_id"]
             tracking.continue_run(cfg, overrides, run_id, meta.get("tracking_uri"))
@@ -132,7 +132,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         # A fork starts from the weights only, so its own optimizer, schedule and epochs apply (restoring the
         # optimizer state would silently bring back the parent's learning rate); what does not fit stays fresh.
         loaded, fresh = load_matching(task, checkpoint["state_dict"])
-        _report_fork(resume, loaded, fresh, run_id if trainer.is_global_zero else None, cfg.logger.tracking_uri)
+        if trainer.is_global_zero:
+            _report_fork(resume, loaded, fresh, run_id, cfg.logger.tracking_uri)
         resume = None
     elif checkpoint is not None:
         # Task state that fitting starts from before Lightning restores the rest (the detector's anchors).
@@ -169,10 +170,12 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 def _fork_anchors(cfg: DictConfig, checkpoint: dict) -> None:
     """A fork of an anchor-based model keeps the checkpoint's anchors unless the command gives its own
     (`model.anchors=[[w, h], …]`) or asks for new ones (`model.anchors=kmeans`: k-means on this run's data)."""
-    theirs = checkpoint.get("hyper_parameters", {}).get("anchors")
+    hparams = checkpoint.get("hyper_parameters", {})
+    theirs = hparams.get("anchors")
     if "anchors" in cfg.model and cfg.model.anchors is None and theirs is not None:
-        with open_dict(cfg):
-            cfg.model.anchors = theirs
+        scale = float(cfg.model.input_size) / float(hparams.get("input_size", cfg.model.input_size))
+        with open_dict(cfg):  # pixels at the checkpoint's input size -> at this run's
+            cfg.model.anchors = [[round(w * scale, 1), round(h * scale, 1)] for w, h in theirs]
 
 
 def _report_fork(path: Path, loaded: list[str], fresh: dict[str, str], run_id: str | None, uri: str) -> None:

@@ -108,11 +108,11 @@ def run_cli(
     return proc
 
 
-def run_main(entry: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_main(entry: str, *overrides: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
     """`pipeline-<entry> overrides…` through the console script's own main(), in this process, in cwd.
 
-    For commands that end before training (a check, an error): a subprocess would spend ~10 s importing torch.
-    Returns what `run_cli(..., check=False)` returns (status, stdout, stderr).
+    For commands that do not train (a check, an error, predict): a subprocess would spend ~10 s importing torch.
+    Returns what `run_cli(..., check=False)` returns (status, stdout, stderr); `check` fails on a non-zero status.
     """
     module = importlib.import_module(f"pipeline.{entry}")
     out, err = io.StringIO(), io.StringIO()
@@ -134,6 +134,8 @@ def run_main(entry: str, *overrides: str, cwd: Path) -> subprocess.CompletedProc
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
+    if check and code != 0:
+        raise AssertionError(f"pipeline-{entry} failed ({code}):\n{out.getvalue()[-4000:]}\n{err.getvalue()[-6000:]}")
     return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 

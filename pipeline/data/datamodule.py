@@ -52,11 +52,9 @@ class SegmentationSamples(Dataset):
     the FCN paper's protocol scores predictions against.
     """
 
-    def __init__(
-        self, source: CocoSemanticSource, augment: A.Compose, size: int, ignore_index: int, keep_original: bool = False
-    ) -> None:
+    def __init__(self, source: CocoSemanticSource, augment: A.Compose, size: int, ignore_index: int) -> None:
         self.source, self.augment, self.size, self.ignore_index = source, augment, size, ignore_index
-        self.keep_original = keep_original
+        self.keep_original = False  # set for the validation split by the DataModule
 
     def __len__(self) -> int:
         return len(self.source)

@@ -175,10 +175,13 @@ def cached_kmeans_anchors(wh: Tensor, k: int, seed: int, cache_dir: str | os.Pat
     except (OSError, ValueError, KeyError):
         pass
     anchors = kmeans_anchors(wh, k=k, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    staging.write_text(json.dumps({"anchors": anchors.tolist(), "boxes": len(wh), "k": k, "seed": seed}))
-    staging.replace(path)  # whole or absent, also with parallel jobs
+    try:  # best effort: a read-only data dir only costs the next job its k-means
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.write_text(json.dumps({"anchors": anchors.tolist(), "boxes": len(wh), "k": k, "seed": seed}))
+        staging.replace(path)  # whole or absent, also with parallel jobs
+    except OSError as err:
+        print(f"Anchor cache {path} not written ({err})")
     return anchors
 
 

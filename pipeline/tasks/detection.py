@@ -116,12 +116,18 @@ class DetectionTask(pl.LightningModule):
         sizes = torch.from_numpy(datamodule.train_box_sizes(self.hparams.input_size)) if zero else None
         if self.anchors is None:
             # Rank 0 clusters (or reads its cache) and every rank takes its anchors: the ranks agree by construction.
-            found = None
+            # A failure there (too few boxes) reaches every rank, which would otherwise wait in the broadcast.
+            found: list | str | None = None
             if zero:
-                found = cached_kmeans_anchors(sizes, 3 * self.net.num_anchors, self.hparams.seed,
-                                              self.hparams.anchor_cache)  # fmt: skip
-                found = [[round(float(v), 1) for v in wh] for wh in found]
+                try:
+                    found = cached_kmeans_anchors(sizes, 3 * self.net.num_anchors, self.hparams.seed,
+                                                  self.hparams.anchor_cache)  # fmt: skip
+                    found = [[round(float(v), 1) for v in wh] for wh in found]
+                except ValueError as err:
+                    found = f"anchor k-means over the training boxes failed: {err}"
             found = self.trainer.strategy.broadcast(found, src=0)
+            if isinstance(found, str):
+                raise ConfigError(f"{found}; give model.anchors=[[w, h], ...] instead")
             self.anchors = self._check_anchors(found)
             self.hparams.anchors = self.anchors.reshape(-1, 2).tolist()
         if zero:

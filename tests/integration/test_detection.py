@@ -68,7 +68,9 @@ def test_eval_map_equals_pycocotools_on_its_own_predictions_json(trained: Path) 
 def test_predict_draws_boxes_and_writes_coco_results(trained: Path) -> None:
     (run_dir,) = run_dirs(trained)
     images = trained / "data" / "shapes" / "images" / "val"
-    run_cli("predict", f"ckpt_path={run_dir}", f"input={images}", "device=cpu", "min_score=0.0", cwd=trained)
+    run_main(
+        "predict", f"ckpt_path={run_dir}", f"input={images}", "device=cpu", "min_score=0.0", cwd=trained, check=True
+    )
     (predict_dir,) = run_dirs(trained, "predict")
     drawn = sorted((predict_dir / "boxes").glob("*.png"))
     assert len(drawn) == 8 and Image.open(drawn[0]).size == (64, 64)

@@ -114,7 +114,8 @@ def test_sigterm_then_a_slurm_requeue_of_the_same_command_continues_the_run_and_
     assert run.data.tags["pipeline.error"] == f"SIGTERM at step {STEPS_PER_EPOCH + 1}"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [7]  # epoch 0's, whole
 
-    assert (workdir / "outputs" / "slurm" / "4242.0").read_text().strip() == str(run_dir.resolve())
+    (record,) = (workdir / "outputs" / "slurm").iterdir()  # 4242.0-<digest of the command>
+    assert record.name.startswith("4242.0-") and record.read_text().strip() == str(run_dir.resolve())
 
     # The requeue: the same command again, under the same job id, SLURM_RESTART_COUNT raised; no ckpt_path given
     proc = run_cli("train", *command, cwd=workdir, env={**slurm, "SLURM_RESTART_COUNT": "1"})

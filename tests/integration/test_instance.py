@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
+from tests.conftest import TINY, run_cli, run_dirs, run_main, tracking_uri
 
 INSTANCE = ["experiment=shapes_instance", *TINY, "model.net.neck_width=32", "model.net.mask_width=16",
             "trainer.max_epochs=3"]  # fmt: skip
@@ -65,7 +65,9 @@ def test_eval_mask_map_equals_pycocotools_on_its_own_predictions_json(trained: P
 def test_predict_writes_instance_overlays_and_rle_results(trained: Path) -> None:
     (run_dir,) = run_dirs(trained)
     images = trained / "data" / "shapes" / "images" / "val"
-    run_cli("predict", f"ckpt_path={run_dir}", f"input={images}", "device=cpu", "min_score=0.0", cwd=trained)
+    run_main(
+        "predict", f"ckpt_path={run_dir}", f"input={images}", "device=cpu", "min_score=0.0", cwd=trained, check=True
+    )
     (predict_dir,) = run_dirs(trained, "predict")
     drawn = sorted((predict_dir / "overlays").glob("*.png"))
     assert len(drawn) == 8 and Image.open(drawn[0]).size == (64, 64)

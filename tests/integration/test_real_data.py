@@ -25,7 +25,7 @@ SMALL = ["data.train_sizes=[128]", "data.val_size=128", "data.batch_size=4", "da
 
 
 def test_check_data_summarises_coco_tiny_and_shows_instances(tmp_path: Path) -> None:
-    proc = run_cli("check_data", "model=instance", "data=coco", *COCO_FILES, "show=4", cwd=tmp_path)
+    proc = run_main("check_data", "model=instance", "data=coco", *COCO_FILES, "show=4", cwd=tmp_path, check=True)
     assert "Data OK for instances targets: 80 training and 80 validation images." in proc.stdout
     assert "person 209" in proc.stdout and "11 crowd regions" in proc.stdout  # the val file's summary
     (run,) = run_dirs(tmp_path, "check_data")
@@ -54,8 +54,8 @@ def test_yolo_trains_and_evaluates_on_coco_tiny_with_the_files_ids(workdir: Path
     assert {p["category_id"] for p in predictions} <= set(gt.getCatIds())  # the file's ids (1..90, with gaps)
     assert len(gt.loadRes(str(eval_dir / "predictions.json")).getAnnIds()) == len(predictions)
 
-    run_cli("predict", f"ckpt_path={run_dir}", f"input={COCO_TINY / 'val2017'}", "device=cpu", "min_score=0.0",
-            cwd=workdir)  # fmt: skip
+    run_main("predict", f"ckpt_path={run_dir}", f"input={COCO_TINY / 'val2017'}", "device=cpu", "min_score=0.0",
+            cwd=workdir, check=True)  # fmt: skip
     (predict_dir,) = run_dirs(workdir, "predict")
     drawn = sorted((predict_dir / "boxes").glob("*.jpg")) + sorted((predict_dir / "boxes").glob("*.png"))
     assert len(drawn) == 80
@@ -68,7 +68,7 @@ YOLO_FILES = [f"data.yaml={COCO128 / 'coco128-seg.yaml'}", f"data.root={COCO128}
 
 
 def test_check_data_reports_the_coco128_seg_quirks_as_warnings(tmp_path: Path) -> None:
-    proc = run_cli("check_data", "model=instance", "data=yolo", *YOLO_FILES, cwd=tmp_path)
+    proc = run_main("check_data", "model=instance", "data=yolo", *YOLO_FILES, cwd=tmp_path, check=True)
     assert "Data OK for instances targets: 128 training and 128 validation images." in proc.stdout
     (run,) = run_dirs(tmp_path, "check_data")
     warnings = json.loads((run / "summary.json").read_text())["train"]["repairs"]
@@ -92,7 +92,9 @@ def test_instance_model_trains_and_evaluates_on_yolo_polygons(workdir: Path) -> 
     assert predictions and {p["category_id"] for p in predictions} <= set(range(80))  # YOLO class ids
     assert all(isinstance(p["segmentation"]["counts"], str) for p in predictions)
     image = COCO128 / "images" / "train2017" / "000000000009.jpg"
-    run_cli("predict", f"ckpt_path={run_dir}", f"input={image}", "device=cpu", "min_score=0.0", cwd=workdir)
+    run_main(
+        "predict", f"ckpt_path={run_dir}", f"input={image}", "device=cpu", "min_score=0.0", cwd=workdir, check=True
+    )
     (predict_dir,) = run_dirs(workdir, "predict")
     assert Image.open(predict_dir / "overlays" / "000000000009.png").size == Image.open(image).size
 
@@ -113,7 +115,7 @@ def test_fcn_trains_and_evaluates_on_isbi_mask_folders(workdir: Path) -> None:
     (eval_dir,) = run_dirs(workdir, "eval")
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["val/mIoU"] <= 1.0 and "val/IoU/cell" in metrics
-    run_cli("predict", f"ckpt_path={run_dir}", f"input={ISBI / 'image'}", "device=cpu", cwd=workdir)
+    run_main("predict", f"ckpt_path={run_dir}", f"input={ISBI / 'image'}", "device=cpu", cwd=workdir, check=True)
     (predict_dir,) = run_dirs(workdir, "predict")
     masks = sorted((predict_dir / "masks").glob("*.png"))
     assert len(masks) == 30 and Image.open(masks[0]).size == (512, 512)
@@ -137,7 +139,9 @@ def test_yolo_trains_and_evaluates_on_bccd_voc_boxes(workdir: Path) -> None:
     predictions = json.loads((eval_dir / "predictions.json").read_text())
     assert predictions and {p["category_id"] for p in predictions} <= {1, 2, 3}
     image = BCCD / "JPEGImages" / "BloodImage_00000.jpg"
-    run_cli("predict", f"ckpt_path={run_dir}", f"input={image}", "device=cpu", "min_score=0.0", cwd=workdir)
+    run_main(
+        "predict", f"ckpt_path={run_dir}", f"input={image}", "device=cpu", "min_score=0.0", cwd=workdir, check=True
+    )
     (predict_dir,) = run_dirs(workdir, "predict")
     assert Image.open(predict_dir / "boxes" / "BloodImage_00000.png").size == (640, 480)
 
@@ -154,7 +158,7 @@ def test_fcn_trains_and_evaluates_on_voc_palette_masks(workdir: Path) -> None:
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["val/mIoU"] <= 1.0 and "val/IoU/person" in metrics
     image = LABELME_VOC / "JPEGImages" / "2011_000003.jpg"
-    run_cli("predict", f"ckpt_path={run_dir}", f"input={image}", "device=cpu", cwd=workdir)
+    run_main("predict", f"ckpt_path={run_dir}", f"input={image}", "device=cpu", cwd=workdir, check=True)
     (predict_dir,) = run_dirs(workdir, "predict")
     assert Image.open(predict_dir / "masks" / "2011_000003.png").size == Image.open(image).size
 

@@ -83,7 +83,14 @@ def test_eval_and_predict_from_a_checkpoint(workdir: Path):
     assert eval_run.data.metrics["val/mIoU"] == metrics["val/mIoU"]
 
     images = workdir / "data" / "shapes" / "images" / "val"
-    run_cli("predict", f"ckpt_path={run_dir}/checkpoints/last.ckpt", f"input={images}", "device=cpu", cwd=workdir)
+    run_main(
+        "predict",
+        f"ckpt_path={run_dir}/checkpoints/last.ckpt",
+        f"input={images}",
+        "device=cpu",
+        cwd=workdir,
+        check=True,
+    )
     (predict_dir,) = run_dirs(workdir, "predict")
     masks = sorted((predict_dir / "masks").glob("*.png"))
     assert len(masks) == 8 and len(list((predict_dir / "overlays").glob("*.png"))) == 8

@@ -79,7 +79,17 @@ def test_a_fork_keeps_the_checkpoint_anchors_unless_the_command_gives_or_refits_
 
     from pipeline.train import _fork_anchors
 
-    cfg = OmegaConf.create({"model": {"anchors": given}})
+    cfg = OmegaConf.create({"model": {"anchors": given, "input_size": 64}})
     OmegaConf.set_struct(cfg, True)
-    _fork_anchors(cfg, {"hyper_parameters": {"anchors": [[10.0, 12.0]] * 9}})
+    _fork_anchors(cfg, {"hyper_parameters": {"anchors": [[10.0, 12.0]] * 9, "input_size": 64}})
     assert OmegaConf.to_container(cfg.model)["anchors"] == expected
+
+
+def test_a_fork_at_another_input_size_rescales_the_checkpoint_anchors():
+    from omegaconf import OmegaConf
+
+    from pipeline.train import _fork_anchors
+
+    cfg = OmegaConf.create({"model": {"anchors": None, "input_size": 128}})
+    _fork_anchors(cfg, {"hyper_parameters": {"anchors": [[10.0, 12.5]] * 9, "input_size": 64}})
+    assert cfg.model.anchors == [[20.0, 25.0]] * 9  # pixels at 64 -> at 128
