@@ -7,10 +7,20 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 
 class TorchvisionMaskRCNN(nn.Module):
-    """`maskrcnn_resnet50_fpn_v2` without downloads, at a fixed square input size, with box-relative masks out.
+    """`maskrcnn_resnet50_fpn_v2` without downloads, fed our letterboxed batches, with box-relative masks out.
+
+    Sizes as torchvision's reference recipe for multi-scale training (references/detection/train.py passes
+    `_skip_resize=True` with `--data-augmentation multiscale` or `lsj`): in training, GeneralizedRCNNTransform's
+    resize is skipped, so each multi-scale batch reaches the backbone at its own size (only normalised and
+    padded to a multiple of 32); in eval it resizes the short side to `min_size`, capped by `max_size`, and
+    min_size = max_size = `input_size` makes that the identity for our letterboxed [S, S] inputs at S =
+    `input_size` (scale factor 1). Without the flag the transform scaled every training batch back to
+    `input_size`, and multi-scale training did nothing. The flag is torchvision's private keyword (0.29):
+    tests/models/test_maskrcnn.py records the backbone's input sizes, so a change of it fails loudly.
 
     `num_classes` counts the background (labels 1..K, as ours). `weights`: an optional local state_dict file
     (e.g. torchvision's COCO weights); tensors whose shape differs from this model's (the class-specific heads
@@ -20,10 +30,9 @@ class TorchvisionMaskRCNN(nn.Module):
 
     def __init__(self, num_classes: int, input_size: int, weights: str | None = None, **kwargs) -> None:
         super().__init__()
-        # min_size = max_size = the letterboxed input size: torchvision's own resize then changes nothing.
         self.model = maskrcnn_resnet50_fpn_v2(
             weights=None, weights_backbone=None, num_classes=num_classes, min_size=input_size, max_size=input_size,
-            **kwargs,
+            _skip_resize=True, **kwargs,
         )  # fmt: skip
         if weights:
             self.load_weights(Path(weights).expanduser())
@@ -58,3 +67,20 @@ class TorchvisionMaskRCNN(nn.Module):
             det["boxes"] = det["boxes"] * ratio.repeat(2)
             det["masks"] = det["masks"][:, 0]
         return detections
+
+    @staticmethod
+    def masks_to_original(
+        det: dict[str, Tensor], scale: tuple[float, float], height: int, width: int, threshold: float
+    ) -> Tensor:
+        """det["masks"] [D, M, M] box-relative probabilities, det["boxes"] [D, 4] letterboxed pixels -> bool
+        [D, height, width] in original pixels, pasted as torchvision's GeneralizedRCNNTransform.postprocess does.
+
+        The boxes are scaled by the letterbox scale alone (torchvision's `resize_boxes`; not clipped, so a mask
+        keeps the box it was predicted for), then `paste_masks_in_image` (a 1-cell zero border, boxes rounded
+        to whole pixels, the mask resized bilinearly to the box, the part outside the image cut off); pixels with
+        probability >= `threshold` are inside. Same signature as `pipeline.ops.masks.masks_to_original` (our
+        pixel-centre convention), which it replaces for this net.
+        """
+        sx, sy = scale
+        boxes = det["boxes"] / det["boxes"].new_tensor([sx, sy, sx, sy])
+        return paste_masks_in_image(det["masks"][:, None], boxes, (height, width))[:, 0] >= threshold

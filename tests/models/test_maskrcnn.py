@@ -1,0 +1,88 @@
+"""torchvision's Mask R-CNN as our instance net: batch sizes the backbone sees, masks pasted as torchvision does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from pipeline.models.maskrcnn import TorchvisionMaskRCNN
+from pipeline.ops.masks import masks_to_original
+
+
+@pytest.fixture(scope="module")
+def net() -> TorchvisionMaskRCNN:
+    torch.manual_seed(0)
+    # few proposals and detections keep a ResNet-50-FPN fast on CPU
+    small = {"rpn_pre_nms_top_n_train": 64, "rpn_post_nms_top_n_train": 32, "rpn_pre_nms_top_n_test": 64,
+             "rpn_post_nms_top_n_test": 32, "box_batch_size_per_image": 16, "box_detections_per_img": 8}  # fmt: skip
+    return TorchvisionMaskRCNN(num_classes=3, input_size=64, box_score_thresh=0.0, **small)
+
+
+def _record_backbone_inputs(net: TorchvisionMaskRCNN) -> tuple[list[Tensor], torch.utils.hooks.RemovableHandle]:
+    seen: list[Tensor] = []
+    handle = net.model.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    return seen, handle
+
+
+def _targets(size: int, count: int) -> list[dict[str, Tensor]]:
+    masks = torch.zeros(1, size, size, dtype=torch.uint8)
+    masks[0, 8:40, 8:40] = 1
+    return [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]), "masks": masks}] * count
+
+
+def test_each_multi_scale_training_batch_reaches_the_backbone_at_its_own_size(net: TorchvisionMaskRCNN) -> None:
+    seen, handle = _record_backbone_inputs(net)
+    try:
+        net.train()
+        for size in (64, 96):  # input_size is 64: torchvision's resize used to scale the 96 batch back to 64
+            losses = net.losses(torch.rand(2, 3, size, size), _targets(size, 2))
+            assert all(torch.isfinite(v) for v in losses.values())
+            batch, targets = net.model.transform(list(torch.rand(2, 3, size, size)), _targets(size, 2))
+            assert batch.image_sizes == [(size, size)] * 2
+            assert torch.equal(targets[0]["boxes"], torch.tensor([[8.0, 8.0, 40.0, 40.0]]))  # boxes not rescaled
+        net.eval()
+        images = torch.rand(1, 3, 64, 64)
+        with torch.no_grad():
+            net(images)
+    finally:
+        handle.remove()
+        net.eval()
+    assert [tuple(x.shape) for x in seen] == [(2, 3, 64, 64), (2, 3, 96, 96), (1, 3, 64, 64)]
+    # In eval the input (at input_size) reaches the backbone only normalised: torchvision's resize is the identity.
+    mean = torch.tensor(net.model.transform.image_mean)[:, None, None]
+    std = torch.tensor(net.model.transform.image_std)[:, None, None]
+    torch.testing.assert_close(seen[-1][0], (images[0] - mean) / std, rtol=0, atol=1e-6)
+
+
+def test_masks_at_scale_one_equal_torchvisions_own_postprocessed_masks(net: TorchvisionMaskRCNN) -> None:
+    torch.manual_seed(1)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = net.eval()(images)
+        reference = net.model(list(images))  # torchvision's forward: postprocess pastes into the input's size
+    assert sum(len(d["boxes"]) for d in ours) > 0
+    for det, ref in zip(ours, reference, strict=True):
+        torch.testing.assert_close(det["boxes"], ref["boxes"])
+        pasted = TorchvisionMaskRCNN.masks_to_original(det, (1.0, 1.0), 64, 64, 0.5)
+        assert pasted.dtype == torch.bool and pasted.shape == (len(det["boxes"]), 64, 64)
+        assert torch.equal(pasted, ref["masks"][:, 0] >= 0.5)
+
+
+def test_letterboxed_masks_equal_torchvisions_postprocess_into_the_original_image() -> None:
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    torch.manual_seed(2)
+    # Original 128 wide x 96 high, letterboxed to 64: scale 0.5, content 64 x 48, padded at the bottom.
+    boxes = torch.tensor([[3.3, 4.7, 20.2, 30.9], [40.0, 30.0, 64.0, 64.0], [10.1, 10.2, 11.0, 11.4]])
+    det = {"boxes": boxes, "masks": torch.rand(3, 28, 28), "scores": torch.ones(3), "labels": torch.ones(3).long()}
+    ours = TorchvisionMaskRCNN.masks_to_original(det, (0.5, 0.5), 96, 128, 0.5)
+    # torchvision maps the whole 64 x 64 input onto a 128 x 128 original; the letterbox's image is its top part.
+    transform = GeneralizedRCNNTransform(64, 64, [0.0] * 3, [1.0] * 3).eval()
+    result = [{"boxes": boxes.clone(), "masks": det["masks"][:, None].clone()}]
+    (expected,) = transform.postprocess(result, [(64, 64)], [(128, 128)])
+    assert torch.equal(ours, expected["masks"][:, 0, :96] >= 0.5)
+    assert ours[1, 95].any()  # the box reaching past the content is cut at the image's edge, not squeezed
+    assert not torch.equal(ours, masks_to_original(det, (0.5, 0.5), 96, 128, 0.5))  # the conventions differ
+    empty = {"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 28, 28)}
+    assert TorchvisionMaskRCNN.masks_to_original(empty, (0.5, 0.5), 96, 128, 0.5).shape == (0, 96, 128)
