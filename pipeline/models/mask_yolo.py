@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign
 
 from pipeline.models.yolo import YOLO
+from pipeline.ops.roi import multiscale_roi_align
 
 
 class MaskHead(nn.Module):
@@ -35,8 +33,9 @@ class MaskYOLO(YOLO):
     """YOLO plus a mask branch: per box, RoIAlign of the neck (level chosen by box size, as FPN) -> MaskHead.
 
     `forward` gives the detector's slot predictions and the neck levels; `mask_logits` reads the levels along
-    boxes (ground truth in training, detections at inference). `mask_width` is the channel count the levels are
-    projected to and the head's width; `roi_size` the RoIAlign output (masks come out at twice that).
+    boxes (ground truth in training, detections at inference) with `ops.roi.multiscale_roi_align`, which samples
+    at pixel centres as the mask targets do. `mask_width` is the channel count the levels are projected to and
+    the head's width; `roi_size` the RoIAlign output (masks come out at twice that).
     """
 
     def __init__(
@@ -50,7 +49,7 @@ class MaskYOLO(YOLO):
     ) -> None:
         super().__init__(num_classes, backbone, num_anchors, neck_width)
         self.mask_lateral = nn.ModuleList(nn.Conv2d(w, mask_width, 1) for w in self.widths)
-        self.roi_align = MultiScaleRoIAlign(["s8", "s16", "s32"], roi_size, sampling_ratio=2)
+        self.roi_size = roi_size
         self.mask_head = MaskHead(mask_width, num_classes, mask_width)
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -58,11 +57,7 @@ class MaskYOLO(YOLO):
         levels = self.neck(x)
         return self.head(levels), levels
 
-    def mask_logits(self, levels: list[Tensor], boxes: list[Tensor], image_size: tuple[int, int]) -> Tensor:
+    def mask_logits(self, levels: list[Tensor], boxes: list[Tensor]) -> Tensor:
         """Per-class mask logits [R, K, 2S, 2S] for each image's boxes [R_b, 4] (x1, y1, x2, y2 input pixels)."""
-        names = self.roi_align.featmap_names
-        features = OrderedDict(
-            (name, lateral(level)) for name, lateral, level in zip(names, self.mask_lateral, levels, strict=True)
-        )
-        rois = self.roi_align(features, boxes, [image_size] * len(boxes))
-        return self.mask_head(rois)
+        features = [lateral(level) for lateral, level in zip(self.mask_lateral, levels, strict=True)]
+        return self.mask_head(multiscale_roi_align(features, boxes, self.strides, self.roi_size))

@@ -87,7 +87,7 @@ class InstanceTask(DetectionTask):
         """BCE of the ground-truth class's mask logits against the RoIAligned instance masks (0 without RoIs)."""
         assignments = assignments if assignments is not None else self._assignments(grid, batch)
         rois, owners, labels, masks = self._mask_rois(pred, grid, batch, assignments)
-        logits = self.net.mask_logits(levels, rois, tuple(batch["image"].shape[-2:]))
+        logits = self.net.mask_logits(levels, rois)
         if len(logits) == 0:  # keeps the mask head in the graph (DDP needs every parameter used)
             return logits.sum()
         targets = mask_targets(masks, torch.cat(rois), owners, logits.shape[-1])
@@ -108,11 +108,9 @@ class InstanceTask(DetectionTask):
 
     # ---- inference -----------------------------------------------------------------------------------------
 
-    def _with_masks(
-        self, detections: list[dict[str, Tensor]], levels: list[Tensor], size: tuple[int, int]
-    ) -> list[dict[str, Tensor]]:
+    def _with_masks(self, detections: list[dict[str, Tensor]], levels: list[Tensor]) -> list[dict[str, Tensor]]:
         """Add "masks" [D, 28, 28]: each detection's box-relative mask probabilities for its own class."""
-        logits = self.net.mask_logits(levels, [d["boxes"] for d in detections], size)
+        logits = self.net.mask_logits(levels, [d["boxes"] for d in detections])
         labels = torch.cat([d["labels"] for d in detections])
         probs = logits[torch.arange(len(logits), device=logits.device), labels - 1].sigmoid()
         for det, masks in zip(detections, probs.split([len(d["boxes"]) for d in detections]), strict=True):
@@ -122,11 +120,11 @@ class InstanceTask(DetectionTask):
     def detect(self, images: Tensor) -> list[dict[str, Tensor]]:
         """images [B, 3, S, S] -> per image {"boxes" [D, 4], "scores", "labels", "masks" [D, 28, 28] box-relative}."""
         pred, grid, levels = self(images)
-        return self._with_masks(self._select(pred, grid), levels, tuple(images.shape[-2:]))
+        return self._with_masks(self._select(pred, grid), levels)
 
     def _validation_outputs(self, batch: dict) -> tuple[Tensor, list[dict[str, Tensor]]]:
         losses, pred, grid, levels = self._losses(batch)
-        detections = self._with_masks(self._select(pred, grid), levels, tuple(batch["image"].shape[-2:]))
+        detections = self._with_masks(self._select(pred, grid), levels)
         return losses["loss"], detections
 
     def _to_original(self, det: dict[str, Tensor], scale: tuple[float, float], height: int, width: int) -> dict:
