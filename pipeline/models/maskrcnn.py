@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -38,12 +39,27 @@ class TorchvisionMaskRCNN(nn.Module):
             self.load_weights(Path(weights).expanduser())
 
     def load_weights(self, path: Path) -> list[str]:
-        """Load a state_dict file where shapes match; returns (and prints) the keys left at their initialisation."""
+        """Load a state_dict file where shapes match; returns (and prints) the keys left at their initialisation.
+
+        A file (bare, or under a `state_dict` key) of which no tensor fits this model is an error naming the file
+        and a few keys expected and found: loading it would silently leave the whole net at random init.
+        """
         if not path.is_file():
             raise FileNotFoundError(f"model.net.weights={path}: no such file")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+            state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise ValueError(f"model.net.weights={path} holds a {type(state).__name__}, not a state dict")
         own = self.model.state_dict()
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not usable:
+            named = [k for k in state if k in own]
+            why = f"; {len(named)} share a name but not the shape, e.g. {named[:3]}" if named else ""
+            raise ValueError(
+                f"no tensor in model.net.weights={path} fits torchvision's maskrcnn_resnet50_fpn_v2: expected keys "
+                f"like {list(own)[:3]}, found {list(state)[:3]} ({len(state)} keys){why}"
+            )
         self.model.load_state_dict(usable, strict=False)
         fresh = sorted(set(own) - set(usable))
         print(f"Loaded {len(usable)} tensors from {path}; {len(fresh)} left fresh: {', '.join(fresh[:6])}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor
@@ -86,3 +88,29 @@ def test_letterboxed_masks_equal_torchvisions_postprocess_into_the_original_imag
     assert not torch.equal(ours, masks_to_original(det, (0.5, 0.5), 96, 128, 0.5))  # the conventions differ
     empty = {"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 28, 28)}
     assert TorchvisionMaskRCNN.masks_to_original(empty, (0.5, 0.5), 96, 128, 0.5).shape == (0, 96, 128)
+
+
+def test_a_weights_file_that_fits_no_tensor_is_an_error_naming_the_file_and_keys(
+    net: TorchvisionMaskRCNN, tmp_path: Path
+) -> None:
+    before = net.model.state_dict()["backbone.body.conv1.weight"].clone()
+    other = tmp_path / "other_net.pth"
+    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match=r"other_net\.pth") as error:
+        net.load_weights(other)
+    message = str(error.value)
+    assert "expected keys like ['backbone.body.conv1.weight'" in message and "found ['conv1.weight'" in message
+    same_names = tmp_path / "wrong_shapes.pth"
+    torch.save({"backbone.body.conv1.weight": torch.zeros(1), "roi_heads.box_predictor.cls_score.bias": torch.zeros(1)},
+               same_names)  # fmt: skip
+    with pytest.raises(ValueError, match=r"wrong_shapes\.pth.*2 share a name but not the shape"):
+        net.load_weights(same_names)
+    wrapped = tmp_path / "lightning_like.pth"
+    torch.save({"state_dict": {"net.model.backbone.body.conv1.weight": torch.zeros(64, 3, 7, 7)}}, wrapped)
+    with pytest.raises(ValueError, match=r"found \['net\.model\.backbone\.body\.conv1\.weight'\]"):
+        net.load_weights(wrapped)
+    not_a_dict = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), not_a_dict)
+    with pytest.raises(ValueError, match="holds a Tensor, not a state dict"):
+        net.load_weights(not_a_dict)
+    assert torch.equal(net.model.state_dict()["backbone.body.conv1.weight"], before)  # nothing was loaded
