@@ -14,14 +14,33 @@ from pipeline.data.checks import check_coco
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read any image (grayscale, RGBA, 16-bit, EXIF-rotated) as upright RGB uint8 [H, W, 3]."""
+    """Read any image (grayscale, RGBA, 16-bit, EXIF-rotated) as upright RGB uint8 [H, W, 3].
+
+    Deeper-than-8-bit grey images are scaled by their type's range, never by their own maximum, so one stored
+    value gives one 8-bit value in every image of a dataset (see `_grey_to_uint8`).
+    """
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float32)
-            arr = (255.0 * arr / max(float(arr.max()), 1.0)).astype(np.uint8)
-            return np.repeat(arr[..., None], 3, axis=2)
+        if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+            return np.repeat(_grey_to_uint8(np.asarray(img))[..., None], 3, axis=2)
         return np.asarray(img.convert("RGB"))
+
+
+def _grey_to_uint8(values: np.ndarray) -> np.ndarray:
+    """A deep grey image [H, W] (uint16, int32 or float32, as PIL decodes modes I;16*, I, F) -> uint8 [H, W].
+
+    uint16: 0..65535 -> 0..255 (v / 257 rounded; 65535 / 255 = 257, so an 8-bit value stored as 16 bits comes
+    back exactly). int32 (mode I: 32-bit or signed TIFFs, 16-bit PNGs in older Pillow): its real range is
+    unknown, so the 16-bit range is used, clipped to 0..65535. float: 0..1 -> 0..255 clipped (torchvision's and
+    scikit-image's convention for float images).
+    """
+    if values.dtype.kind == "f":
+        scaled = np.clip(values.astype(np.float64), 0.0, 1.0) * 255.0
+    elif values.dtype.kind in "iu":
+        scaled = np.clip(values.astype(np.float64), 0.0, 65535.0) / 257.0
+    else:
+        raise ValueError(f"cannot read a {values.dtype} image as 8-bit")
+    return np.round(scaled).astype(np.uint8)
 
 
 class CocoSource:

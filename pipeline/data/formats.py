@@ -239,11 +239,20 @@ def voc_instance_dataset(root: str | Path, split: str, class_names: list[str]) -
 
 
 def _index_png(path: Path) -> np.ndarray:
-    """A palette/index PNG as its indices uint8 [H, W]."""
+    """A palette/index PNG as its indices uint8 [H, W].
+
+    16/32-bit index PNGs keep their values (indices, not intensities: never scaled); one above 255 is an error,
+    since PIL's conversion to 8 bits would clip it to 255, VOC's void label.
+    """
     if not path.is_file():
         raise DataError(f"{path}: missing.")
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I;16") or img.mode == "I":
+                values = np.asarray(img)
+                if values.size and (values.min() < 0 or values.max() > 255):
+                    raise DataError(f"{path}: index values {values.min()}..{values.max()} do not fit 0..255.")
+                return values.astype(np.uint8)
             return np.asarray(img if img.mode in ("P", "L") else img.convert("L"), dtype=np.uint8)
     except OSError as err:
         raise DataError(f"{path}: does not decode ({err}).") from None

@@ -87,7 +87,7 @@ class MaskFolderSource:
                 raw = np.asarray(img).astype(np.int64)
         except OSError as err:
             raise DataError(f"{mask_path}: mask does not decode ({err}).") from None
-        if mode not in ("1", "L", "P", "I", "I;16"):
+        if mode not in ("1", "L", "P", "I") and not mode.startswith("I;16"):  # values are labels: never scaled
             raise DataError(f"{mask_path}: mask has mode {mode}; masks must be one channel (class index per pixel, "
                             "or a palette PNG).")  # fmt: skip
         if self.values:
