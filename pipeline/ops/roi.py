@@ -44,3 +44,20 @@ def multiscale_roi_align(
         out[picked] = roi_align(level, rois[picked], (size, size), spatial_scale=1.0 / stride,
                                 sampling_ratio=sampling_ratio, aligned=True).to(out.dtype)  # fmt: skip
     return out
+
+
+def roi_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by non-negative ints, hashed by numpy's SeedSequence (neighbouring keys: unrelated)."""
+    state = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def sample_rois(count: int, cap: int, generator: torch.Generator) -> Tensor:
+    """Indices (long [min(count, cap)], CPU) of the candidates 0..count-1 that get a mask RoI.
+
+    All of them, in order and without a draw, when they fit under `cap`; otherwise `cap` of them drawn uniformly
+    without replacement by `generator`, so every candidate has the same chance whatever its place in the file.
+    """
+    if count <= cap:
+        return torch.arange(count)
+    return torch.randperm(count, generator=generator)[: max(cap, 0)]

@@ -15,6 +15,7 @@ from torch import Tensor
 from pipeline.metrics.detection import CocoMAP
 from pipeline.ops.boxes import SlotGrid, decode
 from pipeline.ops.masks import encode_rle, mask_targets, masks_to_original, paste_masks
+from pipeline.ops.roi import roi_generator, sample_rois
 from pipeline.tasks.common import to_primitive
 from pipeline.tasks.detection import LOSS_KEYS, DetectionTask, box_iou_pairs
 
@@ -27,8 +28,9 @@ class InstanceTask(DetectionTask):
     Training: the detector's losses plus per-pixel BCE of the ground-truth class's mask logits [28, 28] against
     the instance masks RoIAligned along each mask RoI: the ground-truth boxes plus the detector's boxes of the
     slots assigned to them that overlap their ground truth by `masks.positive_iou` (as Mask R-CNN's positive
-    proposals), at most `masks.rois_per_image`. Inference: masks of the post-NMS detections, pasted into the
-    original image and thresholded at `masks.threshold`. Logs val/map… (boxes) and val/segm_map… (masks).
+    proposals), at most `masks.rois_per_image`, drawn at random where there are more. Inference: masks of the
+    post-NMS detections, pasted into the original image and thresholded at `masks.threshold`. Logs val/map…
+    (boxes) and val/segm_map… (masks).
     """
 
     TARGETS = "instances"
@@ -51,25 +53,46 @@ class InstanceTask(DetectionTask):
 
     # ---- training ------------------------------------------------------------------------------------------
 
+    def _roi_generator(self, batch: dict, b: int) -> torch.Generator:
+        """The generator that picks image b's mask RoIs: seeded by (seed, global step, rank, b) in training, by
+        (seed, image id) in evaluation.
+
+        A generator of its own rather than torch's global one (which `callbacks.StepSeed` seeds from (seed, step,
+        rank) before each training step, so either would resume exactly): the draw then depends on neither the
+        callback, nor the draws before it in the step, nor the device (CPU generator). In evaluation the global
+        step stands still, so the image id keys the draw: val/loss_mask sees the same RoIs of an image at every
+        validation, whatever the batch size or number of ranks.
+        """
+        seed = self.hparams.seed
+        if self.training:
+            return roi_generator(seed, self.global_step, self.global_rank, b)
+        return roi_generator(seed, int(batch["image_id"][b]))
+
     def _mask_rois(
         self, pred: Tensor, grid: SlotGrid, batch: dict, assignments: list[tuple[Tensor, Tensor]]
     ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         """Per image mask RoIs [R_b, 4]; for all of them the owning instance (row of the batch's non-crowd masks),
-        its label 1..K, and those masks [N, S, S]."""
+        its label 1..K, and those masks [N, S, S].
+
+        At most `masks.rois_per_image` per image: the ground-truth boxes (a uniform random subset where there are
+        more, `ops.roi.sample_rois`), then detector boxes assigned to them, drawn the same way, in the room left.
+        """
         cfg = self.hparams.masks
+        cap = cfg["rois_per_image"]
         boxes = decode(pred[..., :4].detach(), grid)
         rois, owners, labels, masks = [], [], [], []
         start = 0
         for b, (gt, gt_labels, crowd, gt_masks, (slots, index)) in enumerate(
             zip(batch["boxes"], batch["labels"], batch["iscrowd"], batch["masks"], assignments, strict=True)
         ):
+            generator = self._roi_generator(batch, b)
             gt, gt_labels, gt_masks = (t[~crowd].to(pred.device) for t in (gt, gt_labels, gt_masks))
+            chosen = sample_rois(len(gt), cap, generator).to(pred.device)
             positive = box_iou_pairs(boxes[b, slots], gt[index]) >= cfg["positive_iou"]
             extra = torch.nonzero(positive).flatten()
-            room = max(0, cfg["rois_per_image"] - len(gt))
-            extra = extra[torch.randperm(len(extra), device=extra.device)[:room]]
-            rois.append(torch.cat([gt, boxes[b, slots[extra]]])[: cfg["rois_per_image"]])
-            owner = torch.cat([torch.arange(len(gt), device=pred.device), index[extra]])[: cfg["rois_per_image"]]
+            extra = extra[sample_rois(len(extra), cap - len(chosen), generator).to(extra.device)]
+            rois.append(torch.cat([gt[chosen], boxes[b, slots[extra]]]))
+            owner = torch.cat([chosen, index[extra]])
             owners.append(owner + start)
             labels.append(gt_labels[owner])
             masks.append(gt_masks)

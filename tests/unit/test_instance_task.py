@@ -57,6 +57,59 @@ def test_mask_loss_trains_only_the_ground_truth_class_channel() -> None:
     assert per_class[1] > 0 and per_class[0] == 0 and per_class[2] == 0
 
 
+def _crowded(images: int, image_ids: list[int]) -> dict:
+    """`images` copies of one image with 12 instances (a 4 x 3 grid of 12 x 10 boxes), more than the 8 RoIs."""
+    grid = [[x, y, x + 12.0, y + 10.0] for x in (2.0, 18.0, 34.0, 50.0) for y in (2.0, 22.0, 42.0)]
+    return {**_batch([grid] * images), "image_id": image_ids}
+
+
+def _chosen(task: InstanceTask, batch: dict) -> list[list[int]]:
+    """Per image, the instances (rows of its boxes) that got a mask RoI, checking each RoI is its owner's box."""
+    with torch.no_grad():
+        pred, grid, _ = task(batch["image"])
+        rois, owners, labels, _ = task._mask_rois(pred, grid, batch, task._assignments(grid, batch))
+    chosen, start = [], 0
+    for image_rois, image_owners, gt in zip(rois, owners.split([len(r) for r in rois]), batch["boxes"], strict=True):
+        rows = (image_owners - start).tolist()
+        assert len(rows) == 8 and len(set(rows)) == 8 and torch.equal(image_rois, gt[rows])
+        chosen.append(sorted(rows))
+        start += len(gt)
+    assert bool((labels == 2).all())
+    return chosen
+
+
+def test_a_crowded_image_gets_a_random_subset_of_its_instances_as_mask_rois() -> None:
+    task = _task()
+    batch = _crowded(1, [7])
+    rng = torch.get_rng_state()
+    subsets = []
+    for seed in range(4):
+        task.hparams.seed = seed
+        subsets += _chosen(task, batch)
+    assert torch.equal(torch.get_rng_state(), rng)  # torch's global generator is not drawn from
+    assert len({tuple(s) for s in subsets}) == 4 and subsets[0] != list(range(8))  # not the first 8 in the file
+    task.hparams.seed = 0
+    assert _chosen(task, batch) == subsets[:1]
+
+
+def test_the_mask_rois_drawn_follow_seed_step_rank_and_image_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    task = _task()
+    batch = _crowded(2, [7, 7])  # the same image twice
+    first, second = _chosen(task, batch)
+    assert first != second  # image index
+    monkeypatch.setattr(InstanceTask, "global_step", property(lambda self: 5))
+    assert _chosen(task, batch) != [first, second]  # global step
+    at_step_5 = _chosen(task, batch)
+    assert _chosen(task, batch) == at_step_5
+    monkeypatch.setattr(InstanceTask, "global_rank", property(lambda self: 1))
+    assert _chosen(task, batch) != at_step_5  # rank
+    # Evaluation: keyed by the image id, the same for both copies and at any step.
+    evaluated = _chosen(task.eval(), batch)
+    assert evaluated[0] == evaluated[1]
+    monkeypatch.setattr(InstanceTask, "global_step", property(lambda self: 9))
+    assert _chosen(task, batch) == evaluated
+
+
 def test_a_batch_without_objects_gives_a_zero_mask_loss_that_keeps_the_head_in_the_graph() -> None:
     task = _task()
     batch = _batch([[], []])

@@ -1,5 +1,5 @@
 """The mask branch's RoIs: FPN level pooling at pixel centres (ops.roi.multiscale_roi_align) checked against
-torchvision's roi_align and MultiScaleRoIAlign."""
+torchvision's roi_align and MultiScaleRoIAlign; which instances get a mask RoI (ops.roi.sample_rois)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from pipeline.ops.roi import fpn_levels, multiscale_roi_align
+from pipeline.ops.roi import fpn_levels, multiscale_roi_align, roi_generator, sample_rois
 
 STRIDES = (8, 16, 32)
 HEIGHT, WIDTH = 640, 768
@@ -58,8 +58,9 @@ def test_levels_are_the_ones_multiscale_roi_align_picks() -> None:
 
 def test_pooled_features_read_the_coordinates_of_the_bin_centres() -> None:
     size = 5
+    # Image 0: strides 8 and 16; image 1: stride 32.
     boxes = [torch.tensor([_square(60.0), [100.0, 60.0, 400.0, 360.0]]),
-             torch.tensor([[60.0, 50.0, 660.0, 560.0]])]  # fmt: skip  (strides 8 and 16; 32)
+             torch.tensor([[60.0, 50.0, 660.0, 560.0]])]  # fmt: skip
     pooled = multiscale_roi_align(_levels(2), boxes, STRIDES, size).double()
     steps = torch.arange(size, dtype=torch.float64) + 0.5
     for r, (image, (x1, y1, x2, y2)) in enumerate([(0, boxes[0][0]), (0, boxes[0][1]), (1, boxes[1][0])]):
@@ -73,8 +74,9 @@ def test_pooled_features_read_the_coordinates_of_the_bin_centres() -> None:
 def test_each_box_is_torchvision_roi_align_of_its_level_at_pixel_centres() -> None:
     generator = torch.Generator().manual_seed(1)
     levels = [torch.randn(2, 4, HEIGHT // s, WIDTH // s, generator=generator) for s in STRIDES]
+    # Image 0: levels 0 and 2; image 1: level 1.
     boxes = [torch.tensor([_square(50.0, 3.5, 7.25), _square(500.0, 100.0, 90.0)]),
-             torch.tensor([_square(250.0, 300.0, 200.0)])]  # fmt: skip  (levels 0, 2; 1)
+             torch.tensor([_square(250.0, 300.0, 200.0)])]  # fmt: skip
     ours = multiscale_roi_align(levels, boxes, STRIDES, 7)
     for r, (image, level, box) in enumerate([(0, 0, boxes[0][0]), (0, 2, boxes[0][1]), (1, 1, boxes[1][0])]):
         roi = torch.cat([torch.tensor([float(image)]), box])[None]
@@ -93,3 +95,34 @@ def test_no_boxes_give_no_features_and_keep_every_level_in_the_graph() -> None:
 def test_strides_must_double() -> None:
     with pytest.raises(ValueError, match="double"):
         fpn_levels(torch.tensor([_square(10.0)]), (8, 32))
+
+
+# --------------------------------------------------------------------------------------------- RoI sampling
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 8])
+def test_every_candidate_is_kept_when_they_fit_under_the_cap(count: int) -> None:
+    assert sample_rois(count, 8, roi_generator(0)).tolist() == list(range(count))
+
+
+def test_more_candidates_than_the_cap_give_a_subset_of_distinct_ones() -> None:
+    chosen = sample_rois(20, 8, roi_generator(0))
+    assert chosen.dtype == torch.long and len(chosen) == 8 and len(set(chosen.tolist())) == 8
+    assert all(0 <= i < 20 for i in chosen.tolist())
+
+
+def test_the_same_key_gives_the_same_subset_and_other_keys_other_subsets() -> None:
+    draws = {key: frozenset(sample_rois(30, 8, roi_generator(*key)).tolist()) for key in
+             [(0, 5, 0, 0), (1, 5, 0, 0), (0, 6, 0, 0), (0, 5, 1, 0), (0, 5, 0, 1)]}  # fmt: skip
+    assert frozenset(sample_rois(30, 8, roi_generator(0, 5, 0, 0)).tolist()) == draws[(0, 5, 0, 0)]
+    assert len(set(draws.values())) == len(draws)  # seed, step, rank and image each change the draw
+
+
+def test_every_candidate_is_picked_about_equally_often() -> None:
+    # 4000 draws of 8 of 20: each candidate is picked 1600 times in expectation (binomial sd ~31).
+    counts = torch.zeros(20)
+    for step in range(4000):
+        counts[sample_rois(20, 8, roi_generator(0, step, 0, 0))] += 1
+    assert counts.sum() == 32000
+    # Within ~5 sd of 1600; keeping the first 8 would give 4000 and 0.
+    assert bool((counts - 1600).abs().max() < 160), counts.tolist()
