@@ -156,7 +156,8 @@ def voc_box_dataset(root: str | Path, split: str, class_names: list[str]) -> tup
     """A VOC split's Annotations/*.xml boxes as (JPEGImages folder, COCO dataset dict).
 
     VOC boxes are 1-based inclusive pixels (xmin = 1 is the first column): x = xmin - 1, w = xmax - xmin + 1.
-    `difficult` objects become crowd regions: ignored for matching, as VOC's own evaluation ignores them.
+    `difficult` objects become crowd regions (`iscrowd` 1): ignored COCO's way, which differs from VOC's own
+    `difficult` rule (see `CocoMAP.summary`, map_50_voc).
     Category ids are 1..K in `class_names` order (class_names[0] is the background).
     """
     root = Path(root)

@@ -96,10 +96,21 @@ class CocoMAP(MeanAveragePrecision):
         ground truth, "map_50_voc" and "nonfinite". Without any detection the stats are 0 (-1 for an area range
         without ground truth), where pycocotools' loadRes would crash.
 
-        "map_50_voc" is PASCAL VOC's 11-point AP at IoU 0.5 (area all, 100 detections) averaged over the labels
-        with ground truth: the mean over recall r = 0, 0.1, …, 1 of the highest precision at recall >= r. That is
-        exactly pycocotools' interpolated precision at recall thresholds 0, 0.1, …, 1 (indices 0, 10, …, 100 of
-        the precision array); pycocotools already puts 0 at recalls no detection reaches.
+        "map_50_voc" is VOC2007's 11-point interpolation applied to COCOeval's matching, not the VOC devkit's
+        number: per label with non-crowd ground truth, the mean over recall r = 0, 0.1, …, 1 of the highest
+        precision at recall >= r (0 where no detection reaches r), at IoU >= 0.5, area "all", the 100
+        best-scoring detections per image; then the mean over those labels. That is exactly pycocotools'
+        interpolated precision at recall thresholds 0, 0.1, …, 1 (indices 0, 10, …, 100 of the precision array).
+        The matches are COCOeval's: in score order each detection takes the still-unmatched non-crowd ground
+        truth of highest IoU (>= 0.5); failing that, a crowd region it covers by intersection over the
+        detection's own area >= 0.5, which makes it ignored (neither TP nor FP; a crowd region takes any number);
+        crowd regions never count in recall. It differs from the VOC devkit (voc_eval) where VOC assigns each
+        detection its single highest-IoU object (a duplicate of a found object is a false positive even when
+        another object it overlaps is free), ignores a detection only when that object is `difficult` (by
+        IoU, not intersection over the detection), needs IoU > 0.5 (strictly), adds 1 to inclusive pixel sides,
+        and keeps every detection; VOC2010+ reports the area under the whole curve instead of 11 points. Our VOC
+        readers turn `difficult` objects into crowd regions, so they are ignored COCO's way. For masks
+        ("segm_map_50_voc") the same with mask IoU, which the VOC devkit does not define.
         """
         if iou_type not in self.iou_type:
             raise ValueError(f"this metric computes {self.iou_type}, not {iou_type!r}")

@@ -331,6 +331,37 @@ def test_voc_11_point_ap_by_hand() -> None:
     assert np.allclose(precision[:34], 1) and np.allclose(precision[34:67], 2 / 3) and np.allclose(precision[67:], 0.6)
 
 
+def test_voc_11_point_ap_uses_cocoevals_matching_not_the_voc_devkits() -> None:
+    # Class 1: GT A, GT B and a crowd region; detections by score: A exactly (TP), a small box inside the crowd
+    #   region (IoU with it 0.01, intersection over the detection 1: COCO ignores it), A again (FP), B (TP).
+    #   COCO: TP, -, FP, TP -> (1/2, 1), (1/2, 1/2), (1, 2/3): r = 0 … .5 -> 1, .6 … 1 -> 2/3: 28/33 = 0.8485.
+    #   The VOC devkit with the crowd region as `difficult` counts the small box as FP (IoU < 0.5):
+    #   TP, FP, FP, TP -> 6 points of 1, 5 of 1/2: 8.5/11 = 0.7727.
+    # Class 5: GT C and GT D overlapping by IoU 0.6; both detections are exact copies of C. COCO: the second
+    #   takes D, still free (IoU 0.6) -> TP, TP: AP 1. VOC assigns it to C (its highest IoU), already found:
+    #   FP, and D is never found -> 6/11.
+    annotations = [
+        _annotation(1, 1, _box(0, 0, 50, 50)),
+        _annotation(1, 1, _box(100, 0, 50, 50)),
+        _annotation(1, 1, _box(200, 200, 100, 100), crowd=1),
+        _annotation(1, 5, _box(400, 0, 40, 40)),
+        _annotation(1, 5, _box(410, 0, 40, 40)),
+    ]
+    detections = [
+        _detection(1, 1, _box(0, 0, 50, 50), 0.9),
+        _detection(1, 1, _box(240, 240, 10, 10), 0.8),
+        _detection(1, 1, _box(0, 0, 50, 50), 0.7),
+        _detection(1, 1, _box(100, 0, 50, 50), 0.6),
+        _detection(1, 5, _box(400, 0, 40, 40), 0.9),
+        _detection(1, 5, _box(400, 0, 40, 40), 0.8),
+    ]
+    gt = _gt([1], annotations)
+    ours = _ours(gt, detections)
+    _assert_stats_equal(ours, _reference(gt, detections))
+    assert ours["map_50_voc"] == pytest.approx((28 / 33 + 1) / 2, abs=1e-9)
+    assert ours["map_50_voc"] != pytest.approx((8.5 / 11 + 6 / 11) / 2, abs=1e-3)  # the devkit's number
+
+
 def test_pr_curve_figure_is_an_rgb_uint8_image() -> None:
     recall = np.linspace(0, 1, 101)
     curves = {0: (recall, np.where(recall <= 0.5, 1.0, 0.5)), 2: (recall, np.zeros(101))}
