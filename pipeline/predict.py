@@ -21,7 +21,7 @@ from pipeline.data.formats import IMAGE_SUFFIXES
 from pipeline.data.transforms import letterbox
 from pipeline.eval import load_task
 from pipeline.ops.boxes import letterbox_scale, unletterbox
-from pipeline.ops.masks import encode_rle, masks_to_original
+from pipeline.ops.masks import encode_rle
 from pipeline.viz import draw_boxes, draw_instances, overlay, palette
 
 
@@ -89,7 +89,7 @@ def _predict_detections(
                                          strict=True)
         ]  # fmt: skip
         if instances:
-            masks = masks_to_original(det, scale, height, width, task.hparams.masks["threshold"])
+            masks = task.masks_to_original(det, scale, height, width)
             picture = draw_instances(image, boxes, labels, masks, names, scores)
             for record, mask in zip(records, masks, strict=True):
                 record["segmentation"] = encode_rle(mask)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from pipeline.metrics.detection import CocoMAP
 from pipeline.ops.boxes import SlotGrid, decode
-from pipeline.ops.masks import encode_rle, mask_targets, masks_to_original, paste_masks
+from pipeline.ops.masks import encode_rle, mask_targets, masks_to_original
 from pipeline.ops.roi import roi_generator, sample_rois
 from pipeline.tasks.common import to_primitive
 from pipeline.tasks.detection import LOSS_KEYS, DetectionTask, box_iou_pairs
@@ -150,8 +150,13 @@ class InstanceTask(DetectionTask):
         detections = self._with_masks(self._select(pred, grid), levels)
         return losses["loss"], detections
 
+    def masks_to_original(self, det: dict[str, Tensor], scale: tuple[float, float], height: int, width: int) -> Tensor:
+        """det["masks"] [D, M, M] box-relative, det["boxes"] [D, 4] letterboxed -> bool [D, height, width] in the
+        original image, pasted by this model's own convention (validation, panels and predict all use it)."""
+        return masks_to_original(det, scale, height, width, self.hparams.masks["threshold"])
+
     def _to_original(self, det: dict[str, Tensor], scale: tuple[float, float], height: int, width: int) -> dict:
-        masks = masks_to_original(det, scale, height, width, self.hparams.masks["threshold"])
+        masks = self.masks_to_original(det, scale, height, width)
         return {**super()._to_original(det, scale, height, width), "masks": masks}
 
     def _records(self, image_id: int, pred: dict[str, Tensor]) -> list[dict]:
@@ -167,8 +172,8 @@ class InstanceTask(DetectionTask):
 
     def _panel(self, batch: dict, detections: list[dict[str, Tensor]]) -> np.ndarray:
         """Validation picture: ground-truth masks and boxes | detections with their masks pasted, per image."""
-        size, threshold = batch["image"].shape[-1], self.hparams.masks["threshold"]
-        pasted = [{**d, "masks": paste_masks(d["masks"], d["boxes"], size, size) >= threshold} for d in detections]
+        height, width = batch["image"].shape[-2:]
+        pasted = [{**d, "masks": self.masks_to_original(d, (1.0, 1.0), height, width)} for d in detections]
         return super()._panel(batch, pasted)
 
 
@@ -241,6 +246,10 @@ class TorchvisionInstanceTask(InstanceTask):
 
     def detect(self, images: Tensor) -> list[dict[str, Tensor]]:
         return self.net(images)
+
+    def masks_to_original(self, det: dict[str, Tensor], scale: tuple[float, float], height: int, width: int) -> Tensor:
+        """As InstanceTask's, by torchvision's own paste (`paste_masks_in_image`), as its reference recipe scores."""
+        return self.net.masks_to_original(det, scale, height, width, self.hparams.masks["threshold"])
 
     def _validation_outputs(self, batch: dict) -> tuple[Tensor | None, list[dict[str, Tensor]]]:
         return None, self.net(batch["image"])

@@ -13,6 +13,8 @@ from hydra.utils import instantiate
 
 from pipeline.cli import CONF_DIR
 from pipeline.data.datamodule import ShapesDataModule
+from pipeline.models.maskrcnn import TorchvisionMaskRCNN
+from pipeline.ops.masks import masks_to_original
 from pipeline.tasks.instance import InstanceTask
 from tests.unit.test_detection_task import ANCHORS, LOSS, POST
 
@@ -155,11 +157,19 @@ def test_torchvision_maskrcnn_runs_a_training_and_a_validation_step_in_the_insta
     with torch.no_grad():
         (det,) = task.eval().detect(torch.rand(1, 3, 64, 64))
     assert det["masks"].shape == (len(det["boxes"]), 28, 28)
+    # Validation and predict paste this net's masks by torchvision's rule (checked against its postprocess in
+    # tests/models/test_maskrcnn.py), not by our pixel-centre one.
+    torch.manual_seed(3)
+    boxes = torch.tensor([[3.3, 4.7, 20.2, 30.9], [40.0, 30.0, 64.0, 64.0]])
+    det = {"boxes": boxes, "masks": torch.rand(2, 28, 28), "scores": torch.ones(2), "labels": torch.ones(2).long()}
+    pasted = task._to_original(det, (0.5, 0.5), 96, 128)["masks"]
+    assert torch.equal(pasted, TorchvisionMaskRCNN.masks_to_original(det, (0.5, 0.5), 96, 128, 0.5))
+    assert not torch.equal(pasted, masks_to_original(det, (0.5, 0.5), 96, 128, 0.5))
+    assert torch.equal(_task()._to_original(det, (0.5, 0.5), 96, 128)["masks"],
+                       masks_to_original(det, (0.5, 0.5), 96, 128, 0.5))  # fmt: skip
 
 
 def test_torchvision_maskrcnn_loads_a_local_weights_file_leaving_mismatched_heads_fresh(tmp_path: Path) -> None:
-    from pipeline.models.maskrcnn import TorchvisionMaskRCNN
-
     source = TorchvisionMaskRCNN(num_classes=91, input_size=64)
     path = tmp_path / "maskrcnn.pth"
     torch.save(source.model.state_dict(), path)
