@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.config import ConfigError
 from pipeline.data.coco import CocoBoxSource, CocoInstanceSource, CocoSemanticSource
 from pipeline.data.formats import voc_box_dataset, voc_ids, voc_instance_dataset, yolo_dataset
-from pipeline.data.mask_folders import MaskFolderSource
+from pipeline.data.mask_folders import MaskFolderSource, _files
 from pipeline.data.samplers import MultiScaleBatchSampler, SampleKey, ShardedSampler
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
 from pipeline.data.transforms import apply, apply_boxes, compose, letterbox, reseed
@@ -377,22 +377,64 @@ class YoloDataModule(CocoDataModule):
         return yolo_dataset(self.yaml, files["split"], self.root)
 
 
+# The hold-out permutation's seed: fixed, not the run's `seed`, so every run, sweep trial and DDP rank holds out the
+# same images and validation numbers of different runs compare.
+HOLDOUT_SEED = 0
+
+
+def holdout_split(stems: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(train, held out) stems: round(fraction * N) of the sorted stems picked by a permutation of HOLDOUT_SEED."""
+    ordered = sorted(stems)
+    count = round(fraction * len(ordered))
+    if not 0 < count < len(ordered):
+        raise ConfigError(
+            f"data.holdout={fraction} of {len(ordered)} images holds out {count} and trains on "
+            f"{len(ordered) - count}: training and validation each need at least one image."
+        )
+    held = set(np.random.default_rng(HOLDOUT_SEED).permutation(len(ordered))[:count].tolist())
+    return ([s for i, s in enumerate(ordered) if i not in held], [s for i, s in enumerate(ordered) if i in held])
+
+
 class MaskFolderDataModule(CocoDataModule):
     """Semantic segmentation from two folders per split, images and masks matched by file stem.
 
     `train`/`val`: {"images": folder, "masks": folder}; `values` maps mask pixel values to labels (e.g. {0: 0,
-    255: 1}); see `MaskFolderSource`. Semantic targets only.
+    255: 1}); see `MaskFolderSource`. Semantic targets only. `holdout` (a fraction, with `val` None) validates on
+    that share of the train folder's images instead, the same ones in every run (`holdout_split`).
     """
 
-    def __init__(self, values: dict[int, int] | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        train: dict,
+        val: dict | None = None,
+        values: dict[int, int] | None = None,
+        holdout: float | None = None,
+        **kwargs,
+    ) -> None:
+        train = dict(train)
+        if holdout is not None:
+            if val is not None:
+                raise ConfigError(
+                    "data.val and data.holdout are both set: validate on the val folders (data.holdout=null) or on "
+                    "a held-out share of the train folder (data.val=null)."
+                )
+            if not 0.0 < float(holdout) < 1.0:
+                raise ConfigError(f"data.holdout={holdout}: the held-out share must lie between 0 and 1.")
+            stems = sorted(_files(Path(train["images"])))
+            kept, held = holdout_split(stems, float(holdout))
+            val = {**train, "stems": held}
+            train["stems"] = kept
+        elif val is None:
+            raise ConfigError("data.val is null: give its folders (data.val.images, data.val.masks) or data.holdout.")
+        super().__init__(train=train, val=val, **kwargs)
         if self.targets != "semantic":
             raise ConfigError("data=masks holds semantic masks only: use it with a segmentation model (model=fcn8s, …)")
-        self.values = values
+        self.values, self.holdout = values, holdout
 
     def _samples(self, files: dict, augment: A.Compose, size: int) -> SegmentationSamples:
+        stems = list(files["stems"]) if files.get("stems") is not None else None
         source = MaskFolderSource(files["images"], files["masks"], self.num_classes, self.ignore_index,
-                                  self.values, self.class_names)  # fmt: skip
+                                  self.values, self.class_names, stems)  # fmt: skip
         return SegmentationSamples(source, augment, size, self.ignore_index)
 
 
