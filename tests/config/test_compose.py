@@ -22,6 +22,7 @@ REQUIRED = {
     "data=yolo": [f"data.yaml={SHARED / 'datasets' / 'coco128-seg' / 'coco128-seg.yaml'}"],
     "data=masks": [f"data.{split}.{key}=folder" for split in ("train", "val") for key in ("images", "masks")],
     "data=voc": ["data.root=VOC2012"],
+    "experiment=coco128seg_instance": [],  # its class names are read from the shared yaml
 }  # fmt: skip
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug", "hparams_search"]
 
