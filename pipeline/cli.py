@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -45,8 +46,23 @@ def coco_class_names(annotations: str) -> list[str]:
     return ["background", *(c["name"] for c in sorted(categories, key=lambda c: c["id"]))]
 
 
-_register("coco_class_names", coco_class_names)
-_register("yolo_class_names", yolo_class_names)
+def by_fingerprint(read: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
+    """`read(path)` computed once per (path, modification time, size): OmegaConf calls a resolver on every access
+    of the key (class names are read many times per run), and a large COCO json takes seconds to parse."""
+    cached = functools.lru_cache(maxsize=32)(lambda path, stamp: tuple(read(path)))
+
+    def resolver(path: str) -> list[str]:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return read(path)  # raises its own error naming the file
+        return list(cached(path, (stat.st_mtime_ns, stat.st_size)))
+
+    return resolver
+
+
+_register("coco_class_names", by_fingerprint(coco_class_names))
+_register("yolo_class_names", by_fingerprint(yolo_class_names))
 
 USER_ERRORS = (
     ConfigError, CheckpointError, ConnectionError, FileNotFoundError, InstantiationException, NonFiniteLossError
