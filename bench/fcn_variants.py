@@ -53,7 +53,8 @@ def train(workdir: Path, variant: str, epochs: int, extra: list[str]) -> tuple[P
     (run_dir,) = set(runs.glob("*")) - before
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs(
-        [client.get_experiment_by_name("pipeline").experiment_id], order_by=["attributes.start_time DESC"],
+        [client.get_experiment_by_name("pipeline").experiment_id],
+        order_by=["attributes.start_time DESC"],
         max_results=1,
     )  # the run just trained
     history = sorted(client.get_metric_history(run.info.run_id, "val/mIoU"), key=lambda m: m.step)

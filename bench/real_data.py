@@ -174,9 +174,10 @@ def main() -> None:
             if result["rc"] != 0:
                 continue
             first = bench.metrics[0]
+            ended = ("ended by max_epochs, within the budget" if result["epochs_started"] >= epochs
+                     else "stopped by the time budget before the schedule ended")  # fmt: skip
             print(f"\n{name}: {result['wall_s']:.0f} s wall in all; {result['epochs_started']} epoch(s) started of "
-                  f"max_epochs {epochs}" + (" — ended by max_epochs, within the budget" if result["epochs_started"] >= epochs
-                                            else " — stopped by the time budget before the schedule ended"))  # fmt: skip
+                  f"max_epochs {epochs} — {ended}")  # fmt: skip
             print(f"  per-epoch {first}:", " ".join(f"{v:.3f}" for v in result["history"][first]))
             if result["lr"]:
                 print(f"  learning rate: first epoch {result['lr'][0]:.2e}, last {result['lr'][-1]:.2e} "

@@ -14,13 +14,13 @@ from hydra.utils import instantiate
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
-from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss
 
 from pipeline.config import ConfigError
 from pipeline.metrics.detection import COCO_STATS, CocoMAP, pr_curve_figure
 from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall, cached_kmeans_anchors
 from pipeline.ops.assign import assign, ignored
-from pipeline.ops.boxes import SlotGrid, decode, flatten_levels, unletterbox
+from pipeline.ops.boxes import SlotGrid, decode, flatten_levels, paired_box_iou, unletterbox
 from pipeline.ops.nms import select_detections
 from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, schedule_from_config, to_primitive
 from pipeline.tracking import log_image
@@ -28,11 +28,6 @@ from pipeline.viz import detection_panel
 
 LOSS_KEYS = {"box", "obj", "cls", "anchor_iou", "ignore_iou", "obj_balance"}
 POSTPROCESS_KEYS = set(inspect.signature(select_detections).parameters) - {"boxes", "objectness", "class_logits"}
-
-
-def box_iou_pairs(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of matching rows of a [N, 4] and b [N, 4] (x1, y1, x2, y2) -> [N]."""
-    return box_iou(a, b).diagonal() if len(a) else a.new_zeros(0)
 
 
 class DetectionTask(pl.LightningModule):
@@ -203,7 +198,7 @@ class DetectionTask(pl.LightningModule):
             keep[b] = ~ignored(boxes[b].detach(), gt, cfg["ignore_iou"])  # crowd boxes only ignore
             keep[b, slots] = True
             # Objectness learns the IoU its box reaches (YOLOv5), so scores rank detections by localisation too.
-            obj_target[b, slots] = box_iou_pairs(boxes[b, slots].detach(), targets).clamp(min=0)
+            obj_target[b, slots] = paired_box_iou(boxes[b, slots].detach(), targets).clamp(min=0)
             pos_boxes.append(boxes[b, slots])
             pos_cls.append(pred[b, slots, 5:])
             gt_boxes.append(targets)

@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 from pipeline.metrics.detection import CocoMAP
-from pipeline.ops.boxes import SlotGrid, decode
+from pipeline.ops.boxes import SlotGrid, decode, paired_box_iou
 from pipeline.ops.masks import encode_rle, mask_targets, masks_to_original
 from pipeline.ops.roi import roi_generator, sample_rois
 from pipeline.tasks.common import to_primitive
-from pipeline.tasks.detection import LOSS_KEYS, DetectionTask, box_iou_pairs
+from pipeline.tasks.detection import LOSS_KEYS, DetectionTask
 
 MASK_KEYS = {"threshold", "rois_per_image", "positive_iou"}
 
@@ -88,7 +88,7 @@ class InstanceTask(DetectionTask):
             generator = self._roi_generator(batch, b)
             gt, gt_labels, gt_masks = (t[~crowd].to(pred.device) for t in (gt, gt_labels, gt_masks))
             chosen = sample_rois(len(gt), cap, generator).to(pred.device)
-            positive = box_iou_pairs(boxes[b, slots], gt[index]) >= cfg["positive_iou"]
+            positive = paired_box_iou(boxes[b, slots], gt[index]) >= cfg["positive_iou"]
             extra = torch.nonzero(positive).flatten()
             extra = extra[sample_rois(len(extra), cap - len(chosen), generator).to(extra.device)]
             rois.append(torch.cat([gt[chosen], boxes[b, slots[extra]]]))

@@ -158,3 +158,20 @@ def test_unletterbox_map_undoes_the_letterbox_albumentations_applies(height: int
     far = (np.abs((xs % 10) - 4.5) < 3) & (np.abs((ys % 10) - 4.5) < 3)  # pixels >= 2 px from a band edge
     assert np.array_equal(back.argmax(0).numpy()[far], labels[far])
     assert back.sum(0).min() > 0.99  # no padding read into the image
+
+
+def test_paired_box_iou_equals_the_diagonal_of_torchvisions_box_iou_bit_for_bit() -> None:
+    from torchvision.ops import box_iou
+
+    from pipeline.ops.boxes import paired_box_iou
+
+    generator = torch.Generator().manual_seed(0)
+    xy = torch.rand(200, 2, generator=generator) * 100
+    a = torch.cat([xy, xy + torch.rand(200, 2, generator=generator) * 50], 1)
+    b = a + (torch.rand(200, 4, generator=generator) - 0.5) * 40  # overlapping, disjoint and inverted pairs
+    b[:5] = a[:5]  # identical: IoU 1
+    b[5:10] = a[5:10] + 1000  # far apart: IoU 0
+    ours = paired_box_iou(a, b)
+    assert torch.equal(ours, box_iou(a, b).diagonal())
+    assert ours[:5].tolist() == [1.0] * 5 and ours[5:10].tolist() == [0.0] * 5
+    assert paired_box_iou(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0,)

@@ -30,4 +30,4 @@ def test_coco_class_names_are_parsed_once_per_file_version(tmp_path: Path, monke
     assert list(cfg.names) == ["background", "cat", "dog", "zebra"]
     assert len(reads) == 2
     with pytest.raises(Exception, match="no such annotation file"):
-        OmegaConf.create({"x": f"${{pipeline.coco_class_names:{tmp_path / 'missing.json'}}}"}).x
+        _ = OmegaConf.create({"x": f"${{pipeline.coco_class_names:{tmp_path / 'missing.json'}}}"}).x
