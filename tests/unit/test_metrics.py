@@ -74,3 +74,21 @@ def test_label_outside_range_is_a_clear_error():
     metric = ConfusionMatrixIoU(num_classes=3, ignore_index=255)
     with pytest.raises(ValueError, match="label 7 outside 0..2"):
         metric.update(_labels([[0, 1]]), _labels([[7, 1]]))
+
+
+@pytest.mark.parametrize("ignore_index", [255, None])
+def test_confusion_matrix_equals_a_numpy_bincount_of_the_kept_pixels(ignore_index):
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 40, 30, generator=generator)
+    target = torch.randint(0, 5, (3, 40, 30), generator=generator)
+    if ignore_index is not None:
+        target[torch.rand(3, 40, 30, generator=generator) < 0.2] = ignore_index
+    metric = ConfusionMatrixIoU(num_classes=5, ignore_index=ignore_index)
+    metric.update(logits, target)
+    metric.update(logits.argmax(1), target)  # labels count the same as their logits
+    t, p = target.numpy().ravel(), logits.argmax(1).numpy().ravel()
+    keep = t != ignore_index if ignore_index is not None else np.ones_like(t, dtype=bool)
+    expected = 2 * np.bincount(t[keep] * 5 + p[keep], minlength=25).reshape(5, 5)
+    assert np.array_equal(metric.compute_confmat().numpy(), expected)
