@@ -8,13 +8,9 @@ reports a best possible recall and a mean best fit too, but over a width/height 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -157,32 +153,6 @@ def kmeans_anchors(wh: Tensor, k: int = 9, iterations: int = 300, seed: int = 0,
         fits = [sizes.iou(centres).amax(1).mean().item() for centres in runs]
         centres = _lloyd(sizes, runs[fits.index(max(fits))], iterations - probe)
     return centres[centres.prod(1).argsort()].to(out_dtype)
-
-
-def cached_kmeans_anchors(wh: Tensor, k: int, seed: int, cache_dir: str | os.PathLike | None) -> Tensor:
-    """`kmeans_anchors(wh, k, seed=seed)`, remembered in `cache_dir` under a fingerprint of the sizes, k and seed.
-
-    A second job on the same data (a sweep, a fork) reads the anchors back instead of clustering again; other
-    boxes, k or seed give another fingerprint. A cache file that cannot be read is recomputed and rewritten.
-    """
-    if cache_dir is None:
-        return kmeans_anchors(wh, k=k, seed=seed)
-    digest = hashlib.sha256(wh.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
-    digest.update(f"k={k} seed={seed} v1".encode())
-    path = Path(cache_dir) / f"{digest.hexdigest()[:32]}.json"
-    try:
-        return torch.tensor(json.loads(path.read_text())["anchors"], dtype=wh.dtype)
-    except (OSError, ValueError, KeyError):
-        pass
-    anchors = kmeans_anchors(wh, k=k, seed=seed)
-    try:  # best effort: a read-only data dir only costs the next job its k-means
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.{os.getpid()}")
-        staging.write_text(json.dumps({"anchors": anchors.tolist(), "boxes": len(wh), "k": k, "seed": seed}))
-        staging.replace(path)  # whole or absent, also with parallel jobs
-    except OSError as err:
-        print(f"Anchor cache {path} not written ({err})")
-    return anchors
 
 
 def anchor_fit(wh: Tensor, anchors: Tensor) -> float:

@@ -16,9 +16,10 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
+from pipeline.anchor_cache import cached_kmeans_anchors
 from pipeline.config import ConfigError
 from pipeline.metrics.detection import COCO_STATS, CocoMAP, pr_curve_figure
-from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall, cached_kmeans_anchors
+from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall
 from pipeline.ops.assign import assign, ignored
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels, paired_box_iou, unletterbox
 from pipeline.ops.nms import select_detections
