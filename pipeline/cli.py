@@ -46,23 +46,35 @@ def coco_class_names(annotations: str) -> list[str]:
     return ["background", *(c["name"] for c in sorted(categories, key=lambda c: c["id"]))]
 
 
-def by_fingerprint(read: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
-    """`read(path)` computed once per (path, modification time, size): OmegaConf calls a resolver on every access
-    of the key (class names are read many times per run), and a large COCO json takes seconds to parse."""
-    cached = functools.lru_cache(maxsize=32)(lambda path, stamp: tuple(read(path)))
-
-    def resolver(path: str) -> list[str]:
-        try:
-            stat = os.stat(path)
-        except OSError:
-            return read(path)  # raises its own error naming the file
-        return list(cached(path, (stat.st_mtime_ns, stat.st_size)))
-
-    return resolver
+@functools.lru_cache(maxsize=32)
+def _names_of_version(kind: str, path: str, stamp: tuple[int, int]) -> tuple[str, ...]:
+    """Class names of one version (mtime, size) of a file, parsed once per process."""
+    return tuple(coco_class_names(path) if kind == "coco" else yolo_class_names(path))
 
 
-_register("coco_class_names", by_fingerprint(coco_class_names))
-_register("yolo_class_names", by_fingerprint(yolo_class_names))
+def _names(kind: str, path: str) -> list[str]:
+    """Class names read once per file version: OmegaConf calls a resolver on every access of the key (many times
+    per run), and a large COCO json takes seconds to parse. Module-level, so configs holding it still pickle
+    (submitit and joblib pickle the config with its resolvers)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return coco_class_names(path) if kind == "coco" else yolo_class_names(path)  # its own error naming the file
+    return list(_names_of_version(kind, path, (stat.st_mtime_ns, stat.st_size)))
+
+
+def cached_coco_class_names(annotations: str) -> list[str]:
+    """`coco_class_names`, parsed once per version of the file."""
+    return _names("coco", annotations)
+
+
+def cached_yolo_class_names(yaml_file: str) -> list[str]:
+    """`yolo_class_names`, parsed once per version of the file."""
+    return _names("yolo", yaml_file)
+
+
+_register("coco_class_names", cached_coco_class_names)
+_register("yolo_class_names", cached_yolo_class_names)
 
 USER_ERRORS = (
     ConfigError, CheckpointError, ConnectionError, FileNotFoundError, InstantiationException, NonFiniteLossError

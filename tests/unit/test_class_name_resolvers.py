@@ -31,3 +31,15 @@ def test_coco_class_names_are_parsed_once_per_file_version(tmp_path: Path, monke
     assert len(reads) == 2
     with pytest.raises(Exception, match="no such annotation file"):
         _ = OmegaConf.create({"x": f"${{pipeline.coco_class_names:{tmp_path / 'missing.json'}}}"}).x
+
+
+def test_the_cached_resolvers_pickle_with_the_config(tmp_path: Path) -> None:
+    import pickle
+
+    annotations = tmp_path / "instances.json"
+    _write(annotations, ["cat"])
+    cfg = OmegaConf.create({"names": f"${{pipeline.coco_class_names:{annotations}}}"})
+    # submitit and joblib pickle the config and the resolvers registered with it
+    for resolver in (pipeline.cli.cached_coco_class_names, pipeline.cli.cached_yolo_class_names):
+        assert pickle.loads(pickle.dumps(resolver)) is resolver
+    assert list(pickle.loads(pickle.dumps(cfg)).names) == ["background", "cat"]
