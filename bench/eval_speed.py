@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pycocotools.mask as mask_utils
+import summary
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -415,6 +416,7 @@ def main() -> None:
     parser.add_argument("--miou-masks", type=int, default=64)
     parser.add_argument("--miou-size", type=int, default=512)
     parser.add_argument("--no-faster", action="store_true", help="skip faster-coco-eval even where installed")
+    parser.add_argument("--summary", help="write the headline ratios as JSON rows (bench/run_all.py)")
     args = parser.parse_args()
     faster = faster_coco_eval is not None and not args.no_faster
     print(f"torch threads {torch.get_num_threads()}; faster-coco-eval "
@@ -442,6 +444,21 @@ def main() -> None:
     print("|---|---:|---:|---:|---|")
     for name, ours, ref, equal in miou:
         print(f"| {name} | {ours:.3f} | {ref:.3f} | {ours / ref:.2f}× | {equal} |")
+    summary.write(args.summary, summary_rows(rows, miou))
+
+
+def summary_rows(rows: list[tuple], miou: list[tuple]) -> list[dict]:
+    """The shipped paths' time ratios (target 0.25x pycocotools, equal numbers) and the mIoU update's."""
+    out = []
+    for name, seconds, reference, diff, _ in rows:
+        if "pycocotools backend" in name or "faster_coco_eval` backend" in name:
+            ratio = seconds / reference
+            met = ratio <= 0.25 and diff <= 1e-6
+            out.append(summary.row("eval_speed", f"{name} (max |diff| {diff:.1e})", ratio, "x", "pycocotools COCOeval",
+                                   "<= 0.25, |diff| <= 1e-6", met))  # fmt: skip
+    for name, ours, ref, equal in miou:
+        out.append(summary.row("eval_speed", f"{name} (matrices equal: {equal})", ours / ref, "x", "numpy bincount"))
+    return out
 
 
 if __name__ == "__main__":

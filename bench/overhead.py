@@ -6,8 +6,9 @@ that the warm epoch already meets every size), every repeat runs:
 - `pipeline-train`: the real command in a fresh process (Hydra, Lightning task, DataModule, metrics, MLflow logging
   to a scratch SQLite store, both checkpoints and their uploads, rich progress bar, validation panels); a tiny
   callback (`EpochTimer`, added with `+callbacks.bench_timer`) stamps each epoch's start and the first step.
-- in one other fresh process, one after another (lean and profiled only in the first `--extra-repeats` repeats,
-  1 by default, so that the whole run stays near 10 minutes; the two processes swap order every repeat):
+- each in a fresh process of its own (lean and profiled only in the first `--extra-repeats` repeats, 1 by default,
+  so that the whole run stays near 10 minutes), the order of all the processes turning by one every repeat so
+  that no variant always runs first:
   - raw loop: the same task object's `training_step` (its own loss) and net, the same DataModule's train and val
     loaders (same batches, sizes and augmentation), the same optimizer and epoch scheduler step, the same EMA of the
     weights for the detector and instance model (an `AveragedModel` swapped in for validation, as Lightning's
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import summary
 from pytorch_lightning.profilers import SimpleProfiler
 
 FAMILIES = {"fcn": "shapes_fcn", "detector": "shapes_yolo", "instance": "shapes_instance"}
@@ -382,12 +384,13 @@ def run_pipeline_train(family: str, args: argparse.Namespace, workdir: Path, env
     return {"t0": t0, "wall": time.time() - t0, **json.loads(path.read_text())}
 
 
-def run_worker(family: str, args: argparse.Namespace, workdir: Path, env: dict, tag: str) -> dict:
-    """This script's worker for `family` in a fresh process; its results with the process start time."""
+def run_worker(family: str, args: argparse.Namespace, variant: str, workdir: Path, env: dict, tag: str) -> dict:
+    """This script's worker running one `variant` of `family` in a fresh process; its results with the process start
+    time."""
     out = workdir / "outputs" / f"worker-{tag}.json"
     t0 = time.time()
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", family, "--out", str(out),
-               "--t0", str(t0), "--variants", args.variants, "--measured", str(args.measured),
+               "--t0", str(t0), "--variants", variant, "--measured", str(args.measured),
                "--num-train", str(args.num_train), "--num-val", str(args.num_val)]  # fmt: skip
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -406,8 +409,9 @@ def _per_epoch(windows: list[dict[str, float]], measured: int) -> dict[str, floa
     return {k: median([w.get(k, 0.0) / measured for w in windows if w]) for k in keys}
 
 
-def report(family: str, repeats: list[dict], measured: int) -> None:
-    """Print one family's table: s/epoch per variant (each repeat and the median), ratios, start-up, attribution."""
+def report(family: str, repeats: list[dict], measured: int) -> list[dict]:
+    """Print one family's table: s/epoch per variant (each repeat and the median), ratios, start-up, attribution;
+    return its summary rows (pipeline-train and bare Lightning over the raw loop)."""
     per_epoch: dict[str, list[float]] = defaultdict(list)
     for rep in repeats:
         for row in ROWS:
@@ -427,7 +431,7 @@ def report(family: str, repeats: list[dict], measured: int) -> None:
     print(f"pipeline-train / raw, each repeat: {' '.join(f'{r:.3f}' for r in ratios)} -> {pipe / raw:.3f}x, "
           f"{verdict} the {TARGETS[family]:.2f}x target")  # fmt: skip
     startup = {
-        "raw loop": [rep["raw"]["first_step"] - rep["worker_t0"] for rep in repeats],
+        "raw loop": [rep["raw"]["first_step"] - rep["raw_t0"] for rep in repeats],
         "pipeline-train": [rep["pipeline"]["first_step"] - rep["pipeline"]["t0"] for rep in repeats],
     }
     shown = "; ".join(f"{k} {median(v):.2f} ({' '.join(f'{x:.2f}' for x in v)})" for k, v in startup.items())
@@ -462,6 +466,12 @@ def report(family: str, repeats: list[dict], measured: int) -> None:
                 print(f"    {name:<66}{value:>8.3f}")
         for name, value in sorted(timers.items()):
             print(f"    timer: {name:<59}{value:>8.3f}")
+    bare = median(per_epoch["bare"])
+    return [
+        summary.row("overhead", f"{family}: pipeline-train s/epoch", pipe / raw, "x", "raw PyTorch loop",
+                    f"<= {TARGETS[family]:.2f}", pipe / raw <= TARGETS[family]),
+        summary.row("overhead", f"{family}: bare Lightning s/epoch", bare / raw, "x", "raw PyTorch loop"),
+    ]  # fmt: skip
 
 
 def main() -> None:
@@ -469,12 +479,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--measured", type=int, default=3, help="timed epochs per run (plus a warm and a tail epoch)")
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--variants", default="raw,bare", help="in-process variants of the worker, every repeat")
-    parser.add_argument("--extra", default="lean,profiled", help="in-process variants of the first --extra-repeats")
+    parser.add_argument("--variants", default="raw,bare", help="variants run every repeat (own process each)")
+    parser.add_argument("--extra", default="lean,profiled", help="variants of the first --extra-repeats only")
     parser.add_argument("--extra-repeats", type=int, default=1)
     parser.add_argument("--num-train", type=int, default=128)
     parser.add_argument("--num-val", type=int, default=32)
     parser.add_argument("--json", help="also write every stamp to this file")
+    parser.add_argument("--summary", help="write the ratios as JSON rows (bench/run_all.py)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
@@ -497,22 +508,27 @@ def main() -> None:
                        cwd=workdir, env=env, check=True, capture_output=True)  # fmt: skip
         results: dict[str, list[dict]] = {family: [] for family in families}
         for repeat in range(args.repeats):
-            variants = args.variants + ("," + args.extra if args.extra and repeat < args.extra_repeats else "")
-            run = argparse.Namespace(**{**vars(args), "variants": variants})
+            variants = args.variants.split(",") + (args.extra.split(",") if args.extra and repeat < args.extra_repeats
+                                                   else [])  # fmt: skip
+            # Every variant in a fresh process of its own, in an order that turns every repeat: no variant always
+            # runs first (a cold allocator and page cache) or after another in the same process.
+            sides = ["pipeline", *variants]
+            sides = sides[repeat % len(sides) :] + sides[: repeat % len(sides)]
             for family in families[repeat % len(families) :] + families[: repeat % len(families)]:
                 tag, started = f"{family}-{repeat}", time.time()
                 rep: dict[str, Any] = {}
-                for side in ("pipeline", "worker") if repeat % 2 == 0 else ("worker", "pipeline"):
+                for side in sides:
                     if side == "pipeline":
-                        rep["pipeline"] = run_pipeline_train(family, run, workdir, env, tag)
+                        rep["pipeline"] = run_pipeline_train(family, args, workdir, env, tag)
                     else:
-                        work = run_worker(family, run, workdir, env, tag)
-                        rep.update({k: v for k, v in work.items() if k != "t0"}, worker_t0=work["t0"])
+                        work = run_worker(family, args, side, workdir, env, f"{tag}-{side}")
+                        rep.update({k: v for k, v in work.items() if k != "t0"})
+                        rep[f"{side}_t0"] = work["t0"]
                 results[family].append(rep)
-                print(f"repeat {repeat + 1}/{args.repeats} {family} ({variants}): {time.time() - started:.0f} s",
+                print(f"repeat {repeat + 1}/{args.repeats} {family} ({','.join(sides)}): {time.time() - started:.0f} s",
                       flush=True)  # fmt: skip
-    for family in families:
-        report(family, results[family], args.measured)
+    rows = [r for family in families for r in report(family, results[family], args.measured)]
+    summary.write(args.summary, rows)
     print(f"\ntotal wall time {time.time() - begun:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
