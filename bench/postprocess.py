@@ -1,0 +1,244 @@
+"""Benchmark (issue 14.4): post-processing time per image against the forward pass, at 100 detections per image.
+
+For the detector (`experiment=shapes_yolo`) and the instance model (`experiment=shapes_instance`) the task is built
+from the composed config (random init, seeded; anchors from k-means over the training boxes as `setup("fit")`
+computes them), in eval mode under `torch.inference_mode`, and fed one validation batch of the shapes data
+(`data.batch_size` images letterboxed to `data.val_size`, generated into a scratch directory). Timed separately
+in the order validation and `detect` run them, one warm-up round then `--repeats` rounds through all steps (so
+load that drifts touches every step alike), each step the median of its rounds:
+- forward: `task(images)` (normalise, net, flatten the slot outputs and build their grid), with the net alone
+  shown as a sub-row;
+- decode + NMS: `task._select(pred, grid)` (box decoding, objectness x class scores, score threshold, top-k,
+  torchvision's class-aware `batched_nms`, keep `max_detections`);
+- instance model only: the mask head `task._with_masks(detections, levels)` (1x1 projections of the neck levels,
+  multiscale RoIAlign along the detections, mask FCN over all classes, the own class's probabilities; the three
+  parts are also timed alone as sub-rows) and the paste into each image's original resolution
+  `task.masks_to_original(...)` (thresholded bool masks).
+The config's post-processing settings are kept (score threshold 0.001, IoU 0.6, top 1000 into NMS, 100 kept);
+`--detections` sets `model.postprocess.max_detections`, and the run checks that every image really keeps that
+many (a random-init head scores nearly every slot above 0.001, so NMS sees the full top-k). The reference is the
+forward pass: the ratio is post-processing (decode + NMS, mask head, paste) / forward, per image, of the medians.
+The fastest round of each step is shown too. On a machine whose cores are shared, torch's 2 threads wait for each
+other at every op and small ops (NMS, paste) suffer most; `--threads 1` is steadier there.
+
+    python bench/postprocess.py                      # ~25 s on 2 idle cores (CPU)
+    python bench/postprocess.py --threads 1          # on a loaded machine
+    python bench/postprocess.py --repeats 20 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import io
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import summary
+import torch
+
+FAMILIES = {"detector": "shapes_yolo", "instance": "shapes_instance"}
+
+
+def compose_cfg(family: str, overrides: list[str]) -> Any:
+    """The training config of `family` as `pipeline-train` composes it (no Hydra run)."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=[f"experiment={FAMILIES[family]}", *overrides])
+
+
+def build(family: str, args: argparse.Namespace, root: Path) -> tuple[Any, dict]:
+    """The family's task (random init, k-means anchors, eval mode, on the device) and its first validation batch."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from pipeline.anchor_cache import cached_kmeans_anchors
+
+    overrides = [f"paths.root_dir={root}", f"paths.output_dir={root / 'outputs'}", "data.num_workers=0",
+                 f"data.spec.num_train={args.num_train}", f"data.spec.num_val={args.batch_size}",
+                 f"data.batch_size={args.batch_size}",
+                 f"model.postprocess.max_detections={args.detections}"]  # fmt: skip
+    cfg = compose_cfg(family, overrides)
+    pl.seed_everything(cfg.seed, verbose=False)
+    task = instantiate(cfg.model)
+    data = instantiate(cfg.data, targets=task.TARGETS, parallel_jobs=1)
+    with contextlib.redirect_stdout(io.StringIO()):  # the data check tables
+        data.prepare_data()
+        data.setup("fit")
+    sizes = torch.from_numpy(data.train_box_sizes(task.hparams.input_size))
+    found = cached_kmeans_anchors(sizes, 3 * task.net.num_anchors, task.hparams.seed, task.hparams.anchor_cache)
+    task.anchors = task._check_anchors([[round(float(v), 1) for v in wh] for wh in found])
+    batch = next(iter(data.val_dataloader()))
+    return task.to(args.device).eval(), batch
+
+
+def timed_steps(steps: dict[str, Callable[[dict], Any]], repeats: int, device: str) -> tuple[dict[str, list], dict]:
+    """Seconds of each step in each of `repeats` rounds after one warm-up round, and the last round's state.
+
+    Every round runs all steps in order (each reads what the earlier ones left in `state` and stores its own
+    result there under its name), so load that drifts during the run touches every step alike.
+    """
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    state: dict[str, Any] = {}
+    for round_ in range(repeats + 1):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            state[name] = step(state)
+            sync()
+            if round_:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds, state
+
+
+def candidates(task: Any, pred: torch.Tensor) -> tuple[float, float]:
+    """Mean per image of the (slot, class) pairs above the score threshold, and of those that enter NMS (top-k)."""
+    settings = task.hparams.postprocess
+    scores = torch.sigmoid(pred[..., 4:5]) * torch.sigmoid(pred[..., 5:])
+    above = (scores > settings["score_threshold"]).flatten(1).sum(1).float()
+    return float(above.mean()), float(above.clamp(max=settings["pre_nms_top_k"]).mean())
+
+
+def inference_steps(task: Any, batch: dict, images: torch.Tensor, instance: bool) -> dict[str, Callable[[dict], Any]]:
+    """The timed steps of one batch's inference, in the order `detect` and validation run them."""
+    from pipeline.ops.roi import multiscale_roi_align
+
+    net = task.net
+    steps: dict[str, Callable[[dict], Any]] = {
+        "net": lambda s: net((images - task.mean) / task.std),
+        "forward": lambda s: task(images),
+        "select": lambda s: task._select(s["forward"][0], s["forward"][1]),
+    }
+    if instance:
+        places = list(zip(batch["scale"], batch["orig_size"], strict=True))
+        steps.update({
+            "masks": lambda s: task._with_masks(s["select"], s["forward"][2]),
+            "lateral": lambda s: [lateral(level) for lateral, level in zip(net.mask_lateral, s["forward"][2],
+                                                                            strict=True)],
+            "roi_align": lambda s: multiscale_roi_align(s["lateral"], [d["boxes"] for d in s["masks"]], net.strides,
+                                                        net.roi_size),
+            "mask_fcn": lambda s: net.mask_head(s["roi_align"]),
+            "paste": lambda s: [task.masks_to_original(det, scale, h, w) for det, (scale, (h, w))
+                                in zip(s["masks"], places, strict=True)],
+        })  # fmt: skip
+    return steps
+
+
+def bench_family(family: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Per image seconds of each step of one family's inference, with the detections they produced."""
+    begun = time.perf_counter()
+    task, batch = build(family, args, root)
+    images = batch["image"].to(args.device)
+    built = time.perf_counter() - begun
+    instance = family == "instance"
+    with torch.inference_mode():
+        steps, state = timed_steps(inference_steps(task, batch, images, instance), args.repeats, args.device)
+        above, into_nms = candidates(task, state["forward"][0])
+    detections = state["select"]
+    if instance and any(m.shape[0] != len(d["boxes"]) for m, d in zip(state["paste"], detections, strict=True)):
+        raise RuntimeError("pasted masks do not match the detections")
+    counts = [len(d["boxes"]) for d in detections]
+    if min(counts) < args.detections:
+        raise RuntimeError(f"{family}: images keep {min(counts)}..{max(counts)} detections, not {args.detections}")
+    return {
+        "per_image": {k: statistics.median(v) / len(images) for k, v in steps.items()},
+        "per_image_min": {k: min(v) / len(images) for k, v in steps.items()},
+        "images": len(images),
+        "size": tuple(images.shape[-2:]),
+        "orig": sorted({tuple(int(v) for v in hw) for hw in batch["orig_size"]}),
+        "counts": counts,
+        "above": above,
+        "into_nms": into_nms,
+        "postprocess": dict(task.hparams.postprocess),
+        "setup_s": built,
+        "timed_s": time.perf_counter() - begun - built,
+    }
+
+
+LABELS = {
+    "forward": "forward: task(images)",
+    "net": "  of which the net",
+    "select": "decode + NMS: _select",
+    "masks": "mask head: _with_masks",
+    "lateral": "  of which 1x1 projections of the levels",
+    "roi_align": "  of which multiscale RoIAlign",
+    "mask_fcn": "  of which the mask FCN (all classes)",
+    "paste": "paste to original: masks_to_original",
+}
+POSTPROCESS = ("select", "masks", "paste")
+
+
+def report(family: str, result: dict[str, Any], args: argparse.Namespace) -> float:
+    """Print one family's table (ms per image, ratio to the forward pass); return post-processing / forward."""
+    per_image = result["per_image"]
+    forward = per_image["forward"]
+    post = sum(per_image.get(k, 0.0) for k in POSTPROCESS)
+    h, w = result["size"]
+    orig = ", ".join(f"{a}x{b}" for a, b in result["orig"])
+    print(f"\n=== {family} (experiment={FAMILIES[family]}): batch of {result['images']} at {h}x{w} "
+          f"(original {orig}), {args.device}, median of {args.repeats} ===")  # fmt: skip
+    fastest = result["per_image_min"]
+    print(f"| {'step':<42} | ms/image | x forward | fastest ms/image |")
+    print(f"|{'-' * 44}|---:|---:|---:|")
+    for key, label in LABELS.items():
+        if key in per_image:
+            print(f"| {label:<42} | {per_image[key] * 1e3:8.3f} | {per_image[key] / forward:9.3f} | "
+                  f"{fastest[key] * 1e3:16.3f} |")  # fmt: skip
+    post_fastest = sum(fastest.get(k, 0.0) for k in POSTPROCESS)
+    print(f"| {'post-processing total':<42} | {post * 1e3:8.3f} | {post / forward:9.3f} | {post_fastest * 1e3:16.3f} |")
+    counts = result["counts"]
+    settings = result["postprocess"]
+    print(f"detections per image {min(counts)}..{max(counts)} (max_detections {settings['max_detections']}); "
+          f"per image {result['above']:.0f} (slot, class) pairs above score {settings['score_threshold']}, "
+          f"{result['into_nms']:.0f} into NMS (pre_nms_top_k {settings['pre_nms_top_k']}, "
+          f"IoU {settings['iou_threshold']}); set-up {result['setup_s']:.1f} s, "
+          f"timing {result['timed_s']:.1f} s")  # fmt: skip
+    return post / forward
+
+
+def nms_source() -> str:
+    """Where the NMS that `select_detections` calls comes from (module and function name)."""
+    import pipeline.ops.nms as nms
+
+    used = nms.batched_nms
+    return f"{inspect.getmodule(used).__name__}.{used.__name__} (called in {nms.__name__}.select_detections)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--batch-size", type=int, default=16, help="validation batch (conf/data/shapes.yaml: 16)")
+    parser.add_argument("--detections", type=int, default=100, help="model.postprocess.max_detections")
+    parser.add_argument("--num-train", type=int, default=32, help="training images (their boxes give the anchors)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="pin torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--summary", help="write the ratios as JSON rows (bench/run_all.py)")
+    args = parser.parse_args()
+    begun = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    nms = nms_source()
+    print(f"NMS: {nms}; torchvision's: {nms.startswith('torchvision.')}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families.split(","):
+            ratio = report(family, bench_family(family, args, Path(tmp)), args)
+            what = f"{family}: post-processing / forward per image at {args.detections} detections ({args.device})"
+            rows.append(summary.row("postprocess", what, ratio, "x", "forward pass"))
+    print(f"\ntotal wall time {time.perf_counter() - begun:.0f} s")
+    summary.write(args.summary, rows)
+
+
+if __name__ == "__main__":
+    main()
