@@ -20,7 +20,7 @@ from pipeline.anchor_cache import cached_kmeans_anchors
 from pipeline.config import ConfigError
 from pipeline.metrics.detection import COCO_STATS, CocoMAP, pr_curve_figure
 from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall
-from pipeline.ops.assign import assign, ignored
+from pipeline.ops.assign import Assignment, assign_batch, ignored
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels, paired_box_iou, unletterbox
 from pipeline.ops.nms import select_detections
 from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, schedule_from_config, to_primitive
@@ -79,6 +79,7 @@ class DetectionTask(pl.LightningModule):
         if isinstance(anchors, str) and anchors != "kmeans":
             raise ValueError(f"model.anchors={anchors!r}: give [w, h] pairs, null or kmeans")
         self.anchors = self._check_anchors(anchors) if isinstance(anchors, list) else None
+        self._grids: dict[tuple, tuple[Tensor | None, SlotGrid]] = {}  # slot grids by (shapes, size, device)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.val_map = CocoMAP(iou_types=self.IOU_TYPES)
@@ -168,53 +169,63 @@ class DetectionTask(pl.LightningModule):
     def _slots(self, outputs: list[Tensor], size: tuple[int, int]) -> tuple[Tensor, SlotGrid]:
         """The net's per stride outputs [B, A, H_s, W_s, 5 + K] for an input of `size` (H, W) -> ([B, P, 5 + K],
         the grid)."""
-        shapes = [tuple(o.shape[2:4]) for o in outputs]
-        return flatten_levels(outputs), SlotGrid.build(shapes, self.net.strides, self.level_anchors(size))
+        shapes = tuple(tuple(o.shape[2:4]) for o in outputs)
+        key = (shapes, size, outputs[0].device)
+        cached = self._grids.get(key)
+        if cached is None or cached[0] is not self.anchors:  # built once per size, anchors and device
+            if len(self._grids) >= 32:  # predict at many sizes: keep the cache bounded
+                self._grids.clear()
+            cached = self._grids[key] = (self.anchors, SlotGrid.build(list(shapes), self.net.strides,
+                                                                      self.level_anchors(size)))  # fmt: skip
+        return flatten_levels(outputs), cached[1]
 
-    def _assignments(self, grid: SlotGrid, batch: dict) -> list[tuple[Tensor, Tensor]]:
-        """Per image (slots [M], index [M] into its non-crowd boxes): which slot trains on which box (`assign`)."""
-        return [
-            assign(gt[~crowd].to(grid.strides.device), grid, self.hparams.loss["anchor_iou"])
-            for gt, crowd in zip(batch["boxes"], batch["iscrowd"], strict=True)
-        ]
+    def _ground_truth(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """The batch's non-crowd boxes [N, 4], their labels [N] (1..K) and image index [N], concatenated on the
+        device image by image (crowd regions only take part in `ignored`)."""
+        counts = [len(gt) for gt in batch["boxes"]]
+        images = torch.arange(len(counts), device=self.device)
+        image = torch.repeat_interleave(images, torch.tensor(counts, device=self.device), output_size=sum(counts))
+        crowd = torch.cat(batch["iscrowd"]).to(self.device)
+        boxes = torch.cat(batch["boxes"]).to(self.device).reshape(-1, 4)
+        return boxes[~crowd], torch.cat(batch["labels"]).to(self.device)[~crowd], image[~crowd]
+
+    def _assignments(self, grid: SlotGrid, batch: dict) -> Assignment:
+        """Which slot of which image trains on which of the batch's non-crowd boxes (`assign_batch`)."""
+        boxes, _, image = self._ground_truth(batch)
+        return assign_batch(boxes, image, grid, self.hparams.loss["anchor_iou"])
 
     def _loss(
-        self, pred: Tensor, grid: SlotGrid, batch: dict, assignments: list[tuple[Tensor, Tensor]] | None = None
+        self, pred: Tensor, grid: SlotGrid, batch: dict, assignment: Assignment | None = None
     ) -> dict[str, Tensor]:
         """YOLOv3 loss over a batch: GIoU and class BCE on assigned slots, objectness BCE on the rest not ignored.
 
-        `assignments` (from `_assignments`) when the caller needs them too, so they are computed once per step.
+        `assignment` (from `_assignments`) when the caller needs it too, so it is computed once per step. The
+        whole batch at once; only the ignore test loops over images (torchvision's `box_iou` is per image).
         """
         cfg = self.hparams.loss
-        assignments = assignments if assignments is not None else self._assignments(grid, batch)
+        found = assignment if assignment is not None else self._assignments(grid, batch)
+        gt_boxes, gt_labels, _ = self._ground_truth(batch)
         boxes = decode(pred[..., :4], grid)
+        detached = boxes.detach()
+        # Slots whose box already overlaps a ground truth (crowd regions included) are left out of objectness.
+        keep = torch.stack(
+            [~ignored(detached[b], gt.to(pred.device), cfg["ignore_iou"]) for b, gt in enumerate(batch["boxes"])]
+        )
+        keep[found.image, found.slot] = True
+        pos_boxes, targets = boxes[found.image, found.slot], gt_boxes[found.box]
+        # Objectness learns the IoU its box reaches (YOLOv5), so scores rank detections by localisation too.
         obj_target = torch.zeros_like(pred[..., 4])
-        keep = torch.ones_like(obj_target, dtype=torch.bool)
-        pos_boxes, gt_boxes, pos_cls, gt_labels = [], [], [], []
-        for b, (gt, labels, crowd, (slots, index)) in enumerate(
-            zip(batch["boxes"], batch["labels"], batch["iscrowd"], assignments, strict=True)
-        ):
-            gt, labels, crowd = gt.to(pred.device), labels.to(pred.device), crowd.to(pred.device)
-            targets = gt[~crowd][index]
-            keep[b] = ~ignored(boxes[b].detach(), gt, cfg["ignore_iou"])  # crowd boxes only ignore
-            keep[b, slots] = True
-            # Objectness learns the IoU its box reaches (YOLOv5), so scores rank detections by localisation too.
-            obj_target[b, slots] = paired_box_iou(boxes[b, slots].detach(), targets).clamp(min=0)
-            pos_boxes.append(boxes[b, slots])
-            pos_cls.append(pred[b, slots, 5:])
-            gt_boxes.append(targets)
-            gt_labels.append(labels[~crowd][index] - 1)
+        obj_target[found.image, found.slot] = paired_box_iou(pos_boxes.detach(), targets).clamp(min=0)
         bce = F.binary_cross_entropy_with_logits(pred[..., 4], obj_target, reduction="none")
         obj = pred.new_zeros(())
         ends = [*grid.offsets[1:], pred.shape[1]]
         for weight, start, end in zip(cfg["obj_balance"], grid.offsets, ends, strict=True):
             level_keep = keep[:, start:end]
             obj = obj + weight * (bce[:, start:end] * level_keep).sum() / level_keep.sum().clamp(min=1)
-        pos_boxes, gt_boxes = torch.cat(pos_boxes), torch.cat(gt_boxes)
         if len(pos_boxes):
-            box = generalized_box_iou_loss(pos_boxes, gt_boxes, reduction="mean")
-            cls_target = F.one_hot(torch.cat(gt_labels), pred.shape[-1] - 5).to(pred.dtype)
-            cls = F.binary_cross_entropy_with_logits(torch.cat(pos_cls), cls_target)
+            box = generalized_box_iou_loss(pos_boxes, targets, reduction="mean")
+            cls_target = F.one_hot(gt_labels[found.box] - 1, pred.shape[-1] - 5).to(pred.dtype)
+            cls = F.binary_cross_entropy_with_logits(pred[found.image, found.slot, 5:], cls_target)
         else:  # no objects in the batch: objectness alone
             box = cls = pred.new_zeros(())
         total = cfg["box"] * box + cfg["obj"] * obj + cfg["cls"] * cls
@@ -307,7 +318,8 @@ class DetectionTask(pl.LightningModule):
         self._log_stats(stats, "val/")
         self.log("val/nonfinite_detections", float(stats["nonfinite"]), sync_dist=True)
         names = self.hparams.class_names
-        if self._vis is not None and not self.trainer.sanity_checking:
+        # Rendered on rank 0 only: the logger keeps rank 0's pictures, the other ranks would draw them for nothing.
+        if self._vis is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             log_image(self.logger, self._panel(**self._vis), f"val_images/epoch_{self.current_epoch:03d}.png")
             log_image(
                 self.logger, pr_curve_figure(stats["pr_curves"], names), f"pr_curves/epoch_{self.current_epoch:03d}.png"

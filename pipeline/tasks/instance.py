@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 from pipeline.metrics.detection import CocoMAP
+from pipeline.ops.assign import Assignment
 from pipeline.ops.boxes import SlotGrid, decode, paired_box_iou
 from pipeline.ops.masks import encode_rle, mask_targets, masks_to_original
 from pipeline.ops.roi import roi_generator, sample_rois
@@ -69,7 +70,7 @@ class InstanceTask(DetectionTask):
         return roi_generator(seed, int(batch["image_id"][b]))
 
     def _mask_rois(
-        self, pred: Tensor, grid: SlotGrid, batch: dict, assignments: list[tuple[Tensor, Tensor]]
+        self, pred: Tensor, grid: SlotGrid, batch: dict, assignment: Assignment
     ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         """Per image mask RoIs [R_b, 4]; for all of them the owning instance (row of the batch's non-crowd masks),
         its label 1..K, and those masks [N, S, S].
@@ -80,13 +81,16 @@ class InstanceTask(DetectionTask):
         cfg = self.hparams.masks
         cap = cfg["rois_per_image"]
         boxes = decode(pred[..., :4].detach(), grid)
+        per_image = torch.bincount(assignment.image, minlength=len(pred)).tolist()  # assignment is sorted by image
         rois, owners, labels, masks = [], [], [], []
-        start = 0
-        for b, (gt, gt_labels, crowd, gt_masks, (slots, index)) in enumerate(
-            zip(batch["boxes"], batch["labels"], batch["iscrowd"], batch["masks"], assignments, strict=True)
-        ):
+        start = 0  # the image's first row among the batch's non-crowd boxes
+        for b, (gt, gt_labels, crowd, gt_masks, slots, box) in enumerate(
+            zip(batch["boxes"], batch["labels"], batch["iscrowd"], batch["masks"], assignment.slot.split(per_image),
+                assignment.box.split(per_image), strict=True)
+        ):  # fmt: skip
             generator = self._roi_generator(batch, b)
             gt, gt_labels, gt_masks = (t[~crowd].to(pred.device) for t in (gt, gt_labels, gt_masks))
+            index = box - start
             chosen = sample_rois(len(gt), cap, generator).to(pred.device)
             positive = paired_box_iou(boxes[b, slots], gt[index]) >= cfg["positive_iou"]
             extra = torch.nonzero(positive).flatten()
@@ -100,16 +104,11 @@ class InstanceTask(DetectionTask):
         return rois, torch.cat(owners), torch.cat(labels), torch.cat(masks)
 
     def _mask_loss(
-        self,
-        levels: list[Tensor],
-        pred: Tensor,
-        grid: SlotGrid,
-        batch: dict,
-        assignments: list[tuple[Tensor, Tensor]] | None = None,
+        self, levels: list[Tensor], pred: Tensor, grid: SlotGrid, batch: dict, assignment: Assignment | None = None
     ) -> Tensor:
         """BCE of the ground-truth class's mask logits against the RoIAligned instance masks (0 without RoIs)."""
-        assignments = assignments if assignments is not None else self._assignments(grid, batch)
-        rois, owners, labels, masks = self._mask_rois(pred, grid, batch, assignments)
+        assignment = assignment if assignment is not None else self._assignments(grid, batch)
+        rois, owners, labels, masks = self._mask_rois(pred, grid, batch, assignment)
         logits = self.net.mask_logits(levels, rois)
         if len(logits) == 0:  # keeps the mask head in the graph (DDP needs every parameter used)
             return logits.sum()
@@ -119,9 +118,9 @@ class InstanceTask(DetectionTask):
 
     def _losses(self, batch: dict) -> tuple[dict[str, Tensor], Tensor, SlotGrid, list[Tensor]]:
         pred, grid, levels = self(batch["image"])
-        assignments = self._assignments(grid, batch)  # the detector's positives are also mask RoIs
-        losses = self._loss(pred, grid, batch, assignments)
-        mask = self._mask_loss(levels, pred, grid, batch, assignments)
+        assignment = self._assignments(grid, batch)  # the detector's positives are also mask RoIs
+        losses = self._loss(pred, grid, batch, assignment)
+        mask = self._mask_loss(levels, pred, grid, batch, assignment)
         losses["loss"] = losses["loss"] + self.hparams.loss["mask"] * mask
         losses["mask"] = mask.detach()
         return losses, pred, grid, levels

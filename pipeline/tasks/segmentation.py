@@ -100,7 +100,8 @@ class SegmentationTask(pl.LightningModule):
         self.log_dict(
             {f"val/IoU/{name}": iou.float() for name, iou in per_class if not torch.isnan(iou)}, sync_dist=True
         )
-        if self._vis is not None and not self.trainer.sanity_checking:
+        # Rendered on rank 0 only: the logger keeps rank 0's pictures, the other ranks would draw them for nothing.
+        if self._vis is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             panel = comparison_panel(self._vis["image"], self._vis["mask"], self._vis["pred"], self.hparams.num_classes)
             log_image(self.logger, panel, f"val_images/epoch_{self.current_epoch:03d}.png")
         self._vis = None

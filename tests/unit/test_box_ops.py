@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.transforms import apply_boxes, letterbox
-from pipeline.ops.assign import assign, ignored
+from pipeline.ops.assign import assign, assign_batch, ignored
 from pipeline.ops.boxes import (
     SlotGrid,
     decode,
@@ -175,3 +175,25 @@ def test_paired_box_iou_equals_the_diagonal_of_torchvisions_box_iou_bit_for_bit(
     assert torch.equal(ours, box_iou(a, b).diagonal())
     assert ours[:5].tolist() == [1.0] * 5 and ours[5:10].tolist() == [0.0] * 5
     assert paired_box_iou(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0,)
+
+
+def test_batch_assignment_equals_assigning_each_image_on_its_own() -> None:
+    grid = _grid()
+    generator = torch.Generator().manual_seed(0)
+    per_image = []
+    for count in (5, 0, 9, 3):  # an image without boxes among them; centres crowd into few cells
+        xy = torch.rand(count, 2, generator=generator) * 100
+        wh = 4 + torch.rand(count, 2, generator=generator) * 60
+        per_image.append(torch.cat([xy, xy + wh], 1))
+    per_image[2] = torch.cat([per_image[2], per_image[2][:3] + 0.5])  # boxes sharing a slot with an earlier one
+    boxes = torch.cat(per_image)
+    image = torch.repeat_interleave(torch.arange(len(per_image)), torch.tensor([len(b) for b in per_image]))
+    found = assign_batch(boxes, image, grid, anchor_iou=0.3)
+    start = 0
+    for b, gt in enumerate(per_image):
+        slots, index = assign(gt, grid, anchor_iou=0.3)
+        mine = found.image == b
+        assert found.slot[mine].tolist() == slots.tolist()
+        assert (found.box[mine] - start).tolist() == index.tolist()
+        start += len(gt)
+    assert found.image.tolist() == sorted(found.image.tolist())

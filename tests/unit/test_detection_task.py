@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou, generalized_box_iou_loss
 
+from pipeline.ops.assign import assign, ignored
+from pipeline.ops.boxes import SlotGrid, decode
 from pipeline.tasks.detection import DetectionTask
 
 ANCHORS = [[8, 8], [12, 10], [10, 14], [16, 16], [24, 20], [20, 28], [32, 32], [48, 40], [40, 56]]
@@ -93,3 +97,50 @@ def test_a_fork_at_another_input_size_rescales_the_checkpoint_anchors():
     cfg = OmegaConf.create({"model": {"anchors": None, "input_size": 128}})
     _fork_anchors(cfg, {"hyper_parameters": {"anchors": [[10.0, 12.5]] * 9, "input_size": 64}})
     assert cfg.model.anchors == [[20.0, 25.0]] * 9  # pixels at 64 -> at 128
+
+
+def _per_image_loss(task: DetectionTask, pred: torch.Tensor, grid: SlotGrid, batch: dict) -> dict[str, torch.Tensor]:
+    """The YOLOv3 loss written image by image from the ops (the loop the batched `_loss` replaced)."""
+    cfg = task.hparams.loss
+    boxes = decode(pred[..., :4], grid)
+    obj_target = torch.zeros_like(pred[..., 4])
+    keep = torch.ones_like(obj_target, dtype=torch.bool)
+    pos_boxes, gt_boxes, pos_cls, gt_labels = [], [], [], []
+    for b, (gt, labels, crowd) in enumerate(zip(batch["boxes"], batch["labels"], batch["iscrowd"], strict=True)):
+        slots, index = assign(gt[~crowd], grid, cfg["anchor_iou"])
+        targets = gt[~crowd][index]
+        keep[b] = ~ignored(boxes[b].detach(), gt, cfg["ignore_iou"])
+        keep[b, slots] = True
+        obj_target[b, slots] = box_iou(boxes[b, slots].detach(), targets).diagonal().clamp(min=0)
+        pos_boxes.append(boxes[b, slots])
+        pos_cls.append(pred[b, slots, 5:])
+        gt_boxes.append(targets)
+        gt_labels.append(labels[~crowd][index] - 1)
+    bce = F.binary_cross_entropy_with_logits(pred[..., 4], obj_target, reduction="none")
+    obj = pred.new_zeros(())
+    ends = [*grid.offsets[1:], pred.shape[1]]
+    for weight, start, end in zip(cfg["obj_balance"], grid.offsets, ends, strict=True):
+        obj = obj + weight * (bce[:, start:end] * keep[:, start:end]).sum() / keep[:, start:end].sum().clamp(min=1)
+    box = generalized_box_iou_loss(torch.cat(pos_boxes), torch.cat(gt_boxes), reduction="mean")
+    cls_target = F.one_hot(torch.cat(gt_labels), pred.shape[-1] - 5).to(pred.dtype)
+    cls = F.binary_cross_entropy_with_logits(torch.cat(pos_cls), cls_target)
+    return {"loss": cfg["box"] * box + cfg["obj"] * obj + cfg["cls"] * cls, "box": box, "obj": obj, "cls": cls}
+
+
+def test_the_batched_loss_equals_the_loss_computed_image_by_image() -> None:
+    task = _task()
+    generator = torch.Generator().manual_seed(1)
+    boxes = []
+    for count in (6, 0, 3, 11):
+        xy = torch.rand(count, 2, generator=generator) * 40
+        boxes.append((torch.cat([xy, xy + 4 + torch.rand(count, 2, generator=generator) * 20], 1)).tolist())
+    batch = _batch(boxes)
+    batch["labels"] = [torch.randint(1, 4, (len(b),), generator=generator) for b in boxes]
+    batch["iscrowd"][3][[2, 7]] = True  # crowd regions only ignore
+    pred, grid = task(batch["image"])
+    ours, reference = task._loss(pred, grid, batch), _per_image_loss(task, pred, grid, batch)
+    assert ours["box"] > 0 and ours["cls"] > 0  # positives in the batch, not only objectness
+    for key in ("loss", "box", "obj", "cls"):
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-6, atol=1e-7)
+    grads = [torch.autograd.grad(losses["loss"], pred, retain_graph=True)[0] for losses in (ours, reference)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-8)
