@@ -29,6 +29,7 @@ BENCHES: dict[str, list[str]] = {
     "overhead": ["--repeats", "3", "--measured", "2", "--num-train", "64", "--num-val", "16", "--extra-repeats", "0"],
     "throughput": [],
     "postprocess": [],
+    "step_share": ["--repeats", "9"],
     "input_scaling": [],
     "tracking": [],
 }
