@@ -19,6 +19,7 @@ from rich.progress import track
 from rich.table import Table
 
 from pipeline.config import ConfigError
+from pipeline.data.check_cache import check_images_once, current_cache_dir
 
 # Examples kept per problem kind, for the summary and the error message.
 EXAMPLES = 3
@@ -181,7 +182,11 @@ def _far_outside(box: list[float], width: int, height: int) -> bool:
 
 
 def check_coco(
-    images_dir: str | Path, annotations: str | Path | dict, decode: bool = True, needs_masks: bool = False
+    images_dir: str | Path,
+    annotations: str | Path | dict,
+    decode: bool = True,
+    needs_masks: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> tuple[dict, Report]:
     """Read and check a COCO instances file (or a dataset dict converted from another format, named by its
     `source` key) and its images -> (repaired in-memory dataset, report).
@@ -195,6 +200,9 @@ def check_coco(
     file's. Repairs and counts: boxes reaching slightly past the image are clipped, boxes with no area left are
     dropped, missing `area` (from the mask, else the box) and `iscrowd` (0) are filled. Records converted from
     other formats name their origin (file and line or object) in messages.
+
+    With `cache_dir` (default: the folder of an enclosing `check_cache.check_cache_dir` block, if any), images
+    that passed before, unchanged by their fingerprint (`pipeline.data.check_cache`), are not decoded again.
     """
     images_dir = Path(images_dir)
     if isinstance(annotations, dict):
@@ -274,7 +282,8 @@ def check_coco(
         )
     report.images = len(images)
     if decode:
-        _check_images(path, images_dir, data["images"])
+        check_images_once(lambda: _check_images(path, images_dir, data["images"]), images_dir, data["images"],
+                          path, current_cache_dir() if cache_dir is None else cache_dir)  # fmt: skip
     return {**data, "annotations": kept}, report
 
 

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import ConfigError
+from pipeline.data.check_cache import check_cache_dir
 from pipeline.data.coco import CocoBoxSource, CocoInstanceSource, CocoSemanticSource
 from pipeline.data.formats import voc_box_dataset, voc_ids, voc_instance_dataset, yolo_dataset
 from pipeline.data.mask_folders import MaskFolderSource, _files
@@ -172,7 +173,9 @@ class CocoDataModule(pl.LightningDataModule):
     """COCO instances files (train/val image folder + annotation json) as semantic masks, boxes or instances.
 
     `targets` is set by the task ("semantic", "boxes" or "instances"), not by the data config; `bbox_params`
-    filters boxes (and their masks) after augmentation (albumentations' min_visibility, min_area, ...).
+    filters boxes (and their masks) after augmentation (albumentations' min_visibility, min_area, ...);
+    `check_cache`: the folder where image checks that passed are remembered by a fingerprint of the files
+    (`pipeline.data.check_cache`), None to decode every image on every run.
     """
 
     def __init__(
@@ -193,6 +196,7 @@ class CocoDataModule(pl.LightningDataModule):
         seed: int = 0,
         targets: str = "semantic",
         parallel_jobs: int = 1,
+        check_cache: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         if targets not in TARGETS:
@@ -213,7 +217,7 @@ class CocoDataModule(pl.LightningDataModule):
         # Seeded per sample by the sampler's keys (from `seed`, the epoch and the index), not here.
         self.train_augment = compose(train_transforms, bbox_params=boxes)
         self.val_augment = compose(val_transforms, bbox_params=boxes)
-        self.seed, self.targets = seed, targets
+        self.seed, self.targets, self.check_cache = seed, targets, check_cache
         self.train_set: SegmentationSamples | BoxSamples | None = None
         self.val_set: SegmentationSamples | BoxSamples | None = None
         self._reported = False  # the data check's summary is printed once
@@ -242,10 +246,12 @@ class CocoDataModule(pl.LightningDataModule):
         images, annotations = self._annotations(files)
         if self.targets != "semantic":
             kind = CocoInstanceSource if self.targets == "instances" else CocoBoxSource
-            source = kind(images, annotations)
+            with check_cache_dir(self.check_cache):
+                source = kind(images, annotations)
             samples = BoxSamples(source, augment, size)
         else:
-            source = CocoSemanticSource(images, annotations, self.ignore_index)
+            with check_cache_dir(self.check_cache):
+                source = CocoSemanticSource(images, annotations, self.ignore_index)
             samples = SegmentationSamples(source, augment, size, self.ignore_index)
         if len(source.label_of) + 1 != self.num_classes:
             raise ConfigError(
