@@ -14,14 +14,13 @@ rewritten; writes go to a temp file, then os.replace, so parallel jobs never see
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import json
 import os
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import PIL
@@ -30,23 +29,6 @@ from PIL import Image
 VERSION = 1
 # Files changed this recently (ns) before a check began are not trusted to be told apart by their stat.
 RACY_NS = 2_000_000_000
-
-_CACHE_DIR: contextvars.ContextVar[str | os.PathLike | None] = contextvars.ContextVar("check_cache", default=None)
-
-
-@contextlib.contextmanager
-def check_cache_dir(cache_dir: str | os.PathLike | None) -> Iterator[None]:
-    """Within the block, image checks given no cache folder of their own use `cache_dir` (None: no cache)."""
-    token = _CACHE_DIR.set(cache_dir)
-    try:
-        yield
-    finally:
-        _CACHE_DIR.reset(token)
-
-
-def current_cache_dir() -> str | os.PathLike | None:
-    """The cache folder set by the innermost `check_cache_dir` block (None outside any)."""
-    return _CACHE_DIR.get()
 
 
 def fingerprint(images_dir: Path, images: list[dict], annotations: Path) -> tuple[str, int] | None:

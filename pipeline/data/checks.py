@@ -19,7 +19,7 @@ from rich.progress import track
 from rich.table import Table
 
 from pipeline.config import ConfigError
-from pipeline.data.check_cache import check_images_once, current_cache_dir
+from pipeline.data.check_cache import check_images_once
 
 # Examples kept per problem kind, for the summary and the error message.
 EXAMPLES = 3
@@ -201,8 +201,8 @@ def check_coco(
     dropped, missing `area` (from the mask, else the box) and `iscrowd` (0) are filled. Records converted from
     other formats name their origin (file and line or object) in messages.
 
-    With `cache_dir` (default: the folder of an enclosing `check_cache.check_cache_dir` block, if any), images
-    that passed before, unchanged by their fingerprint (`pipeline.data.check_cache`), are not decoded again.
+    With `cache_dir`, images that passed before, unchanged by their fingerprint (`pipeline.data.check_cache`), are
+    not decoded again.
     """
     images_dir = Path(images_dir)
     if isinstance(annotations, dict):
@@ -283,7 +283,7 @@ def check_coco(
     report.images = len(images)
     if decode:
         check_images_once(lambda: _check_images(path, images_dir, data["images"]), images_dir, data["images"],
-                          path, current_cache_dir() if cache_dir is None else cache_dir)  # fmt: skip
+                          path, cache_dir)  # fmt: skip
     return {**data, "annotations": kept}, report
 
 

@@ -47,14 +47,19 @@ class CocoSource:
     """Images of a COCO instances file, sorted by image id; category ids sorted ascending are labels 1..K.
 
     The file and its images are checked first (`pipeline.data.checks.check_coco`): unusable data raises a
-    DataError naming the record; repairs (clipped boxes, filled areas) are in `report`.
+    DataError naming the record; repairs (clipped boxes, filled areas) are in `report`. `check_cache`: the folder
+    where image checks that passed are remembered (`pipeline.data.check_cache`), None to decode every image.
     """
 
     NEEDS_MASKS = False  # whether every annotation must carry a segmentation
 
-    def __init__(self, images_dir: str | Path, annotations: str | Path | dict) -> None:
+    def __init__(
+        self, images_dir: str | Path, annotations: str | Path | dict, check_cache: str | Path | None = None
+    ) -> None:
         self.images_dir = Path(images_dir)
-        dataset, self.report = check_coco(images_dir, annotations, needs_masks=self.NEEDS_MASKS)  # before training
+        dataset, self.report = check_coco(  # before training
+            images_dir, annotations, needs_masks=self.NEEDS_MASKS, cache_dir=check_cache
+        )
         self.coco = COCO()
         self.coco.dataset = dataset
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
@@ -89,8 +94,14 @@ class CocoSemanticSource(CocoSource):
 
     NEEDS_MASKS = True
 
-    def __init__(self, images_dir: str | Path, annotations: str | Path | dict, ignore_index: int = 255) -> None:
-        super().__init__(images_dir, annotations)
+    def __init__(
+        self,
+        images_dir: str | Path,
+        annotations: str | Path | dict,
+        ignore_index: int = 255,
+        check_cache: str | Path | None = None,
+    ) -> None:
+        super().__init__(images_dir, annotations, check_cache)
         self.ignore_index = ignore_index
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import ConfigError
-from pipeline.data.check_cache import check_cache_dir
 from pipeline.data.coco import CocoBoxSource, CocoInstanceSource, CocoSemanticSource
 from pipeline.data.formats import voc_box_dataset, voc_ids, voc_instance_dataset, yolo_dataset
 from pipeline.data.mask_folders import MaskFolderSource, _files
@@ -246,12 +245,10 @@ class CocoDataModule(pl.LightningDataModule):
         images, annotations = self._annotations(files)
         if self.targets != "semantic":
             kind = CocoInstanceSource if self.targets == "instances" else CocoBoxSource
-            with check_cache_dir(self.check_cache):
-                source = kind(images, annotations)
+            source = kind(images, annotations, self.check_cache)
             samples = BoxSamples(source, augment, size)
         else:
-            with check_cache_dir(self.check_cache):
-                source = CocoSemanticSource(images, annotations, self.ignore_index)
+            source = CocoSemanticSource(images, annotations, self.ignore_index, self.check_cache)
             samples = SegmentationSamples(source, augment, size, self.ignore_index)
         if len(source.label_of) + 1 != self.num_classes:
             raise ConfigError(
