@@ -214,7 +214,7 @@ class DetectionTask(pl.LightningModule):
         keep[found.image, found.slot] = True
         pos_boxes, targets = boxes[found.image, found.slot], gt_boxes[found.box]
         # Objectness learns the IoU its box reaches (YOLOv5), so scores rank detections by localisation too.
-        obj_target = torch.zeros_like(pred[..., 4])
+        obj_target = torch.zeros_like(pred[..., 4], dtype=torch.float32)  # IoUs are float32 under autocast too
         obj_target[found.image, found.slot] = paired_box_iou(pos_boxes.detach(), targets).clamp(min=0)
         bce = F.binary_cross_entropy_with_logits(pred[..., 4], obj_target, reduction="none")
         obj = pred.new_zeros(())

@@ -144,3 +144,14 @@ def test_the_batched_loss_equals_the_loss_computed_image_by_image() -> None:
         torch.testing.assert_close(ours[key], reference[key], rtol=1e-6, atol=1e-7)
     grads = [torch.autograd.grad(losses["loss"], pred, retain_graph=True)[0] for losses in (ours, reference)]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_loss_runs_under_mixed_precision_autocast(dtype: torch.dtype) -> None:
+    task = _task()
+    batch = _batch([[[4.0, 4.0, 20.0, 18.0], [30.0, 30.0, 62.0, 60.0]], [[10.0, 12.0, 40.0, 50.0]]])
+    full = task._loss(*task(batch["image"]), batch)
+    with torch.autocast("cpu", dtype=dtype):  # what trainer.precision=bf16-mixed / 16-mixed run the step under
+        mixed = task._loss(*task(batch["image"]), batch)
+    mixed["loss"].backward()
+    torch.testing.assert_close(mixed["loss"].float(), full["loss"], rtol=0.05, atol=0.01)
