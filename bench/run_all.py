@@ -25,7 +25,7 @@ BENCH = Path(__file__).resolve().parent
 # name -> arguments of its script (bench/<name>.py) for the quick run; budgets in seconds on 2 idle cores.
 BENCHES: dict[str, list[str]] = {
     "startup": ["--repeats", "3"],
-    "eval_speed": ["--images", "200", "--repeats", "3"],
+    "eval_speed": ["--images", "150", "--repeats", "3"],
     "overhead": ["--repeats", "3", "--measured", "2", "--num-train", "64", "--num-val", "16", "--extra-repeats", "0"],
     "throughput": [],
     "postprocess": [],
