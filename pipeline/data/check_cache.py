@@ -75,7 +75,8 @@ def _remember(path: Path, count: int, images_dir: Path, annotations: Path) -> No
                        "annotations": str(annotations), "version": VERSION}, out)  # fmt: skip
         os.replace(staging, path)  # whole or absent, also with parallel jobs
     except OSError as err:
-        staging.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the cache path is a file, or a folder that cannot be searched
+            staging.unlink()
         print(f"Image check cache {path} not written ({err})")
 
 

@@ -170,7 +170,8 @@ class DetectionTask(pl.LightningModule):
         """The net's per stride outputs [B, A, H_s, W_s, 5 + K] for an input of `size` (H, W) -> ([B, P, 5 + K],
         the grid)."""
         shapes = tuple(tuple(o.shape[2:4]) for o in outputs)
-        key = (shapes, size, outputs[0].device)
+        # Grids made under inference_mode hold inference tensors, which a later training step cannot save for backward.
+        key = (shapes, size, outputs[0].device, torch.is_inference_mode_enabled())
         cached = self._grids.get(key)
         if cached is None or cached[0] is not self.anchors:  # built once per size, anchors and device
             if len(self._grids) >= 32:  # predict at many sizes: keep the cache bounded
@@ -214,7 +215,8 @@ class DetectionTask(pl.LightningModule):
         keep[found.image, found.slot] = True
         pos_boxes, targets = boxes[found.image, found.slot], gt_boxes[found.box]
         # Objectness learns the IoU its box reaches (YOLOv5), so scores rank detections by localisation too.
-        obj_target = torch.zeros_like(pred[..., 4], dtype=torch.float32)  # IoUs are float32 under autocast too
+        # The IoUs' dtype: float32 under bf16/16-mixed autocast (boxes decode in float32), float64 under 64-true.
+        obj_target = torch.zeros_like(pred[..., 4], dtype=pos_boxes.dtype)
         obj_target[found.image, found.slot] = paired_box_iou(pos_boxes.detach(), targets).clamp(min=0)
         bce = F.binary_cross_entropy_with_logits(pred[..., 4], obj_target, reduction="none")
         obj = pred.new_zeros(())

@@ -155,3 +155,13 @@ def test_the_datamodule_uses_its_check_cache_folder(tmp_path, decodes):
     assert len(decodes) == 3
     setup(None)
     assert len(decodes) == 9
+
+
+def test_a_cache_path_that_cannot_be_a_folder_only_costs_the_decoding(tmp_path, decodes, capsys):
+    images, path = _write(tmp_path)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    first, _ = check_coco(images, path, cache_dir=blocker / "cache")
+    assert "not written" in capsys.readouterr().out
+    again, _ = check_coco(images, path, cache_dir=blocker / "cache")
+    assert again == first and len(decodes) == 6  # checked in full both times, no error

@@ -146,6 +146,14 @@ def test_the_batched_loss_equals_the_loss_computed_image_by_image() -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-8)
 
 
+def test_the_loss_runs_in_double_precision() -> None:
+    task = _task().double()  # what trainer.precision=64-true does to the model and the batch
+    batch = _batch([[[4.0, 4.0, 20.0, 18.0]], []])
+    batch = {**batch, "image": batch["image"].double(), "boxes": [b.double() for b in batch["boxes"]]}
+    losses = task._loss(*task(batch["image"]), batch)
+    assert losses["loss"].dtype == torch.float64 and torch.isfinite(losses["loss"])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_loss_runs_under_mixed_precision_autocast(dtype: torch.dtype) -> None:
     task = _task()

@@ -183,3 +183,13 @@ def test_torchvision_maskrcnn_loads_a_local_weights_file_leaving_mismatched_head
     assert torch.equal(target.model.state_dict()[backbone], source.model.state_dict()[backbone])
     with pytest.raises(FileNotFoundError, match="no such file"):
         TorchvisionMaskRCNN(num_classes=4, input_size=64, weights=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_instance_losses_run_under_mixed_precision_autocast(dtype: torch.dtype) -> None:
+    task = _task()
+    batch = _batch([[[4.0, 4.0, 40.0, 36.0], [30.0, 30.0, 62.0, 60.0]], [[10.0, 12.0, 40.0, 50.0]]])
+    with torch.autocast("cpu", dtype=dtype):  # trainer.precision=bf16-mixed / 16-mixed
+        losses = task._training_losses(batch)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and losses["mask"] > 0
