@@ -426,9 +426,11 @@ def report(family: str, repeats: list[dict], measured: int) -> list[dict]:
             value = median(per_epoch[row])
             shown = " ".join(f"{v:.3f}" for v in per_epoch[row])
             print(f"{LABELS[row]:<40}{value:>9.3f}{value / raw:>8.3f}   {shown}")
+    # The verdict pairs each repeat's two runs (same machine state) and takes the median of those ratios.
     ratios = [p / r for p, r in zip(per_epoch["pipeline"], per_epoch["raw"], strict=True)]
-    verdict = "meets" if pipe / raw <= TARGETS[family] else "MISSES"
-    print(f"pipeline-train / raw, each repeat: {' '.join(f'{r:.3f}' for r in ratios)} -> {pipe / raw:.3f}x, "
+    ratio = median(ratios)
+    verdict = "meets" if ratio <= TARGETS[family] else "MISSES"
+    print(f"pipeline-train / raw, each repeat: {' '.join(f'{r:.3f}' for r in ratios)} -> median {ratio:.3f}x, "
           f"{verdict} the {TARGETS[family]:.2f}x target")  # fmt: skip
     startup = {
         "raw loop": [rep["raw"]["first_step"] - rep["raw_t0"] for rep in repeats],
@@ -466,11 +468,12 @@ def report(family: str, repeats: list[dict], measured: int) -> list[dict]:
                 print(f"    {name:<66}{value:>8.3f}")
         for name, value in sorted(timers.items()):
             print(f"    timer: {name:<59}{value:>8.3f}")
-    bare = median(per_epoch["bare"])
+    bare = median([b / r for b, r in zip(per_epoch["bare"], per_epoch["raw"], strict=True)])
     return [
-        summary.row("overhead", f"{family}: pipeline-train s/epoch", pipe / raw, "x", "raw PyTorch loop",
-                    f"<= {TARGETS[family]:.2f}", pipe / raw <= TARGETS[family]),
-        summary.row("overhead", f"{family}: bare Lightning s/epoch", bare / raw, "x", "raw PyTorch loop"),
+        summary.row("overhead", f"{family}: pipeline-train s/epoch, median of per-repeat ratios", ratio, "x",
+                    "raw PyTorch loop", f"<= {TARGETS[family]:.2f}", ratio <= TARGETS[family]),
+        summary.row("overhead", f"{family}: bare Lightning s/epoch, median of per-repeat ratios", bare, "x",
+                    "raw PyTorch loop"),
     ]  # fmt: skip
 
 
