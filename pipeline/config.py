@@ -99,10 +99,10 @@ def validate_config(cfg: DictConfig, top_level: set[str]) -> None:
 
 TRAIN_KEYS = {
     "data", "model", "trainer", "logger", "callbacks", "paths",
-    "task_name", "tags", "seed", "deterministic", "ckpt_path", "resume_mode",
+    "task_name", "tags", "seed", "deterministic", "ckpt_path", "resume_mode", "register",
 }  # fmt: skip
-EVAL_KEYS = {"trainer", "logger", "paths", "task_name", "ckpt_path", "data", "deterministic"}
-PREDICT_KEYS = {"paths", "task_name", "ckpt_path", "input", "device", "min_score"}
+EVAL_KEYS = {"trainer", "logger", "paths", "task_name", "ckpt_path", "model_uri", "data", "deterministic"}
+PREDICT_KEYS = {"paths", "task_name", "ckpt_path", "model_uri", "input", "device", "min_score"}
 
 
 def monitor_mode(metric: str) -> str:
