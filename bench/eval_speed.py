@@ -4,13 +4,12 @@ Box and mask mAP: `CocoMAP` fed batch by batch exactly as validation feeds it (`
 iou_types ("bbox",), `InstanceTask` with ("bbox", "segm"): `update(preds, targets)` per batch with dense bool
 masks in original pixels, then `summary(...)`), against pycocotools' COCOeval run directly on the raw results
 (COCO index of the ground truth, `loadRes`, evaluate, accumulate, summarize; `bbox` dropped from the segm
-results as `pycocotools_stats` does). Where faster-coco-eval is importable, the same CocoMAP with torchmetrics'
-`faster_coco_eval` backend and faster-coco-eval's own COCOeval_faster are timed too (measured only: the
-pipeline's backend stays pycocotools). One seeded prediction set: `--images` images of 160-320 px, 3-12
-objects of 4 classes (polygons, about 50/37/13% in COCO's small/medium/large areas, a third placed
-overlapping another), a crowd region (uncompressed RLE) in 30% of the images, and exactly `--detections` per
-image: 1-4 jittered copies of each object (10% with a wrong label), a few inside each crowd region, the rest
-false positives; masks as RLE.
+results as `pycocotools_stats` does). CocoMAP runs on both of torchmetrics' backends: `faster_coco_eval` (the
+pipeline's default) and `pycocotools`; faster-coco-eval's own COCOeval_faster is timed directly too. One seeded
+prediction set: `--images` images of 160-320 px, 3-12 objects of 4 classes (polygons, about 50/37/13% in COCO's
+small/medium/large areas, a third placed overlapping another), a crowd region (uncompressed RLE) in 30% of the
+images, and exactly `--detections` per image: 1-4 jittered copies of each object (10% with a wrong label), a few
+inside each crowd region, the rest false positives; masks as RLE.
 
 mIoU: `ConfusionMatrixIoU.update` on `--miou-masks` label maps of `--miou-size`² with 21 classes and 255 void,
 against a numpy `bincount` confusion matrix of the same arrays, from label maps and from logits [B, 21, H, W]
@@ -19,7 +18,6 @@ against a numpy `bincount` confusion matrix of the same arrays, from label maps 
 Every figure is the median of `--repeats` runs; the table gives wall times, their ratio to the reference and
 the largest absolute difference over the 12 COCO numbers.
 
-    pip install -e ".[bench]"                       # faster-coco-eval (optional: skipped when missing)
     python bench/eval_speed.py                      # full run (~4.5 min on 2 idle cores)
     python bench/eval_speed.py --images 50 --repeats 1
 """
@@ -34,23 +32,18 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import faster_coco_eval
 import numpy as np
 import pycocotools.mask as mask_utils
 import summary
 import torch
+from faster_coco_eval import COCO as FasterCOCO
+from faster_coco_eval import COCOeval_faster
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torchmetrics.detection.helpers import CocoBackend
 
 from pipeline.metrics.detection import COCO_STATS, CocoMAP
 from pipeline.metrics.segmentation import ConfusionMatrixIoU
-
-try:
-    import faster_coco_eval
-    from faster_coco_eval import COCO as FasterCOCO
-    from faster_coco_eval import COCOeval_faster
-except ImportError:  # optional: measured where installed
-    faster_coco_eval = None
 
 NUM_CLASSES = 4
 BATCH = 16  # images per validation batch (conf/data/shapes.yaml)
@@ -246,9 +239,7 @@ def _batch(images: list[Image], masks: bool) -> tuple[list[dict], list[dict]]:
 
 def run_cocomap(images: list[Image], iou_types: tuple[str, ...], backend: str) -> tuple[dict, dict[str, list]]:
     """Seconds {"update", "compute", "total"} and the 12 stats per iou type of one validation-style evaluation."""
-    metric = CocoMAP(iou_types=iou_types)
-    if backend != "pycocotools":
-        metric._coco_backend = CocoBackend(backend)  # measured only; CocoMAP's backend stays pycocotools
+    metric = CocoMAP(iou_types=iou_types, backend=backend)
     update = 0.0
     for start in range(0, len(images), BATCH):
         preds, targets = _batch(images[start : start + BATCH], "segm" in iou_types)  # data, not timed
@@ -415,12 +406,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--miou-masks", type=int, default=64)
     parser.add_argument("--miou-size", type=int, default=512)
-    parser.add_argument("--no-faster", action="store_true", help="skip faster-coco-eval even where installed")
+    parser.add_argument("--no-faster", action="store_true", help="time the pycocotools backend and reference only")
     parser.add_argument("--summary", help="write the headline ratios as JSON rows (bench/run_all.py)")
     args = parser.parse_args()
-    faster = faster_coco_eval is not None and not args.no_faster
-    print(f"torch threads {torch.get_num_threads()}; faster-coco-eval "
-          f"{faster_coco_eval.__version__ if faster_coco_eval else 'not installed'}")  # fmt: skip
+    faster = not args.no_faster
+    print(f"torch threads {torch.get_num_threads()}; faster-coco-eval {faster_coco_eval.__version__}")
 
     tic = time.perf_counter()
     images = make_set(args.images, args.detections, args.seed)

@@ -140,12 +140,13 @@ def _assert_stats_equal(ours: dict, reference: COCOeval) -> None:
     )
 
 
+@pytest.mark.parametrize("backend", ["faster_coco_eval", "pycocotools"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_realistic_set_equals_pycocotools(seed: int) -> None:
+def test_realistic_set_equals_pycocotools(seed: int, backend: str) -> None:
     gt, detections = _dataset(seed)
     reference = _reference(gt, detections)
     assert min(reference.stats[3:6]) > 0  # small, medium and large all have ground truth and hits
-    ours = _ours(gt, detections)
+    ours = _ours(gt, detections, CocoMAP(backend=backend))
     _assert_stats_equal(ours, reference)
     assert ours["nonfinite"] == 0
     labels_with_gt = sorted({a["category_id"] for a in gt["annotations"]})

@@ -103,12 +103,13 @@ def _dataset(tmp_path: Path, seed: int) -> tuple[Path, list[dict], list[dict]]:
     return path, per_image, coco_results(records, CATEGORY_IDS)
 
 
+@pytest.mark.parametrize("backend", ["faster_coco_eval", "pycocotools"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mask_and_box_map_equal_pycocotools_on_the_written_results(tmp_path: Path, seed: int) -> None:
+def test_mask_and_box_map_equal_pycocotools_on_the_written_results(tmp_path: Path, seed: int, backend: str) -> None:
     annotations, per_image, results = _dataset(tmp_path, seed)
     predictions = tmp_path / "predictions.json"
     predictions.write_text(json.dumps(results))
-    metric = CocoMAP(iou_types=("bbox", "segm"))
+    metric = CocoMAP(iou_types=("bbox", "segm"), backend=backend)
     for item in per_image:  # one image per update, as validation does
         metric.update([item["pred"]], [item["gt"]])
     for kind in ("segm", "bbox"):
