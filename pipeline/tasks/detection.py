@@ -1,4 +1,5 @@
-"""Object detection (YOLOv3-style): data-driven anchors, objectness/class/GIoU losses, COCO mAP in original pixels."""
+"""Object detection (YOLOv3-style): data-driven anchors, objectness/class/GIoU losses, COCO mAP in original pixels,
+PR curves and a confusion matrix with background each validation."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from pipeline.metrics.detection import COCO_STATS, CocoMAP, pr_curve_figure
 from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall
 from pipeline.ops.assign import Assignment, assign_batch, ignored
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels, paired_box_iou, unletterbox
+from pipeline.ops.confusion import detection_confusion
 from pipeline.ops.nms import select_detections
 from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, schedule_from_config, to_primitive
 from pipeline.tracking import log_image
-from pipeline.viz import detection_panel
+from pipeline.viz import confusion_matrix_figure, detection_panel
 
 LOSS_KEYS = {"box", "obj", "cls", "anchor_iou", "ignore_iou", "obj_balance"}
 POSTPROCESS_KEYS = set(inspect.signature(select_detections).parameters) - {"boxes", "objectness", "class_logits"}
@@ -40,11 +42,19 @@ class DetectionTask(pl.LightningModule):
     starts (a fork passes the checkpoint's unless told otherwise); they
     then become the `anchors` hyper-parameter, so checkpoints carry them to eval and predict. At other input
     sizes they scale with the input. `loss` and `postprocess` hold the keys of LOSS_KEYS and `select_detections`.
+
+    Each validation logs `pr_curves/epoch_<n>.png` and `plots/confusion_matrix.png` (overwritten every epoch, so
+    the store keeps the last validation's): `ops.confusion.detection_confusion` of the detections scoring >=
+    SHOWN_SCORE at IoU 0.5 in original pixels, summed over the epoch and the DDP ranks; `confusion` keeps it
+    (int64 [C, C], rows predicted, columns true, index 0 background).
     """
 
     TARGETS = "boxes"
     LOSS_KEYS = LOSS_KEYS
     IOU_TYPES: tuple[str, ...] = ("bbox",)
+    # The detections the validation panels draw and the confusion matrix counts: confident ones, not every
+    # candidate mAP ranks.
+    SHOWN_SCORE = 0.3
 
     def __init__(
         self,
@@ -85,6 +95,7 @@ class DetectionTask(pl.LightningModule):
         self.val_map = CocoMAP(iou_types=self.IOU_TYPES)
         self._vis: dict[str, Any] | None = None
         self.results: list[dict] = []  # the last validation's detections (original pixels), for predictions.json
+        self.confusion: Tensor | None = None  # the last validation's detection confusion matrix
 
     def _check_anchors(self, anchors: list[list[float]]) -> Tensor:
         """[3A] [w, h] pairs -> [3, A, 2] sorted by area: the smallest go to stride 8, the largest to stride 32."""
@@ -265,6 +276,8 @@ class DetectionTask(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.results = []
+        n = self.hparams.num_classes
+        self._confusion = torch.zeros(n, n, dtype=torch.long)  # this epoch's counts on this rank
 
     @property
     def _collecting(self) -> bool:
@@ -282,6 +295,11 @@ class DetectionTask(pl.LightningModule):
             pred = self._to_original(det, scale, h, w)
             preds.append(pred)
             targets.append({k: v.to(self.device) for k, v in gt.items()})
+            self._confusion += detection_confusion(
+                box_convert(pred["boxes"], "xywh", "xyxy"), pred["scores"], pred["labels"],
+                box_convert(targets[-1]["boxes"], "xywh", "xyxy"), targets[-1]["labels"], targets[-1]["iscrowd"],
+                self.hparams.num_classes, self.SHOWN_SCORE,
+            )  # fmt: skip
             if self._collecting:
                 self.results += self._records(image_id, pred)
         self.val_map.update(preds, targets)
@@ -317,15 +335,22 @@ class DetectionTask(pl.LightningModule):
             torch.distributed.all_gather_object(shards, self.results)
             self.results = sorted((r for shard in shards for r in shard), key=lambda r: r["image_id"])
         self.val_map.reset()
+        # Summed over the ranks (a collective: every rank takes part); rank 0 draws it.
+        self.confusion = self.trainer.strategy.reduce(self._confusion.to(self.device), reduce_op="sum").cpu()
         self._log_stats(stats, "val/")
         self.log("val/nonfinite_detections", float(stats["nonfinite"]), sync_dist=True)
         names = self.hparams.class_names
         # Rendered on rank 0 only: the logger keeps rank 0's pictures, the other ranks would draw them for nothing.
-        if self._vis is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            log_image(self.logger, self._panel(**self._vis), f"val_images/epoch_{self.current_epoch:03d}.png")
-            log_image(
-                self.logger, pr_curve_figure(stats["pr_curves"], names), f"pr_curves/epoch_{self.current_epoch:03d}.png"
-            )
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            epoch = self.current_epoch
+            if self._vis is not None:
+                log_image(self.logger, self._panel(**self._vis), f"val_images/epoch_{epoch:03d}.png")
+            log_image(self.logger, pr_curve_figure(stats["pr_curves"], names), f"pr_curves/epoch_{epoch:03d}.png")
+            title = f"Detections scoring >= {self.SHOWN_SCORE:g} at IoU 0.5, epoch {epoch}"
+            # Drawn with true classes as rows, as the segmentation matrix: each row reads "where this class went";
+            # the background row holds the false alarms, the background column the missed objects.
+            figure = confusion_matrix_figure(self.confusion.T, names, title, unit="boxes")
+            log_image(self.logger, figure, "plots/confusion_matrix.png")
         self._vis = None
 
     def _log_stats(self, stats: dict, prefix: str) -> None:
@@ -342,7 +367,8 @@ class DetectionTask(pl.LightningModule):
     def _panel(self, batch: dict, detections: list[dict[str, Tensor]]) -> np.ndarray:
         """Validation picture: ground truth | detections per image (with masks where the batch has them)."""
         names = self.hparams.class_names
-        return detection_panel(batch["image"], batch["boxes"], batch["labels"], detections, names, batch.get("masks"))
+        return detection_panel(batch["image"], batch["boxes"], batch["labels"], detections, names, batch.get("masks"),
+                               min_score=self.SHOWN_SCORE)  # fmt: skip
 
     def configure_optimizers(self) -> Any:
         return build_optimizers(self)

@@ -31,7 +31,8 @@ class InstanceTask(DetectionTask):
     slots assigned to them that overlap their ground truth by `masks.positive_iou` (as Mask R-CNN's positive
     proposals), at most `masks.rois_per_image`, drawn at random where there are more. Inference: masks of the
     post-NMS detections, pasted into the original image and thresholded at `masks.threshold`. Logs val/map…
-    (boxes) and val/segm_map… (masks).
+    (boxes) and val/segm_map… (masks), and the detector's pictures: PR curves (boxes) and the confusion matrix
+    `plots/confusion_matrix.png` (boxes matched by box IoU).
     """
 
     TARGETS = "instances"
@@ -225,6 +226,7 @@ class TorchvisionInstanceTask(InstanceTask):
         self.val_map = CocoMAP(iou_types=self.IOU_TYPES)
         self._vis: dict[str, Any] | None = None
         self.results: list[dict] = []
+        self.confusion: Tensor | None = None
 
     def setup(self, stage: str) -> None:
         """Nothing to prepare: torchvision's anchors are fixed."""

@@ -1,5 +1,5 @@
-"""Semantic segmentation: cross-entropy with void pixels, FCN-paper mIoU at each image's own resolution, overlays
-logged each validation."""
+"""Semantic segmentation: cross-entropy with void pixels, FCN-paper mIoU at each image's own resolution, overlays,
+the confusion matrix and per-class IoU logged each validation."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from pipeline.metrics.segmentation import ConfusionMatrixIoU
+from pipeline.metrics.segmentation import ConfusionMatrixIoU, iou_from_confmat
 from pipeline.ops.boxes import unletterbox_map
 from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, schedule_from_config, to_primitive
 from pipeline.tracking import log_image
-from pipeline.viz import comparison_panel
+from pipeline.viz import comparison_panel, confusion_matrix_figure, iou_bar_figure
 
 
 class SegmentationTask(pl.LightningModule):
@@ -26,7 +26,9 @@ class SegmentationTask(pl.LightningModule):
     `monitor` names the validation metric that ranks checkpoints and that sweeps optimise. Validation scores
     the predictions mapped back to each image's original resolution (`val/mIoU`, `val/pixel_acc`, `val/IoU/<class>`),
     as the FCN paper and VOC do and as `pipeline-predict` outputs them; `val/mIoU_letterbox` is the same on the
-    letterboxed `val_size` masks the loss sees.
+    letterboxed `val_size` masks the loss sees. Each validation also logs `plots/confusion_matrix.png` (that
+    confusion matrix, row-normalised) and `plots/iou_per_class.png`, overwritten every epoch (the store keeps the
+    last validation's; the artifact count stays bounded); `confmat` and `per_class_iou` keep their values.
     """
 
     TARGETS = "semantic"
@@ -56,6 +58,9 @@ class SegmentationTask(pl.LightningModule):
         self.val_iou = ConfusionMatrixIoU(num_classes, ignore_index)
         self.val_iou_letterbox = ConfusionMatrixIoU(num_classes, ignore_index)
         self._vis: dict[str, torch.Tensor] | None = None
+        # The last validation's confusion matrix [C, C] (rows: true class; void excluded) and per-class IoU [C].
+        self.confmat: torch.Tensor | None = None
+        self.per_class_iou: torch.Tensor | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: [B, 3, H, W] RGB in 0..1 -> logits [B, C, H, W]."""
@@ -85,7 +90,9 @@ class SegmentationTask(pl.LightningModule):
             self._vis = {"image": batch["image"][:k], "mask": batch["mask"][:k], "pred": logits[:k].argmax(1)}
 
     def on_validation_epoch_end(self) -> None:
-        stats = self.val_iou.summary()  # synced across DDP ranks: every rank logs the same values
+        confmat = self.val_iou.compute_confmat()  # synced across DDP ranks: every rank logs the same values
+        stats = iou_from_confmat(confmat)
+        self.confmat, self.per_class_iou = confmat.cpu(), stats["per_class_IoU"].cpu()
         letterboxed = self.val_iou_letterbox.summary()
         self.val_iou.reset()
         self.val_iou_letterbox.reset()
@@ -101,10 +108,21 @@ class SegmentationTask(pl.LightningModule):
             {f"val/IoU/{name}": iou.float() for name, iou in per_class if not torch.isnan(iou)}, sync_dist=True
         )
         # Rendered on rank 0 only: the logger keeps rank 0's pictures, the other ranks would draw them for nothing.
-        if self._vis is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            panel = comparison_panel(self._vis["image"], self._vis["mask"], self._vis["pred"], self.hparams.num_classes)
-            log_image(self.logger, panel, f"val_images/epoch_{self.current_epoch:03d}.png")
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            if self._vis is not None:
+                vis, num_classes = self._vis, self.hparams.num_classes
+                panel = comparison_panel(vis["image"], vis["mask"], vis["pred"], num_classes)
+                log_image(self.logger, panel, f"val_images/epoch_{self.current_epoch:03d}.png")
+            self._log_plots()
         self._vis = None
+
+    def _log_plots(self) -> None:
+        """The last validation's confusion matrix and per-class IoU as `plots/…` images (replaced each epoch)."""
+        names, epoch = self.hparams.class_names, self.current_epoch
+        title = f"Confusion matrix, epoch {epoch} (mIoU {float(self.per_class_iou.nanmean()):.3f})"
+        log_image(self.logger, confusion_matrix_figure(self.confmat, names, title), "plots/confusion_matrix.png")
+        iou = iou_bar_figure(self.per_class_iou, names, f"IoU per class, epoch {epoch}")
+        log_image(self.logger, iou, "plots/iou_per_class.png")
 
     def predict_masks(self, images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """Letterboxed images [B, 3, S, S] in 0..1 and each one's original (H, W) -> labels [H, W] per image."""

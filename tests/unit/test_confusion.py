@@ -115,8 +115,9 @@ def _random_images(seed: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]
     return images
 
 
-def _cocoeval_confusion(images: list[tuple[np.ndarray, np.ndarray]], min_score: float) -> np.ndarray:
-    """The matrix from COCOeval's own matches with useCats=0 (class-agnostic), IoU 0.5, every detection kept."""
+def cocoeval_confusion(images: list[tuple[np.ndarray, np.ndarray]], min_score: float, classes: int = C) -> np.ndarray:
+    """The [classes, classes] matrix (rows predicted, columns true, 0 background) from COCOeval's own matches with
+    useCats=0 (class-agnostic), IoU 0.5, every detection kept; `images` as `_random_images` makes them."""
     annotations, results = [], []
     for image_id, (dets, gts) in enumerate(images, start=1):
         for x1, y1, x2, y2, label, crowd in gts:
@@ -127,7 +128,7 @@ def _cocoeval_confusion(images: list[tuple[np.ndarray, np.ndarray]], min_score: 
             results.append({"image_id": image_id, "category_id": int(label), "bbox": [x1, y1, x2 - x1, y2 - y1],
                             "score": score})  # fmt: skip
     dataset = {"info": {}, "images": [{"id": i, "width": 64, "height": 64} for i in range(1, len(images) + 1)],
-               "annotations": annotations, "categories": [{"id": c} for c in range(1, C)]}  # fmt: skip
+               "annotations": annotations, "categories": [{"id": c} for c in range(1, classes)]}  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
         gt.dataset = dataset
@@ -138,7 +139,7 @@ def _cocoeval_confusion(images: list[tuple[np.ndarray, np.ndarray]], min_score: 
         evaluator.params.maxDets = [10_000]
         evaluator.params.areaRng, evaluator.params.areaRngLbl = [[0, 1e10]], ["all"]
         evaluator.evaluate()
-    matrix = np.zeros((C, C), dtype=np.int64)
+    matrix = np.zeros((classes, classes), dtype=np.int64)
     for entry in evaluator.evalImgs:
         if entry is None:  # neither ground truth nor detections
             continue
@@ -156,6 +157,6 @@ def _cocoeval_confusion(images: list[tuple[np.ndarray, np.ndarray]], min_score: 
 def test_equals_cocoeval_matching_on_random_images(seed: int) -> None:
     images = _random_images(seed, 60)
     ours = sum(_confusion(d.tolist(), g.tolist()) for d, g in images)
-    reference = _cocoeval_confusion(images, 0.3)
+    reference = cocoeval_confusion(images, 0.3)
     assert reference.sum() > 200 and (reference - np.diag(np.diag(reference))).sum() > 50  # off-diagonal cases
     np.testing.assert_array_equal(ours.numpy(), reference)
