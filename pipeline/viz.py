@@ -190,11 +190,11 @@ def confusion_matrix_figure(
     shares = row_normalised(counts)
     size = len(class_names)
     side = min(24.0, 3.0 + 0.45 * size)
-    figure = Figure(figsize=(side + 1.0, side), dpi=100)
+    figure = Figure(figsize=(side + 1.5, side), dpi=100, layout="constrained")  # makes room for the colour bar
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(np.ma.masked_invalid(shares), cmap="Blues", vmin=0.0, vmax=1.0)
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class's " + unit)
+    figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true class's " + unit)
     rows = [f"{name} ({total:,})" for name, total in zip(class_names, counts.sum(1), strict=True)]
     fontsize = 9 if size <= 12 else 6
     small = fontsize - 1
@@ -206,15 +206,14 @@ def confusion_matrix_figure(
             if share >= 0.005:
                 colour = "white" if share > 0.5 else "black"
                 text = axes.text(col, row, f"{share:.2f}", ha="center", va="center", fontsize=small, color=colour)
-                text.set_in_layout(False)  # inside the axes: tight_layout need not measure it
-    figure.tight_layout()
+                text.set_in_layout(False)  # inside the axes: the layout need not measure it
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def iou_bar_figure(per_class_iou: torch.Tensor | np.ndarray, class_names: Sequence[str], title: str) -> np.ndarray:
-    """Per-class IoU [C] as bars with the mean over present classes, as RGB uint8 [H, W, 3]; NaN (a class with
-    neither true nor predicted pixels) is marked "absent" instead of a bar."""
+    """Per-class IoU [C] as bars with the mean over present classes (dashed, its value in the title), as RGB uint8
+    [H, W, 3]; NaN (a class with neither true nor predicted pixels) is marked "absent" instead of a bar."""
     iou = np.asarray(per_class_iou, dtype=np.float64)
     figure = Figure(figsize=(min(24.0, 3.0 + 0.4 * len(iou)), 3.5), dpi=100)
     canvas = FigureCanvasAgg(figure)
@@ -226,9 +225,8 @@ def iou_bar_figure(per_class_iou: torch.Tensor | np.ndarray, class_names: Sequen
         label = "absent" if np.isnan(value) else f"{value:.2f}"
         axes.text(index, 0.01 if np.isnan(value) else value + 0.01, label, ha="center", va="bottom", fontsize=7)
     if not np.isnan(iou).all():
-        axes.axhline(np.nanmean(iou), color="black", linestyle="--", linewidth=0.8,
-                     label=f"mean {np.nanmean(iou):.3f}")  # fmt: skip
-        axes.legend(loc="lower right")
+        axes.axhline(np.nanmean(iou), color="black", linestyle="--", linewidth=0.8)
+        title = f"{title} (dashed: mean {np.nanmean(iou):.3f})"
     many = len(iou) > 8
     axes.set_xticks(range(len(iou)), list(class_names), rotation=45 if many else 0, ha="right" if many else "center")
     axes.set(ylim=(0, 1.08), ylabel="IoU", title=title)
