@@ -1,18 +1,22 @@
-"""Every config in conf/ composes, resolves and passes validation; typos fail with a message naming the key."""
+"""Every config in conf/ composes, resolves and passes validation; typos fail with a message naming the key; shared
+values live in one place; every debug config trains with every data config; --help lists the groups."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf, open_dict
+from PIL import Image
 
 from pipeline.cli import CONF_DIR
 from pipeline.config import EVAL_KEYS, PREDICT_KEYS, TRAIN_KEYS, ConfigError, validate_config
-from tests.conftest import SHARED, requires_shared
+from tests.conftest import SHARED, requires_shared, run_dirs, run_main, tracking_uri
 
 COCO_TINY = SHARED / "datasets" / "coco_tiny"
 # Options whose values the user must give (paths to their data).
@@ -25,6 +29,19 @@ REQUIRED = {
     "experiment=coco128seg_instance": [],  # its class names are read from the shared yaml
 }  # fmt: skip
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug", "hparams_search"]
+NESTED = ["model/backbone", "model/optim", "model/sched"]
+DATASETS = SHARED / "datasets"
+# Real files for every data option, small enough for a debug run (shapes generates its own).
+DATA_FILES = {
+    "coco": [f"data.{split}.{key}={COCO_TINY / value}" for split in ("train", "val")
+             for key, value in (("images", "val2017"), ("annotations", "annotations/instances_val2017.json"))],
+    "voc": [f"data.root={DATASETS / 'labelme_voc_examples' / 'data_dataset_voc'}"],
+    "yolo": [f"data.yaml={DATASETS / 'coco128-seg' / 'coco128-seg.yaml'}", f"data.root={DATASETS / 'coco128-seg'}"],
+    "masks": [f"data.train.images={DATASETS / 'isbi_membrane' / 'train' / 'image'}",
+              f"data.train.masks={DATASETS / 'isbi_membrane' / 'train' / 'label'}", "data.val=null",
+              "data.holdout=0.2", "data.values={0:0,255:1}", "data.class_names=[membrane,cell]"],
+    "shapes": [],
+}  # fmt: skip
 
 
 def _options(group: str) -> list[str]:
@@ -65,6 +82,8 @@ def test_every_conf_file_is_covered():
     assert {g for g in GROUPS} <= {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
     assert _options("model") == ["fcn16s", "fcn32s", "fcn8s", "instance", "torchvision_maskrcnn", "yolo"]
     assert _options("model/backbone") == ["resnet18", "resnet34", "resnet50", "vgg16", "vgg_tiny"]
+    assert _options("model/optim") == ["adamw", "sgd"] and _options("model/sched") == ["cosine"]
+    assert _options("callbacks") == ["default", "ema"]
 
 
 def test_eval_and_predict_configs_compose():
@@ -179,3 +198,104 @@ def test_a_default_fcn8s_checkpoint_is_about_7_mb_as_the_readme_says():
     buffer = io.BytesIO()
     torch.save({"state_dict": task.state_dict(), "optimizer_states": [optimizer.state_dict()]}, buffer)
     assert 6.8e6 < buffer.tell() < 7.6e6
+
+
+def _tree(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+@pytest.mark.parametrize("model", ["fcn16s", "fcn32s"])
+def test_the_fcn_variants_are_fcn8s_with_another_variant(model: str):
+    expected = _tree(_compose("train", ["model=fcn8s"]).model)
+    expected["net"]["variant"] = model.removeprefix("fcn")
+    assert _tree(_compose("train", [f"model={model}"]).model) == expected
+
+
+@pytest.mark.parametrize("model", ["fcn8s", "yolo", "instance", "torchvision_maskrcnn"])
+@pytest.mark.parametrize("optim", _options("model/optim"))
+def test_every_optimizer_option_serves_every_model_which_keeps_its_own_weight_decay(model: str, optim: str):
+    import torch
+    from hydra.utils import instantiate
+
+    cfg = _compose("train", [f"model={model}", f"model/optim={optim}"])
+    validate_config(cfg, TRAIN_KEYS)
+    optimizer = instantiate(cfg.model.optimizer, params=[torch.nn.Parameter(torch.zeros(1))])
+    scheduler = instantiate(cfg.model.scheduler, optimizer=optimizer)
+    assert type(optimizer) is {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optim]
+    assert optimizer.defaults["weight_decay"] == (5e-4 if model in ("yolo", "instance") else 1e-4)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert scheduler.T_max == 60  # the default experiment's epochs
+
+
+def test_each_model_starts_from_its_own_optimizer_and_the_readme_override_paths_still_apply():
+    assert _compose("train", ["model=torchvision_maskrcnn"]).model.optimizer._target_ == "torch.optim.SGD"
+    cfg = _compose("train", ["model=yolo", "model.optimizer.lr=1e-3", "model.scheduler.eta_min=0"])
+    assert (cfg.model.optimizer._target_, cfg.model.optimizer.lr, cfg.model.scheduler.eta_min) == (
+        "torch.optim.AdamW", 1e-3, 0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    ["shapes_yolo", "shapes_instance", "bccd_yolo", pytest.param("coco128seg_instance", marks=requires_shared)],
+)
+def test_averaged_weights_come_from_callbacks_ema(experiment: str):
+    callbacks = _tree(_compose("train", [f"experiment={experiment}"]).callbacks)
+    ema = callbacks.pop("ema")
+    assert ema == {"_target_": "pytorch_lightning.callbacks.EMAWeightAveraging", "decay": 0.99}
+    assert callbacks == _tree(_compose("train", []).callbacks)  # callbacks=default plus the average
+
+
+@pytest.mark.parametrize("data", _options("data"))
+@pytest.mark.parametrize("debug", _options("debug"))
+def test_every_debug_config_composes_with_every_data_config(debug: str, data: str):
+    cfg = _compose("train", [f"debug={debug}", f"data={data}", *REQUIRED.get(f"data={data}", [])])
+    validate_config(cfg, TRAIN_KEYS)
+    assert cfg.trainer.limit_train_batches <= 2 and cfg.data.num_workers == 0
+    assert ("spec" in cfg.data) == (data == "shapes")  # the tiny generated dataset only where there is one
+    if data == "shapes":
+        assert (cfg.data.spec.num_train, cfg.data.spec.num_val, cfg.data.spec.image_size) == (16, 8, 64)
+
+
+@pytest.mark.parametrize(
+    "data", [pytest.param(d, marks=[requires_shared] if DATA_FILES[d] else []) for d in _options("data")]
+)
+@pytest.mark.parametrize("debug", _options("debug"))
+def test_every_debug_config_trains_on_every_data_config(workdir: Path, debug: str, data: str):
+    """`pipeline-train debug=<d> data=<data>` on real files: it trains, validates, checkpoints and ends FINISHED."""
+    import torch
+
+    run_main("train", f"debug={debug}", f"data={data}", *DATA_FILES[data], cwd=workdir, check=True)
+    (run_dir,) = run_dirs(workdir)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # Two batches of 4 (data=voc: the 3 labelme images make one batch).
+    assert checkpoint["global_step"] == (1 if data == "voc" else 2)
+    client = MlflowClient(tracking_uri(workdir))
+    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["val/mIoU"] <= 1.0
+    if data == "shapes":  # debug=fast generated its 16 + 8 images of 64 px, not the default 512 + 64 of 128 px
+        images = sorted((workdir / "data" / "shapes" / "images" / "train").iterdir())
+        assert len(images) == 16 and Image.open(images[0]).size == (64, 64)
+
+
+def _help(entry: str, tmp_path: Path) -> str:
+    proc = run_main(entry, "--help", cwd=tmp_path, check=True)
+    return proc.stdout
+
+
+def test_help_lists_every_group_with_its_options_and_examples_that_compose(tmp_path: Path):
+    text = _help("train", tmp_path)
+    for group in [g for g in GROUPS if g != "hydra"] + NESTED:
+        assert f"{group}: {', '.join(_options(group))}\n" in text
+    assert "hydra/launcher" not in text  # Hydra's own groups: --hydra-help
+    examples = [re.split(r"\s{2,}", line.strip())[0] for line in text.splitlines() if re.match(r"\s+pipeline-", line)]
+    assert len(examples) >= 5
+    for example in examples:
+        words = example.split()[1:]
+        if "-m" not in words:  # a sweep's comma lists are Hydra's sweep syntax, not a single composition
+            validate_config(_compose("train", [re.sub(r"<[^>]+>", "x", w) for w in words]), TRAIN_KEYS)
+    assert not (tmp_path / "outputs").exists()  # help does no work
+
+
+def test_check_data_help_names_its_own_command(tmp_path: Path):
+    text = _help("check_data", tmp_path)
+    assert text.startswith("pipeline-check-data: ") and "data: coco, masks, shapes, voc, yolo" in text
