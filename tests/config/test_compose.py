@@ -26,7 +26,8 @@ REQUIRED = {
     "data=yolo": [f"data.yaml={SHARED / 'datasets' / 'coco128-seg' / 'coco128-seg.yaml'}"],
     "data=masks": [f"data.{split}.{key}=folder" for split in ("train", "val") for key in ("images", "masks")],
     "data=voc": ["data.root=VOC2012"],
-    "experiment=coco128seg_instance": [],  # its class names are read from the shared yaml
+    "data=coco128seg": [],  # its class names are read from the shared yaml
+    "experiment=coco128seg_instance": [],
 }  # fmt: skip
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug", "hparams_search"]
 NESTED = ["model/backbone", "model/optim", "model/sched"]
@@ -41,6 +42,12 @@ DATA_FILES = {
               f"data.train.masks={DATASETS / 'isbi_membrane' / 'train' / 'label'}", "data.val=null",
               "data.holdout=0.2", "data.values={0:0,255:1}", "data.class_names=[membrane,cell]"],
     "shapes": [],
+    # The shared datasets' own configs name their files from the project root (paths.root_dir): here the test's cwd.
+    "bccd": [f"data.root={DATASETS / 'bccd' / 'BCCD'}"],
+    "coco128seg": [f"data.yaml={DATASETS / 'coco128-seg' / 'coco128-seg.yaml'}",
+                   f"data.root={DATASETS / 'coco128-seg'}"],
+    "isbi": [f"data.train.{key}={DATASETS / 'isbi_membrane' / 'train' / folder}"
+             for key, folder in (("images", "image"), ("masks", "label"))],
 }  # fmt: skip
 
 
@@ -84,6 +91,7 @@ def test_every_conf_file_is_covered():
     assert _options("model/backbone") == ["resnet18", "resnet34", "resnet50", "vgg16", "vgg_tiny"]
     assert _options("model/optim") == ["adamw", "sgd"] and _options("model/sched") == ["cosine"]
     assert _options("callbacks") == ["default", "ema"]
+    assert _options("data") == ["bccd", "coco", "coco128seg", "isbi", "masks", "shapes", "voc", "yolo"]
 
 
 def test_eval_and_predict_configs_compose():
@@ -245,7 +253,11 @@ def test_averaged_weights_come_from_callbacks_ema(experiment: str):
     assert callbacks == _tree(_compose("train", []).callbacks)  # callbacks=default plus the average
 
 
-@pytest.mark.parametrize("data", _options("data"))
+def _marks(*overrides: str) -> list:
+    return [requires_shared] if any(o in REQUIRED for o in overrides) else []
+
+
+@pytest.mark.parametrize("data", [pytest.param(d, marks=_marks(f"data={d}")) for d in _options("data")])
 @pytest.mark.parametrize("debug", _options("debug"))
 def test_every_debug_config_composes_with_every_data_config(debug: str, data: str):
     cfg = _compose("train", [f"debug={debug}", f"data={data}", *REQUIRED.get(f"data={data}", [])])
@@ -257,21 +269,35 @@ def test_every_debug_config_composes_with_every_data_config(debug: str, data: st
 
 
 @pytest.mark.parametrize(
-    "data", [pytest.param(d, marks=[requires_shared] if DATA_FILES[d] else []) for d in _options("data")]
+    ("experiment", "data"),
+    [pytest.param(e, d, marks=_marks(f"experiment={e}", f"data={d}")) for e in _options("experiment")
+     for d in _options("data")],
+)  # fmt: skip
+def test_every_experiment_composes_with_every_data_config(experiment: str, data: str):
+    """An experiment is a recipe (model, epochs, callbacks): the dataset it names is only its default."""
+    cfg = _compose("train", [f"experiment={experiment}", f"data={data}", *REQUIRED.get(f"data={data}", [])])
+    validate_config(cfg, TRAIN_KEYS)
+    default = _compose("train", [f"data={data}", *REQUIRED.get(f"data={data}", [])]).data
+    assert _tree(cfg.data) == _tree(default)  # the data config as chosen, untouched by the experiment
+
+
+@pytest.mark.parametrize(
+    "data", [pytest.param(d, marks=[] if d == "shapes" else [requires_shared]) for d in _options("data")]
 )
 @pytest.mark.parametrize("debug", _options("debug"))
 def test_every_debug_config_trains_on_every_data_config(workdir: Path, debug: str, data: str):
     """`pipeline-train debug=<d> data=<data>` on real files: it trains, validates, checkpoints and ends FINISHED."""
     import torch
 
-    run_main("train", f"debug={debug}", f"data={data}", *DATA_FILES[data], cwd=workdir, check=True)
+    model, metric = ("yolo", "val/map") if data == "bccd" else ("fcn8s", "val/mIoU")  # BCCD has boxes only
+    run_main("train", f"debug={debug}", f"data={data}", f"model={model}", *DATA_FILES[data], cwd=workdir, check=True)
     (run_dir,) = run_dirs(workdir)
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # Two batches of 4 (data=voc: the 3 labelme images make one batch).
     assert checkpoint["global_step"] == (1 if data == "voc" else 2)
     client = MlflowClient(tracking_uri(workdir))
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
-    assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["val/mIoU"] <= 1.0
+    assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics[metric] <= 1.0
     if data == "shapes":  # debug=fast generated its 16 + 8 images of 64 px, not the default 512 + 64 of 128 px
         images = sorted((workdir / "data" / "shapes" / "images" / "train").iterdir())
         assert len(images) == 16 and Image.open(images[0]).size == (64, 64)
@@ -298,4 +324,4 @@ def test_help_lists_every_group_with_its_options_and_examples_that_compose(tmp_p
 
 def test_check_data_help_names_its_own_command(tmp_path: Path):
     text = _help("check_data", tmp_path)
-    assert text.startswith("pipeline-check-data: ") and "data: coco, masks, shapes, voc, yolo" in text
+    assert text.startswith("pipeline-check-data: ") and f"data: {', '.join(_options('data'))}\n" in text
