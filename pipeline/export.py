@@ -10,9 +10,10 @@ does (longest side to `input_size`, padded bottom/right with 0) for the numbers 
   P = 3 x (H/8 x W/8 + H/16 x W/16 + H/32 x W/32) slots: before NMS, which is the caller's step, as the task does
   it (`pipeline.ops.nms.select_detections`) with the thresholds in the sidecar JSON's `postprocess`:
 
-      slot, label = torch.nonzero(scores[b] > score_threshold, as_tuple=True)
-      top = scores[b][slot, label].topk(min(pre_nms_top_k, len(slot))).indices  # best candidates only
-      slot, label = slot[top], label[top]
+      slot, label = torch.nonzero(scores[b] > score_threshold, as_tuple=True)  # image b's candidates
+      if len(slot) > pre_nms_top_k:  # only the best go through NMS
+          top = scores[b][slot, label].topk(pre_nms_top_k).indices
+          slot, label = slot[top], label[top]
       keep = torchvision.ops.batched_nms(boxes[b][slot], scores[b][slot, label], label, iou_threshold)
       keep = keep[:max_detections]  # boxes[b][slot[keep]], scores[b][slot[keep], label[keep]], label[keep] + 1
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ from pipeline.checkpoint import resolve_checkpoint
 from pipeline.cli import CONF_DIR, exit_on_user_error
 from pipeline.config import ConfigError, validate_config
 from pipeline.eval import load_task
+from pipeline.models.mask_yolo import MaskYOLO
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels
 from pipeline.ops.roi import fpn_levels
 from pipeline.uploads import unreachable
@@ -79,6 +82,15 @@ class SegmentationExport(Normalised):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(self.normalise(images))
+
+
+@torch.jit.script_if_tracing
+def _multiple_of_32(images: Tensor) -> Tensor:
+    """`images`, refused unless H and W are multiples of 32: scripted inside a trace, so TorchScript keeps the test
+    (the net's own check is Python, which a trace drops); ONNX's dynamic sizes are multiples of 32 by construction."""
+    if images.shape[-2] % 32 != 0 or images.shape[-1] % 32 != 0:
+        raise ValueError("detector input height and width must be multiples of 32")
+    return images
 
 
 class DetectionExport(Normalised):
@@ -122,6 +134,7 @@ class DetectionExport(Normalised):
         return decode(pred[..., :4], grid), torch.sigmoid(pred[..., 4:5]) * torch.sigmoid(pred[..., 5:])
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        images = _multiple_of_32(images)
         return self.decode(self.net(self.normalise(images)), images)
 
 
@@ -129,6 +142,7 @@ class InstanceExport(DetectionExport):
     """images -> boxes, scores (as DetectionExport) and the mask branch's features [B, C, H/s, W/s], s = 8, 16, 32."""
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        images = _multiple_of_32(images)
         outputs, levels = self.net(self.normalise(images))
         features = [lateral(level) for lateral, level in zip(self.net.mask_lateral, levels, strict=True)]
         return (*self.decode(outputs, images), *features)
@@ -161,13 +175,16 @@ class MaskHeadExport(nn.Module):
         return logits.gather(1, own)[:, 0].sigmoid()
 
 
+@dataclass
 class Graph:
     """One graph to export: the module, its named inputs and outputs (with their shapes, for the sidecar), the
     dynamic dimensions of each input, and two example inputs of different sizes (export, then check)."""
 
-    def __init__(self, module: nn.Module, inputs: dict[str, str], outputs: dict[str, str],
-                 dynamic: tuple[dict[int, Any], ...], examples: list[tuple[Tensor, ...]]) -> None:  # fmt: skip
-        self.module, self.inputs, self.outputs, self.dynamic, self.examples = module, inputs, outputs, dynamic, examples
+    module: nn.Module
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+    dynamic: tuple[dict[int, Any], ...]
+    examples: list[tuple[Tensor, ...]]
 
 
 IMAGES = "[B, 3, H, W] RGB in 0..1, letterboxed (padded bottom/right with 0)"
@@ -199,8 +216,6 @@ def _example_rois(images: Tensor, num_labels: int, generator: torch.Generator) -
 
 def graphs(task: nn.Module, size: int) -> dict[str, Graph]:
     """The graphs that export `task` ("model", and "masks" for the instance model) with examples at `size`."""
-    from pipeline.models.mask_yolo import MaskYOLO
-
     generator = torch.Generator().manual_seed(0)
     images = _example_images(size, generator)
     batch = Dim("batch")
@@ -249,8 +264,11 @@ def _write(graph: Graph, path: Path, fmt: str) -> None:
     """Export `graph` to `path` from its first example, with every dimension of `graph.dynamic` left free."""
     example = graph.examples[0]
     if fmt == "onnx":
+        # external_data=False: weights inside the one file (torch's default writes them to <file>.data beside it,
+        # which a copy of the .onnx alone, an MLflow artifact say, would lack); ONNX allows up to 2 GB that way.
         torch.onnx.export(graph.module, example, str(path), dynamo=True, input_names=list(graph.inputs),
-                          output_names=list(graph.outputs), dynamic_shapes=graph.dynamic, verbose=False)  # fmt: skip
+                          output_names=list(graph.outputs), dynamic_shapes=graph.dynamic, external_data=False,
+                          verbose=False)  # fmt: skip
         return
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python-level shape read; the check at a second size is what tells.
