@@ -1,12 +1,14 @@
-"""`pipeline-eval ckpt_path=…`: recompute validation metrics of a checkpoint, print them, log an eval run.
+"""`pipeline-eval ckpt_path=…` (or `model_uri=models:/…`): recompute validation metrics of a checkpoint, print
+them, log an eval run.
 
 Detection and instance checkpoints also write `predictions.json`: every detection in COCO results format (with
 its mask as RLE for instances), with the image and category ids of the evaluated annotation file, so
-pycocotools (or any COCO tool) can score it.
+pycocotools (or any COCO tool) can score it. `data.<key>=…` overrides the checkpoint's own data config.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -22,7 +24,8 @@ from rich.table import Table
 from pipeline import tracking
 from pipeline.checkpoint import check_model, load_checkpoint, resolve_checkpoint
 from pipeline.cli import CONF_DIR, exit_on_user_error
-from pipeline.config import EVAL_KEYS, validate_config
+from pipeline.config import EVAL_KEYS, ConfigError, validate_config
+from pipeline.registry import checkpoint_from_model_uri
 
 
 def load_task(ckpt: Path) -> tuple[pl.LightningModule, DictConfig, dict]:
@@ -44,14 +47,79 @@ def load_task(ckpt: Path) -> tuple[pl.LightningModule, DictConfig, dict]:
     return task.eval(), train_cfg, meta
 
 
+def checkpoint_of(cfg: DictConfig, tracking_uri: str) -> Path:
+    """The checkpoint file that `ckpt_path` (a file or run directory) or `model_uri` (`models:/…`) names."""
+    ckpt_path, model_uri = cfg.get("ckpt_path"), cfg.get("model_uri")
+    if (ckpt_path is None) == (model_uri is None):
+        raise ConfigError(
+            f"Give exactly one of ckpt_path=<checkpoint file or run directory> and model_uri=models:/<name>/<version> "
+            f"(or models:/<name>@<alias>); {'both were' if ckpt_path is not None else 'neither was'} given."
+        )
+    if model_uri is not None:
+        return checkpoint_from_model_uri(str(model_uri), tracking_uri)
+    return resolve_checkpoint(ckpt_path)
+
+
+def _data_group() -> str | None:
+    """The data group the command selected (`data=coco`), if any."""
+    return HydraConfig.get().runtime.choices.get("data") if HydraConfig.initialized() else None
+
+
+def data_config(cfg: DictConfig, train_data: DictConfig) -> DictConfig:
+    """The checkpoint's data config with the command's `data.*` overrides, checked like a training's.
+
+    Hydra cannot catch a misspelt key here (eval.yaml's `data` starts empty), so every key given must be in the
+    checkpoint's data config, or be a top-level argument its DataModule accepts.
+    """
+    group = _data_group()
+    if group:
+        files = " ".join(f"data.{k}={v}" for k, v in _leaves(train_data)
+                         if isinstance(v, str) and "/" in v and k != "check_cache")  # fmt: skip
+        raise ConfigError(
+            f"data={group}: pipeline-eval evaluates with the checkpoint's own data config "
+            f"({train_data.get('_target_')}), which a data group cannot replace. Point it at other files of that "
+            f"format with its keys (data.<key>=…); its files now: {files or '(none)'}."
+        )
+    _check_keys(cfg.data, train_data, "data", str(train_data.get("_target_")))
+    merged = OmegaConf.merge(train_data, cfg.data)
+    validate_config(OmegaConf.create({"data": merged}), {"data"})
+    return merged
+
+
+def _leaves(node: DictConfig, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every non-dict value under `node`."""
+    out = []
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            out += _leaves(child, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", node[key]))
+    return out
+
+
+def _check_keys(given: DictConfig, base: DictConfig, where: str, target: str) -> None:
+    """Every key of `given` exists in `base`, except top-level values (not dicts) that `validate_config` checks."""
+    for key in given.keys():
+        here = f"{where}.{key}"
+        node, known = given._get_node(key), base._get_node(key) if key in base else None
+        if isinstance(known, DictConfig) and not known._is_none() and isinstance(node, DictConfig):
+            _check_keys(node, known, here, target)
+        elif known is None and (where != "data" or isinstance(node, DictConfig)):
+            raise ConfigError(
+                f"Unknown config key '{here}': the checkpoint's data config ({target}) has no '{key}' under "
+                f"{where}. Its keys there: {', '.join(sorted(map(str, base.keys())))}."
+            )
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate the checkpoint on its (or an overridden) validation set; write metrics.json, log to MLflow."""
-    validate_config(cfg, EVAL_KEYS)
+    if _data_group() is None:  # else data_config says what to do, before the group's own `???` keys are named
+        validate_config(cfg, EVAL_KEYS)
     tracking.check_reachable(cfg.logger.tracking_uri)
-    ckpt = resolve_checkpoint(cfg.ckpt_path)
+    ckpt = checkpoint_of(cfg, cfg.logger.tracking_uri)
     task, train_cfg, meta = load_task(ckpt)
-    data_cfg = OmegaConf.merge(train_cfg.data, cfg.data)
-    datamodule = instantiate(data_cfg, targets=task.TARGETS)
+    datamodule = instantiate(data_config(cfg, train_cfg.data), targets=task.TARGETS)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[RichProgressBar()], max_epochs=1)
     (results,) = trainer.validate(task, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in results.items()}
@@ -77,6 +145,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "pipeline.kind": "evaluation",
             "pipeline.train_run_id": train_run,
             "pipeline.checkpoint": str(ckpt),
+            **({"pipeline.model_uri": str(cfg.model_uri)} if cfg.get("model_uri") else {}),
             "pipeline.overrides": " ".join(overrides) or "(none)",
             "mlflow.parentRunId": train_run,
         },
@@ -115,9 +184,24 @@ def _hydra_main(cfg: DictConfig) -> None:
     exit_on_user_error(evaluate, cfg)
 
 
+def _data_override(arg: str) -> str:
+    """`data.<key>=…` as Hydra's `++data.<key>=…` (set or add): eval.yaml's `data` is empty until the checkpoint's
+    data config is merged under it, so Hydra would refuse every such key as new; `data_config` checks them.
+    `+data=<group>` as `data=<group>`, which `data_config` refuses with the keys to use (Hydra's own error for
+    the `+` says neither)."""
+    if arg.startswith("+data="):
+        return arg[1:]
+    return f"++{arg}" if arg.startswith("data.") else arg
+
+
 def main() -> None:
     """Console entry point `pipeline-eval`."""
-    _hydra_main()
+    argv = sys.argv
+    sys.argv = [argv[0], *map(_data_override, argv[1:])]
+    try:
+        _hydra_main()
+    finally:
+        sys.argv = argv
 
 
 if __name__ == "__main__":

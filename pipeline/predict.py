@@ -1,7 +1,13 @@
-"""`pipeline-predict ckpt_path=… input=<image or folder>`: masks and overlays, or detections drawn plus COCO JSON."""
+"""`pipeline-predict ckpt_path=… input=<image or folder>`: masks and overlays, or detections drawn plus COCO JSON.
+
+Images go through the net `batch_size` at a time, each letterboxed to the same square as validation does, so a
+batch is a plain stack and every image's output is what it would be alone (batch norm runs in eval mode).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -9,17 +15,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from rich.progress import track
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torchvision.ops import box_convert
 
 from pipeline import tracking
-from pipeline.checkpoint import resolve_checkpoint
 from pipeline.cli import CONF_DIR, exit_on_user_error
 from pipeline.config import PREDICT_KEYS, ConfigError, validate_config
 from pipeline.data.coco import read_rgb
 from pipeline.data.formats import IMAGE_SUFFIXES
 from pipeline.data.transforms import letterbox
-from pipeline.eval import load_task
+from pipeline.eval import checkpoint_of, load_task
 from pipeline.ops.boxes import letterbox_scale, unletterbox
 from pipeline.ops.masks import encode_rle
 from pipeline.viz import draw_boxes, draw_instances, overlay, palette
@@ -37,12 +42,28 @@ def list_images(path: Path) -> list[Path]:
     raise ConfigError(f"input={path}: no such file or folder.")
 
 
-def _to_input(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
-    """RGB uint8 [H, W, 3] -> [1, 3, H, W] float in 0..1 on `device`."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(255).unsqueeze(0).to(device)
+def _batches(
+    images: list[Path], size: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[list[Path], list[np.ndarray], torch.Tensor]]:
+    """`batch_size` images at a time, with a progress bar: (paths, RGB uint8 [H, W, 3] each, their letterboxes
+    [B, 3, size, size] float in 0..1 on `device`)."""
+    square = letterbox(size, 0)
+    columns = (TextColumn("Predicting"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns) as progress:
+        bar = progress.add_task("predict", total=len(images))
+        for start in range(0, len(images), batch_size):
+            paths = images[start : start + batch_size]
+            rgbs = [read_rgb(path) for path in paths]
+            boxed = np.stack([square(image=rgb)["image"] for rgb in rgbs])
+            batch = torch.from_numpy(boxed).permute(0, 3, 1, 2).float().div(255).to(device)
+            yield paths, rgbs, batch
+            progress.advance(bar, len(paths))
 
 
-def _predict_masks(task: torch.nn.Module, images: list[Path], out_dir: Path, train_cfg: DictConfig, device) -> None:
+def _predict_masks(
+    task: torch.nn.Module, images: list[Path], out_dir: Path, train_cfg: DictConfig, batch_size: int, device
+) -> None:
     """Segmentation as validation scores it: letterboxed to the training's `data.val_size`, mapped back to each
     image's own size; index-PNG masks (pixel = class id) and overlays."""
     size = int(train_cfg.data.val_size)
@@ -50,20 +71,19 @@ def _predict_masks(task: torch.nn.Module, images: list[Path], out_dir: Path, tra
     colours = palette(num_classes).numpy().astype(np.uint8).reshape(-1).tolist()
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    for path in track(images, description="Predicting"):
-        rgb = read_rgb(path)
-        image = _to_input(letterbox(size, 0)(image=rgb)["image"], device)
-        labels = task.predict_masks(image, [rgb.shape[:2]])[0].cpu()
-        mask = Image.fromarray(labels.numpy().astype(np.uint8))
-        mask.putpalette(colours)  # makes it an index PNG: pixel value = class id, shown in class colours
-        mask.save(out_dir / "masks" / f"{path.stem}.png")
-        picture = overlay(torch.from_numpy(rgb).permute(2, 0, 1), labels, num_classes).permute(1, 2, 0).numpy()
-        Image.fromarray(picture).save(out_dir / "overlays" / f"{path.stem}.png")
+    for paths, rgbs, batch in _batches(images, size, batch_size, device):
+        for path, rgb, labels in zip(paths, rgbs, task.predict_masks(batch, [r.shape[:2] for r in rgbs]), strict=True):
+            labels = labels.cpu()
+            mask = Image.fromarray(labels.numpy().astype(np.uint8))
+            mask.putpalette(colours)  # makes it an index PNG: pixel value = class id, shown in class colours
+            mask.save(out_dir / "masks" / f"{path.stem}.png")
+            picture = overlay(torch.from_numpy(rgb).permute(2, 0, 1), labels, num_classes).permute(1, 2, 0).numpy()
+            Image.fromarray(picture).save(out_dir / "overlays" / f"{path.stem}.png")
     print(f"Wrote {len(images)} masks to {out_dir / 'masks'} and overlays to {out_dir / 'overlays'}")
 
 
 def _predict_detections(
-    task: torch.nn.Module, images: list[Path], out_dir: Path, meta: dict, min_score: float, device
+    task: torch.nn.Module, images: list[Path], out_dir: Path, meta: dict, min_score: float, batch_size: int, device
 ) -> None:
     """Detection at the training input size (letterboxed), in original pixels: boxes (and instance masks) drawn
     in class colours (`boxes/` or `overlays/`), and COCO results JSON (masks as RLE)."""
@@ -74,10 +94,10 @@ def _predict_detections(
     pictures = out_dir / ("overlays" if instances else "boxes")
     pictures.mkdir(parents=True, exist_ok=True)
     results = []
-    for image_id, path in enumerate(track(images, description="Predicting"), start=1):
-        rgb = read_rgb(path)
+    detected = ((path, rgb, det) for paths, rgbs, batch in _batches(images, size, batch_size, device)
+                for path, rgb, det in zip(paths, rgbs, task.detect(batch), strict=True))  # fmt: skip
+    for image_id, (path, rgb, det) in enumerate(detected, start=1):
         height, width = rgb.shape[:2]
-        det = task.detect(_to_input(letterbox(size, 0)(image=rgb)["image"], device))[0]
         det = {k: v[det["scores"] >= min_score].cpu() for k, v in det.items()}
         scale = letterbox_scale(height, width, size)
         boxes, scores, labels = unletterbox(det["boxes"], scale, height, width), det["scores"], det["labels"]
@@ -105,17 +125,22 @@ def _predict_detections(
 def predict(cfg: DictConfig) -> Path:
     """Predict every input image; returns the output directory."""
     validate_config(cfg, PREDICT_KEYS)
+    batch_size = cfg.batch_size
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: give a whole number of images, 1 or more.")
     images = list_images(Path(cfg.input).expanduser())
-    task, train_cfg, meta = load_task(resolve_checkpoint(cfg.ckpt_path))
+    # No logger group here: the store pipeline-train and pipeline-eval use by default (conf/logger/mlflow.yaml).
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.paths.log_dir)}/mlflow.db"
+    task, train_cfg, meta = load_task(checkpoint_of(cfg, tracking_uri))
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
     task.to(device)
     out_dir = Path(cfg.paths.output_dir)
     with torch.inference_mode():
         if task.TARGETS in ("boxes", "instances"):
-            _predict_detections(task, images, out_dir, meta, float(cfg.min_score), device)
+            _predict_detections(task, images, out_dir, meta, float(cfg.min_score), batch_size, device)
         else:
-            _predict_masks(task, images, out_dir, train_cfg, device)
+            _predict_masks(task, images, out_dir, train_cfg, batch_size, device)
     return out_dir
 
 
