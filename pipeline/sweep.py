@@ -10,6 +10,7 @@ parent. `on_multirun_end` collects the children by their `pipeline.sweep.id` tag
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import sqlite3
@@ -29,7 +30,7 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pipeline import tracking
+from pipeline import run_summary, tracking
 from pipeline.callbacks import PREEMPTED_EXIT
 from pipeline.config import ConfigError, monitor_mode
 from pipeline.data.datamodule import usable_cores
@@ -39,6 +40,11 @@ SWEEP_FILE = "sweep.json"
 TAG = f"{tracking.TAG_PREFIX}sweep."
 # Short names for the keys users sweep most, in child run names ("fcn8s-lr0.003-s1-j2").
 SHORT = {"weight_decay": "wd", "seed": "s", "batch_size": "bs", "max_epochs": "ep"}
+# Overrides that do not describe the model or its training (or are already in the name): left out of run names.
+NAME_SKIP = {"experiment", "model", "data", "ckpt_path", "resume_mode", "register", "tags"}
+NAME_SKIP_PREFIXES = ("hydra.", "paths.", "logger.", "callbacks.progress_bar.", "callbacks.model_summary.")
+NAME_SKIP_LEAVES = {"num_workers", "log_every_n_steps", "check_cache", "anchor_cache"}  # results do not depend on them
+NAME_LENGTH = 80  # before the suffix: what a runs-table column shows, and well inside MLflow's 250
 
 
 def varied_keys(config: DictConfig) -> dict[str, str]:
@@ -55,8 +61,8 @@ def job_values(overrides: list[str], keys: list[str]) -> dict[str, str]:
     return {k: given[k] for k in keys if k in given}
 
 
-def job_name(values: dict[str, str], job: int) -> str:
-    """A run name that leads with what varies: config-group choices as they are, other keys abbreviated."""
+def _name_parts(values: dict[str, str]) -> list[str]:
+    """Config-group choices as they are (`fcn8s`), other keys abbreviated with their value (`lr0.003`, `s1`)."""
     parts = []
     for key, value in values.items():
         leaf = key.rsplit(".", 1)[-1].rsplit("/", 1)[-1]
@@ -64,7 +70,28 @@ def job_name(values: dict[str, str], job: int) -> str:
         if is_number(value) and not float(value).is_integer():
             value = f"{float(value):.3g}"  # a sampled 0.0005611516… reads 0.000561
         parts.append(value if is_choice else f"{SHORT.get(leaf, leaf)}{value}")
-    return "-".join([*parts, f"j{job}"])
+    return parts
+
+
+def job_name(values: dict[str, str], job: int) -> str:
+    """A sweep job's run name: what varies, then its job number (`fcn8s-lr0.003-s1-j2`)."""
+    return "-".join([*_name_parts(values), f"j{job}"])
+
+
+def run_name(model: str, overrides: list[str], run_dir: str) -> str:
+    """A single run's name: model, data, the overrides that set it apart, then 4 hex digits of its run dir.
+
+    `FCN-8s-vgg_tiny-shapes-lr0.01-3f2a`: what differs leads, so truncated names in the MLflow runs table stay
+    apart; the suffix keeps two runs of one command apart (their run dirs differ).
+    """
+    given = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    values = {k: v for k, v in given.items() if k not in NAME_SKIP and not k.startswith(NAME_SKIP_PREFIXES)
+              and k.rsplit(".", 1)[-1] not in NAME_SKIP_LEAVES}  # fmt: skip
+    data = tracking.config_choices().get("data")
+    name = "-".join([model, *([data] if data else []), *_name_parts(values)])
+    if len(name) > NAME_LENGTH:  # the whole list stays in the pipeline.overrides tag
+        name = name[: NAME_LENGTH - 1] + "…"
+    return f"{name}-{hashlib.sha1(run_dir.encode()).hexdigest()[:4]}"
 
 
 def read_sweep(sweep_dir: str | Path) -> dict[str, Any] | None:
@@ -256,7 +283,7 @@ class SweepTracking(Callback):
             f"{TAG}overrides": tracking.joined(list(config.hydra.overrides.task)),
             f"{TAG}space": json.dumps(varied)[:MAX_TAG_VAL_LENGTH],
             f"{TAG}monitor": monitor,
-            "mlflow.source.git.commit": tracking.git_commit(str(Path(__file__).parent)),
+            **run_summary.source_tags(tracking.ENTRY, run_summary.git_state(tracking.CODE_ROOT)),
         }
         parent = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.name}", tags=tags).info.run_id
         record = {"parent_run_id": parent, "experiment_id": exp_id, "tracking_uri": uri, "varied": list(varied),

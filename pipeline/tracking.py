@@ -6,10 +6,10 @@ Every function here runs on global rank zero only (the caller checks), so one tr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from lightning_fabric.utilities.logger import _add_prefix
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
@@ -33,9 +35,14 @@ from pytorch_lightning.loggers.utilities import _scan_checkpoints
 from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline.config import ConfigError
+from pipeline.run_summary import GitState, dataset_input, dataset_name, git_state, source_tags
 from pipeline.uploads import UploadQueue, describe, unreachable
 
 TAG_PREFIX = "pipeline."
+ENTRY = "pipeline-train"  # mlflow.source.name of training runs
+# The system-metrics monitor announces its start, stop and a missing GPU at INFO, which Hydra prints every run.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+CODE_ROOT = Path(__file__).resolve().parent  # the checkout whose git state the runs record
 
 
 def check_reachable(uri: str) -> None:
@@ -82,15 +89,6 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def git_commit(root: str) -> str:
-    """The commit checked out at `root`, or "unknown" outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def joined(overrides: list[str]) -> str:
     """Overrides as one tag value, shortened to what the store accepts."""
     return " ".join(overrides)[:MAX_PARAM_VAL_LENGTH] or "(none)"
@@ -114,12 +112,21 @@ def model_name(cfg: DictConfig) -> str:
     return "-".join(str(p) for p in parts if p)
 
 
-def run_tags(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
-    """Tags that make runs comparable: git commit, task, model, Hydra overrides."""
+def config_choices() -> dict[str, str]:
+    """The config-group options this run was composed of ({"data": "coco", "model": "yolo", …}), {} outside Hydra."""
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {g: str(choices[g]) for g in ("experiment", "data", "model", "trainer") if choices.get(g) is not None}
+
+
+def run_tags(cfg: DictConfig, overrides: list[str], git: GitState | None = None) -> dict[str, str]:
+    """Tags that make runs comparable: user, source and git state, task, model, data, Hydra overrides."""
     return {
-        "mlflow.source.git.commit": git_commit(str(Path(__file__).resolve().parent)),
+        **source_tags(ENTRY, git),
         f"{TAG_PREFIX}task": str(cfg.model._target_).rsplit(".", 1)[-1],
         f"{TAG_PREFIX}model": model_name(cfg),
+        **{f"{TAG_PREFIX}{group}": option for group, option in config_choices().items() if group != "model"},
         f"{TAG_PREFIX}overrides": joined(overrides),
         f"{TAG_PREFIX}run_dir": str(cfg.paths.output_dir),
         **{f"{TAG_PREFIX}tag.{t}": "1" for t in cfg.get("tags", [])},
@@ -136,7 +143,8 @@ def start_run(
     """
     client = MlflowClient(cfg.logger.tracking_uri)
     exp_id = experiment_id(client, cfg.logger.experiment_name, cfg.paths.log_dir)
-    tags = run_tags(cfg, overrides) | {"mlflow.runName": run_name}
+    git = git_state(CODE_ROOT)
+    tags = run_tags(cfg, overrides, git) | {"mlflow.runName": run_name}
     config = OmegaConf.to_container(cfg, resolve=True)
     if parent is not None:
         changed = changed_keys(flatten(parent["config"]), flatten(config))
@@ -146,6 +154,8 @@ def start_run(
     log_params(client, run.info.run_id, flatten(config))
     client.log_text(run.info.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     client.log_text(run.info.run_id, "\n".join(overrides) + "\n", "overrides.yaml")
+    if git is not None and git.dirty:  # what the commit alone does not say about the code that trained
+        client.log_text(run.info.run_id, git.patch, "git/uncommitted.patch")
     return run.info.run_id
 
 
@@ -206,14 +216,28 @@ class MLflowLogger(MLFlowLogger):
     keeps at most two copies per checkpoint name there (the one being sent and the newest). In the store each
     checkpoint is the folder `<name>/` (`last/last.ckpt`, `best/best.ckpt`, with Lightning's `metadata.yaml`
     and `aliases.txt`), replaced in place. `finalize` uploads any checkpoint rewritten since its last upload,
-    waits up to `drain_timeout` seconds for the queue, then marks the run finished.
+    waits up to `drain_timeout` seconds for the queue, then marks the run finished. `system_metrics_s`: seconds
+    between MLflow system-metric samples of the run (null: none).
     """
 
-    def __init__(self, *, upload_dir: str, drain_timeout: float = 300.0, **kwargs: Any) -> None:
+    def __init__(
+        self, *, upload_dir: str, drain_timeout: float = 300.0, system_metrics_s: float | None = 10.0, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.drain_timeout = drain_timeout
         self.uploads = UploadQueue(self._tracking_uri, upload_dir)
         self._checkpoint_callbacks: dict[str, Any] = {}
+        # MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network; GPU with pynvml),
+        # which Lightning's logger never starts (Lightning #20563); the rank that owns the run samples them.
+        self.system_metrics: SystemMetricsMonitor | None = None
+        if system_metrics_s and kwargs.get("run_id") is not None and rank_zero_only.rank == 0:
+            self.system_metrics = SystemMetricsMonitor(
+                kwargs["run_id"],
+                sampling_interval=system_metrics_s,
+                resume_logging=True,
+                tracking_uri=self._tracking_uri,
+            )
+            self.system_metrics.start()
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -269,6 +293,9 @@ class MLflowLogger(MLFlowLogger):
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         """Queue checkpoints rewritten since their upload, wait for the queue, then end the run with `status`."""
+        if self.system_metrics is not None:  # its last samples go out with the run's other writes
+            self.system_metrics.finish()
+            self.system_metrics = None
         if not self._initialized:
             return
         if self._log_model:
@@ -311,8 +338,9 @@ def write_json(path: str | Path, data: dict | list) -> None:
 
 
 class DatasetStats(Callback):
-    """At fit start, log the data check's summary (`data/summary.json`: images, instances per class, box sizes,
-    repairs per split) and a box-size scatter plot (`data/box_sizes.png`) to the MLflow run."""
+    """At fit start, log each split as a dataset input of the MLflow run (`run_summary.dataset_input`), the data
+    check's summary (`data/summary.json`: images, instances per class, box sizes, repairs per split) and a box-size
+    scatter plot (`data/box_sizes.png`)."""
 
     @rank_zero_only
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -321,7 +349,11 @@ class DatasetStats(Callback):
         logger, data = trainer.logger, trainer.datamodule
         if not isinstance(logger, MLFlowLogger) or logger.run_id is None or data is None:
             return
-        reports = {split: getattr(data, f"{split}_set").source.report for split in ("train", "val")}
+        sources = {split: getattr(data, f"{split}_set").source for split in ("train", "val")}
+        reports = {split: source.report for split, source in sources.items()}
         logger.experiment.log_dict(logger.run_id, {k: r.summary() for k, r in reports.items()}, "data/summary.json")
+        name = dataset_name([s.images_dir for s in sources.values()])
+        inputs = [dataset_input(source, name, split) for split, source in sources.items()]
+        logger.experiment.log_inputs(logger.run_id, datasets=inputs)
         sizes = {k: np.asarray(r.box_sizes, dtype=np.float32).reshape(-1, 2) for k, r in reports.items()}
         log_image(logger, box_size_scatter(sizes), "data/box_sizes.png")

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from pipeline import launch, sweep, tracking
+from pipeline import launch, registry, sweep, tracking
 from pipeline.callbacks import PREEMPTED_EXIT, NonFiniteLossError
 from pipeline.checkpoint import (
     AtomicCheckpointIO,
@@ -40,6 +40,7 @@ from pipeline.cli import CONF_DIR, exit_on_user_error, user_error
 from pipeline.config import TRAIN_KEYS, ConfigError, validate_config
 from pipeline.data.datamodule import usable_cores
 from pipeline.models.surgery import load_matching
+from pipeline.run_summary import RunSummary
 
 # Set by main(): the command line as the user typed it, which DDP child processes must re-run.
 _USER_ARGV: list[str] = []
@@ -108,9 +109,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             tracking.continue_run(cfg, overrides, run_id, meta.get("tracking_uri"))
         else:
             parent = {"run_id": meta["mlflow_run_id"], "config": meta["config"]} if meta else None
-            # A sweep job is named by what its sweep varies; a single run by its model and time (runs/<time>).
-            stamp = "-".join(p for p in Path(run_dir).parts[-2:] if p != "runs")
-            name = job["name"] if job else f"{tracking.model_name(cfg)}-{stamp}"
+            # A sweep job is named by what its sweep varies; a single run by its model, data and overrides.
+            name = job["name"] if job else sweep.run_name(tracking.model_name(cfg), overrides, run_dir)
             tags = sweep.child_tags(job) if job else {}
             run_id = tracking.start_run(cfg, overrides, run_name=name, parent=parent, extra=tags)
 
@@ -120,6 +120,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     callbacks.append(RunMetadata(OmegaConf.to_container(cfg, resolve=True), run_id, run_dir, cfg.logger.tracking_uri))
     callbacks.append(tracking.DatasetStats())
+    callbacks.append(RunSummary(run_id, cfg.logger.tracking_uri, cfg.model.monitor))
     pruning = sweep.pruning_callback(cfg.model.monitor)  # an Optuna sweep with a pruner
     if pruning is not None:
         callbacks.append(pruning)
@@ -159,12 +160,25 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         metrics[f"best/{cfg.model.monitor}"] = float(best)
         if trainer.is_global_zero and run_id is not None:
             MlflowClient(cfg.logger.tracking_uri).log_metric(run_id, f"best/{cfg.model.monitor}", float(best))
+    if trainer.is_global_zero and cfg.register and run_id is not None:
+        _register(cfg, trainer, run_id)
     if trainer.is_global_zero:
         if pruning is not None and pruning.pruned_at_epoch is not None and run_id is not None:
             MlflowClient(cfg.logger.tracking_uri).set_tag(run_id, "pipeline.sweep.pruned_at_epoch",
                                                           str(pruning.pruned_at_epoch))  # fmt: skip
         _report(cfg, trainer, metrics, run_id)
     return metrics
+
+
+def _register(cfg: DictConfig, trainer: pl.Trainer, run_id: str) -> None:
+    """`register=<name>`: the run's best checkpoint becomes the next version of registered model <name>."""
+    best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor == cfg.model.monitor), "")
+    if not best:
+        print(f"register={cfg.register}: no best checkpoint was saved ({cfg.model.monitor} never logged), "
+              "nothing registered", file=sys.stderr)  # fmt: skip
+        return
+    version = registry.register_checkpoint(cfg.logger.tracking_uri, run_id, Path(best), str(cfg.register))
+    print(f"Registered {best} as models:/{cfg.register}/{version}")
 
 
 def _fork_anchors(cfg: DictConfig, checkpoint: dict) -> None:

@@ -57,6 +57,7 @@ class CocoSource:
         self, images_dir: str | Path, annotations: str | Path | dict, check_cache: str | Path | None = None
     ) -> None:
         self.images_dir = Path(images_dir)
+        self.annotations = None if isinstance(annotations, dict) else Path(annotations)  # None: converted in memory
         dataset, self.report = check_coco(  # before training
             images_dir, annotations, needs_masks=self.NEEDS_MASKS, cache_dir=check_cache
         )
@@ -70,6 +71,10 @@ class CocoSource:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def files(self) -> list[Path]:
+        """The image files of this split in the order `read` serves them (what the run's dataset fingerprint covers)."""
+        return [self.images_dir / self.coco.imgs[i]["file_name"] for i in self.image_ids]
 
     def read(self, index: int) -> tuple[np.ndarray, dict, list[dict]]:
         """Image RGB uint8 [H, W, 3], its image record and its annotations, checked against each other."""

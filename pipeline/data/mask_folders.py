@@ -79,6 +79,10 @@ class MaskFolderSource:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def files(self) -> list[Path]:
+        """Every image and mask file of this split (what the run's dataset fingerprint covers)."""
+        return [path for pair in self.pairs for path in pair]
+
     def _labels(self, mask_path: Path) -> np.ndarray:
         """A mask file as labels uint8 [H, W]: one channel (index/palette/grey), mapped, values checked."""
         try:

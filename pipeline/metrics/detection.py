@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,9 @@ COCO_STATS = (
     "map", "map_50", "map_75", "map_small", "map_medium", "map_large",
     "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large",
 )  # fmt: skip
+# faster-coco-eval logs its progress and the whole summary table at INFO on every compute; Hydra's logging setup
+# would print that after every validation epoch.
+logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 # pycocotools' thresholds in float64; torchmetrics' float32 defaults put recalls that land exactly on a
 # threshold on the other side (../shared/DESIGN.md measured up to 7e-5 of mAP difference).
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()

@@ -122,6 +122,65 @@ def test_training_logs_to_a_tracking_server_that_lists_the_run(workdir: Path, ml
     _assert_checkpoints_uploaded(client, run["info"]["run_id"], run_dirs(workdir)[0], workdir / "downloaded")
 
 
+def _rest(uri: str, endpoint: str, body: dict | None = None) -> dict:
+    """One call of MLflow's REST API (GET with query parameters in `endpoint`, POST with a JSON `body`)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/{endpoint}", data=data,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    return json.load(urllib.request.urlopen(request))
+
+
+def _git_out(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_sweep_on_a_server_gives_every_run_summary_and_system_metrics_a_dataset_input_and_source_tags(
+    workdir: Path, mlflow_server: Server
+):
+    """Issue 15.1, read back over REST: what the runs table can show without opening a run."""
+    run_cli("train", "-m", "model.optimizer.lr=0.001,0.003", *TINY, "trainer.max_epochs=2",
+            "logger.system_metrics_s=1", cwd=workdir, tracking_uri=mlflow_server.uri)  # fmt: skip
+    uri = mlflow_server.uri
+    experiment = _rest(uri, "experiments/get-by-name?experiment_name=pipeline")["experiment"]["experiment_id"]
+    runs = _rest(uri, "runs/search", {"experiment_ids": [experiment]})["runs"]
+    tags_of = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs]
+    children = [(r, t) for r, t in zip(runs, tags_of, strict=True) if t.get("pipeline.sweep.role") != "parent"]
+    assert len(children) == 2
+    commit, dirty = _git_out("rev-parse", "HEAD"), bool(_git_out("status", "--porcelain"))
+    digests = set()
+    for run, tags in children:
+        run_id = run["info"]["run_id"]
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        # Summary metrics, each against what the run's own history says.
+        history = _rest(uri, f"metrics/get-history?run_id={run_id}&metric_key=val/mIoU")["metrics"]
+        values = [m["value"] for m in sorted(history, key=lambda m: m["step"])]
+        assert metrics["best/val/mIoU"] == max(values) and metrics["best/epoch"] == values.index(max(values))
+        losses = _rest(uri, f"metrics/get-history?run_id={run_id}&metric_key=train/loss_epoch")["metrics"]
+        assert metrics["summary/final_train_loss"] == max(losses, key=lambda m: m["step"])["value"]
+        images = 16 * 2  # TINY: 16 training images, 2 epochs
+        assert metrics["summary/images_per_s"] * metrics["summary/train_time_s"] == pytest.approx(images)
+        assert 0 < metrics["summary/train_time_s"] < metrics["summary/wall_time_s"]
+        assert metrics["summary/params"] > 1000
+        # MLflow's system metrics, sampled every second while the run trained.
+        assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+        # The dataset, once per split, with the same fingerprint in both runs (same files).
+        inputs = run["inputs"]["dataset_inputs"]
+        contexts = {i["tags"][0]["value"]: i["dataset"] for i in inputs}
+        assert set(contexts) == {"train", "val"} and {d["name"] for d in contexts.values()} == {"shapes"}
+        assert contexts["train"]["digest"] != contexts["val"]["digest"]
+        assert json.loads(contexts["train"]["profile"])["images"] == 16
+        digests.add((contexts["train"]["digest"], contexts["val"]["digest"]))
+        # Source, git state, device and the config groups it was composed of.
+        assert tags["mlflow.source.name"] == "pipeline-train" and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == commit
+        assert tags["pipeline.git.dirty"] == str(dirty).lower()
+        artifacts = {a["path"] for a in _rest(uri, f"artifacts/list?run_id={run_id}").get("files", [])}
+        assert ("git" in artifacts) == dirty  # git/uncommitted.patch only when there is something uncommitted
+        assert tags["pipeline.device"] == "cpu" and tags["pipeline.precision"] == "32-true"
+        assert tags["pipeline.data"] == "shapes" and tags["pipeline.experiment"] == "shapes_fcn"
+    assert len(digests) == 1
+
+
 def test_unreachable_server_fails_in_seconds_before_training(workdir: Path):
     start = time.time()
     proc = run_cli("train", *TINY, cwd=workdir, check=False, tracking_uri=f"http://127.0.0.1:{_free_port()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from hashlib import sha1
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,21 @@ def test_one_epoch_writes_run_params_metrics_config_and_checkpoints(workdir: Pat
     assert params["trainer.max_epochs"] == "2"
     assert params["data.spec.image_size"] == "64"
     assert run.data.tags["pipeline.task"] == "SegmentationTask"
-    assert run.data.tags["pipeline.model"] == "FCN-8s-vgg_tiny" and run.info.run_name.startswith("FCN-8s-vgg_tiny-")
+    (run_dir,) = run_dirs(workdir)
+    # Named by what sets it apart (model, data, overrides), then 4 hex digits of its run dir.
+    assert run.data.tags["pipeline.model"] == "FCN-8s-vgg_tiny" and run.info.run_name.startswith(
+        "FCN-8s-vgg_tiny-shapes-"
+    )
+    # TINY's overrides in the order given, loader workers and logging cadence left out, cut to fit the column.
+    assert run.info.run_name.startswith("FCN-8s-vgg_tiny-shapes-num_train16-num_val8-image_size64-bs4-train_sizes")
+    assert len(run.info.run_name) <= 85 and "num_workers" not in run.info.run_name
+    assert run.info.run_name.endswith("-" + sha1(str(run_dir).encode()).hexdigest()[:4])
     assert "trainer.max_epochs=2" in run.data.tags["pipeline.overrides"]
     assert run.data.tags["mlflow.source.git.commit"]
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted(i.tags[0].value for i in inputs) == ["train", "val"] and {i.dataset.name for i in inputs} == {
+        "shapes"
+    }
 
     miou = client.get_metric_history(run.info.run_id, "val/mIoU")
     assert len(miou) == 2 and all(0.0 <= m.value <= 1.0 for m in miou)
@@ -49,7 +62,6 @@ def test_one_epoch_writes_run_params_metrics_config_and_checkpoints(workdir: Pat
     config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml")).read_text())
     assert config["model"]["net"]["variant"] == "8s"
 
-    (run_dir,) = run_dirs(workdir)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert (workdir / "data" / "shapes" / "annotations" / "instances_train.json").is_file()
     # artifacts live next to the database, not in ./mlruns of whatever directory the command ran in

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -373,3 +374,11 @@ def test_pr_curve_figure_is_an_rgb_uint8_image() -> None:
     assert coloured.any()  # the curves are coloured lines, not only black axes and text
     empty = pr_curve_figure({}, [])
     assert empty.dtype == np.uint8 and empty.shape == picture.shape
+
+
+def test_computing_the_metric_logs_nothing_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    """faster-coco-eval logs its whole summary table at INFO; under Hydra's logging that is every validation epoch."""
+    gt, detections = _dataset(0)
+    with caplog.at_level(logging.INFO):
+        _ours(gt, detections)
+    assert [r for r in caplog.records if r.levelno < logging.WARNING] == []
