@@ -298,6 +298,11 @@ def test_every_debug_config_trains_on_every_data_config(workdir: Path, debug: st
     client = MlflowClient(tracking_uri(workdir))
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics[metric] <= 1.0
+    # Tagged as composed: this data and model, none of the default experiment's labels.
+    tags = run.data.tags
+    assert (tags["pipeline.data"], tags["pipeline.task"]) == (data, "DetectionTask" if model == "yolo" else
+                                                              "SegmentationTask")  # fmt: skip
+    assert not [t for t in tags if t.startswith("pipeline.tag.")]
     if data == "shapes":  # debug=fast generated its 16 + 8 images of 64 px, not the default 512 + 64 of 128 px
         images = sorted((workdir / "data" / "shapes" / "images" / "train").iterdir())
         assert len(images) == 16 and Image.open(images[0]).size == (64, 64)

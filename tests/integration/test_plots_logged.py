@@ -21,8 +21,6 @@ from pipeline.eval import load_task
 from tests.conftest import ROOT, TINY, run_cli, run_dirs, tracking_uri
 from tests.unit.test_confusion import cocoeval_confusion
 
-# Until conf/callbacks/default.yaml has the block, the test adds the callback itself.
-LOSS_CURVES = "+callbacks.loss_curves._target_=pipeline.callbacks.LossCurves"
 FAMILIES = {
     "segmentation": [*TINY, "trainer.max_epochs=2"],
     "detection": ["experiment=shapes_yolo", *TINY, "model.net.neck_width=32"],
@@ -37,7 +35,7 @@ PLOTS = {
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_training_logs_its_plots(workdir: Path, family: str) -> None:
-    run_cli("train", *FAMILIES[family], LOSS_CURVES, cwd=workdir)
+    run_cli("train", *FAMILIES[family], cwd=workdir)
     client = MlflowClient(tracking_uri(workdir))
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
@@ -110,7 +108,10 @@ def test_two_ddp_processes_sum_their_confusion_matrices(workdir: Path) -> None:
     run_cli("train", *FAMILIES["detection"], *ddp, keep, cwd=workdir, env=env)
     client = MlflowClient(tracking_uri(workdir))
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/confusion_matrix.png"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/confusion_matrix.png",
+        "plots/training_curves.png",
+    }
     (run_dir,) = run_dirs(workdir)
     single = _check_confusion(run_dir / "checkpoints" / "last.ckpt", workdir, val_size=64)
     np.testing.assert_array_equal(torch.load(workdir / "confusion.pt", weights_only=True).numpy(), single.numpy())
