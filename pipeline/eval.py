@@ -86,6 +86,27 @@ def data_config(cfg: DictConfig, train_data: DictConfig) -> DictConfig:
     return merged
 
 
+def split_config(data: DictConfig, split: str, targets: str) -> DictConfig:
+    """The data config that validates on `split`: "val" as trained, or "test" where the format names one (a YOLO
+    yaml's `test:` entry, a VOC root's ImageSets/<Main for boxes | Segmentation>/test.txt)."""
+    if split == "val":
+        return data
+    target = str(data.get("_target_", "")).rsplit(".", 1)[-1]
+    if split != "test":
+        raise ConfigError(f"split={split}: give split=val (the checkpoint's validation data) or split=test.")
+    if target == "VocDataModule":  # voc_ids would read every file of the folder where the list is missing
+        listing = Path(data.root) / "ImageSets" / ("Main" if targets == "boxes" else "Segmentation") / "test.txt"
+        if not listing.is_file():
+            raise ConfigError(f"split=test: {listing} does not exist, so {data.root} has no test split.")
+    elif target != "YoloDataModule":  # a YOLO yaml without `test:` is refused by yolo_dataset, naming the yaml
+        files = " ".join(f"data.val.{key}=…" for key in data.get("val") or {})
+        raise ConfigError(
+            f"split=test: {target} data has no named test split. Evaluate your test files with "
+            f"{files or 'data.val.images=… data.val.annotations=…'} instead."
+        )
+    return OmegaConf.merge(data, {"val_split": "test"})
+
+
 def _leaves(node: DictConfig, prefix: str = "") -> list[tuple[str, object]]:
     """(dotted key, value) of every non-dict value under `node`."""
     out = []
@@ -119,7 +140,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     tracking.check_reachable(cfg.logger.tracking_uri)
     ckpt = checkpoint_of(cfg, cfg.logger.tracking_uri)
     task, train_cfg, meta = load_task(ckpt)
-    datamodule = instantiate(data_config(cfg, train_cfg.data), targets=task.TARGETS)
+    data = split_config(data_config(cfg, train_cfg.data), str(cfg.split), task.TARGETS)
+    datamodule = instantiate(data, targets=task.TARGETS)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[RichProgressBar()], max_epochs=1)
     (results,) = trainer.validate(task, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in results.items()}
@@ -127,7 +149,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return metrics
 
     out_dir = Path(cfg.paths.output_dir)
-    tracking.write_json(out_dir / "metrics.json", {"checkpoint": str(ckpt), "metrics": metrics})
+    record = {"checkpoint": str(ckpt), "split": str(cfg.split), "metrics": metrics}
+    tracking.write_json(out_dir / "metrics.json", record)
     artifacts = [out_dir / "metrics.json"]
     if task.TARGETS != "semantic":
         results = coco_results(task.results, datamodule.category_ids)
@@ -145,6 +168,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "pipeline.kind": "evaluation",
             "pipeline.train_run_id": train_run,
             "pipeline.checkpoint": str(ckpt),
+            "pipeline.split": str(cfg.split),
             **({"pipeline.model_uri": str(cfg.model_uri)} if cfg.get("model_uri") else {}),
             "pipeline.overrides": " ".join(overrides) or "(none)",
             "mlflow.parentRunId": train_run,

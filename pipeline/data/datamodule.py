@@ -368,13 +368,14 @@ class ShapesDataModule(CocoDataModule):
 class YoloDataModule(CocoDataModule):
     """An ultralytics dataset (dataset yaml, `images/…` and `labels/….txt` with boxes or polygons) read unchanged.
 
-    `yaml`: the dataset yaml (`path`, `train`, `val`, `names`); `root` overrides its `path`. Class ids are the
-    category ids (predictions are written with them); see `pipeline.data.formats.yolo_dataset`.
+    `yaml`: the dataset yaml (`path`, `train`, `val`, `names`); `root` overrides its `path`; `val_split` names the
+    yaml entry validated on (`test` for `pipeline-eval split=test`). Class ids are the category ids (predictions
+    are written with them); see `pipeline.data.formats.yolo_dataset`.
     """
 
-    def __init__(self, yaml: str, root: str | None = None, **kwargs) -> None:
+    def __init__(self, yaml: str, root: str | None = None, val_split: str = "val", **kwargs) -> None:
         self.yaml, self.root = yaml, root
-        super().__init__(train={"split": "train"}, val={"split": "val"}, **kwargs)
+        super().__init__(train={"split": "train"}, val={"split": val_split}, **kwargs)
 
     def _annotations(self, files: dict) -> tuple[Path, dict]:
         return yolo_dataset(self.yaml, files["split"], self.root)

@@ -112,3 +112,28 @@ def test_predict_refuses_a_batch_size_below_one(detector: Path):
     proc = run_main("predict", f"ckpt_path={detector}", f"input={VAL_IMAGES}", "device=cpu", "batch_size=0",
                     cwd=_workdir(detector))  # fmt: skip
     assert proc.returncode == 1 and "batch_size=0: give a whole number of images, 1 or more." in proc.stderr
+
+
+BCCD = SHARED / "datasets" / "bccd" / "BCCD"
+
+
+def test_eval_split_test_scores_a_voc_roots_test_list_and_formats_without_one_say_what_to_give(
+    detector: Path, tmp_path: Path, _migrated_store: Path
+):
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "mlflow.db").write_bytes(_migrated_store.read_bytes())
+    run_main("train", "debug=fast", "data=bccd", "model=yolo", f"data.root={BCCD}",
+             "model.postprocess.score_threshold=0.0", cwd=tmp_path, check=True)  # fmt: skip
+    (run_dir,) = run_dirs(tmp_path)
+    run_main("eval", f"ckpt_path={run_dir}", "split=test", "trainer.accelerator=cpu", cwd=tmp_path, check=True)
+    (eval_dir,) = run_dirs(tmp_path, "eval")
+    record = json.loads((eval_dir / "metrics.json").read_text())
+    predictions = json.loads((eval_dir / "predictions.json").read_text())
+    test_list = (BCCD / "ImageSets" / "Main" / "test.txt").read_text().split()
+    # Every image of test.txt (72; val.txt has 87) has detections at score threshold 0.
+    assert record["split"] == "test" and len({p["image_id"] for p in predictions}) == len(test_list) == 72
+
+    coco = run_main("eval", f"ckpt_path={detector}", "split=test", "trainer.accelerator=cpu", cwd=_workdir(detector))
+    assert coco.returncode == 1 and "Traceback" not in coco.stderr
+    assert "split=test: CocoDataModule data has no named test split. Evaluate your test files with " \
+           "data.val.images=… data.val.annotations=… instead." in coco.stderr  # fmt: skip
