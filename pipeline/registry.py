@@ -100,8 +100,8 @@ def _metrics_at(client: MlflowClient, run, step: int, model_id: str) -> list[Met
         Metric(m.key, m.value, m.timestamp, m.step, run_id=run.info.run_id, model_id=model_id)
         for key in run.data.metrics
         for m in client.get_metric_history(run.info.run_id, key)
-        if m.step == step and m.model_id is None
-    ]
+        if m.step == step and m.model_id is None and not key.startswith(("system/", "summary/"))
+    ]  # system metrics count samples in `step`, summary metrics describe the whole run
 
 
 def checkpoint_from_model_uri(model_uri: str, tracking_uri: str) -> Path:

@@ -123,7 +123,10 @@ def dataset_input(source: Any, name: str, split: str) -> DatasetInput:
     where = {"images": str(source.images_dir.resolve())}
     if getattr(source, "masks_dir", None) is not None:
         where["masks"] = str(source.masks_dir.resolve())
-    where["annotations"] = str(Path(annotations).resolve()) if annotations is not None else "converted in memory"
+    if annotations is not None:
+        where["annotations"] = str(Path(annotations).resolve())
+    elif "masks" not in where:  # VOC or YOLO labels converted to COCO records in memory
+        where["annotations"] = "converted in memory"
     dataset = Dataset(name=name, digest=digest.hexdigest()[:16], source_type="local", source=json.dumps(where),
                       profile=json.dumps(summary, default=str))  # fmt: skip
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split)])
@@ -146,9 +149,12 @@ class RunSummary(Callback):
         self._tic = self._fit_tic = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(self.state)
+        """The totals so far, this fit's wall time up to now included (a checkpoint is saved before fit end)."""
+        running = time.perf_counter() - self._fit_tic if self._fit_tic else 0.0
+        return {**self.state, "wall_time_s": self.state["wall_time_s"] + running}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the totals of the checkpoint's run."""
         self.state.update(state_dict)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -190,6 +196,7 @@ class RunSummary(Callback):
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.state["wall_time_s"] += time.perf_counter() - self._fit_tic
+        self._fit_tic = 0.0
         if self.run_id is None:
             return
         values = {"summary/train_time_s": self.state["train_time_s"], "summary/wall_time_s": self.state["wall_time_s"]}

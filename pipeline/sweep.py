@@ -85,8 +85,14 @@ def run_name(model: str, overrides: list[str], run_dir: str) -> str:
     apart; the suffix keeps two runs of one command apart (their run dirs differ).
     """
     given = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
-    values = {k: v for k, v in given.items() if k not in NAME_SKIP and not k.startswith(NAME_SKIP_PREFIXES)
-              and k.rsplit(".", 1)[-1] not in NAME_SKIP_LEAVES}  # fmt: skip
+    values = {
+        k: v
+        for k, v in given.items()
+        if k not in NAME_SKIP
+        and not k.startswith(NAME_SKIP_PREFIXES)
+        and k.rsplit(".", 1)[-1] not in NAME_SKIP_LEAVES
+        and "/" not in v
+    }  # fmt: skip  (no file paths)
     data = tracking.config_choices().get("data")
     name = "-".join([model, *([data] if data else []), *_name_parts(values)])
     if len(name) > NAME_LENGTH:  # the whole list stays in the pipeline.overrides tag
@@ -290,7 +296,7 @@ class SweepTracking(Callback):
                   "monitor": monitor, "mode": monitor_mode(monitor)}  # fmt: skip
         tracking.write_json(sweep_dir / SWEEP_FILE, record)
         _OPEN = (uri, parent, str(sweep_dir))
-        print(f"Sweep parent run {parent}: {tracking.ui_hint(uri, parent)}")
+        print(f"Sweep parent run {parent}: {tracking.ui_hint(uri, parent, monitor)}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global _OPEN

@@ -6,11 +6,13 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from pipeline.run_summary import dataset_input, dataset_name, git_state, source_tags
+from pipeline.run_summary import RunSummary, dataset_input, dataset_name, git_state, source_tags
 from pipeline.sweep import run_name
 
 
@@ -110,3 +112,12 @@ def test_the_dataset_digest_follows_the_files_not_where_they_lie(tmp_path: Path)
     assert dataset_input(_Source(tmp_path / "b"), "toy", "train").dataset.digest != first.dataset.digest
     os.remove(tmp_path / "b" / "0.png")
     assert dataset_input(_Source(tmp_path / "b"), "toy", "train").dataset.digest != first.dataset.digest
+
+
+def test_a_checkpoint_holds_the_wall_time_of_the_fit_so_far_on_top_of_the_resumed_runs():
+    summary = RunSummary(None, "sqlite://", "val/mIoU")
+    summary.load_state_dict({"wall_time_s": 5.0, "train_time_s": 2.0, "images": 10, "best": 0.5, "best_epoch": 1})
+    summary.on_fit_start(SimpleNamespace(is_global_zero=True), None)
+    time.sleep(0.2)
+    state = summary.state_dict()  # what a checkpoint saved now holds
+    assert 5.2 <= state["wall_time_s"] < 6.0 and state["train_time_s"] == 2.0 and state["images"] == 10
