@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loggers.utilities import _scan_checkpoints
 from pytorch_lightning.utilities import rank_zero_only
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, monitor_mode
 from pipeline.run_summary import GitState, dataset_input, dataset_name, git_state, source_tags
 from pipeline.uploads import UploadQueue, describe, unreachable
 
@@ -315,8 +316,12 @@ class MLflowLogger(MLFlowLogger):
         super().finalize(status)
 
 
-def ui_hint(tracking_uri: str, run_id: str) -> str:
-    """How to look at a run: the `mlflow ui` command for a local store and the direct link to the runs table."""
+def ui_hint(tracking_uri: str, run_id: str, monitor: str | None = None) -> str:
+    """How to look at a run: the `mlflow ui` command for a local store and the direct link to the runs table.
+
+    With `monitor`, the runs-table link sorts by `best/<monitor>`, best first: the table's columns are the
+    browser's choice (MLflow keeps them in local storage), its sort order can come in the URL.
+    """
     client = MlflowClient(tracking_uri)
     exp = client.get_run(run_id).info.experiment_id
     if tracking_uri.startswith(("http://", "https://")):
@@ -325,7 +330,11 @@ def ui_hint(tracking_uri: str, run_id: str) -> str:
     else:
         base = "http://127.0.0.1:5000"
         start = f"mlflow ui --backend-store-uri {tracking_uri}\n  then open "
-    return f"{start}{base}/#/experiments/{exp}/runs/{run_id}  (all runs: {base}/#/experiments/{exp}/runs)"
+    runs = f"{base}/#/experiments/{exp}/runs"
+    if monitor is not None:
+        ascending = str(monitor_mode(monitor) == "min").lower()
+        runs += f"?orderByKey={quote(f'metrics.`best/{monitor}`', safe='.')}&orderByAsc={ascending}"
+    return f"{start}{base}/#/experiments/{exp}/runs/{run_id}  (all runs: {runs})"
 
 
 def write_json(path: str | Path, data: dict | list) -> None:

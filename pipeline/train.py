@@ -223,7 +223,7 @@ def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], run
         lines.append(f"  checkpoint:      {ckpt.best_model_path or '(none)'}")
     lines.append(f"  run directory:   {cfg.paths.output_dir}")
     if run_id:
-        lines.append(f"  MLflow run {run_id}: {tracking.ui_hint(cfg.logger.tracking_uri, run_id)}")
+        lines.append(f"  MLflow run {run_id}: {tracking.ui_hint(cfg.logger.tracking_uri, run_id, cfg.model.monitor)}")
     print("\n".join(lines))
 
 

@@ -138,8 +138,10 @@ def test_a_sweep_on_a_server_gives_every_run_summary_and_system_metrics_a_datase
     workdir: Path, mlflow_server: Server
 ):
     """Issue 15.1, read back over REST: what the runs table can show without opening a run."""
-    run_cli("train", "-m", "model.optimizer.lr=0.001,0.003", *TINY, "trainer.max_epochs=2",
-            "logger.system_metrics_s=1", cwd=workdir, tracking_uri=mlflow_server.uri)  # fmt: skip
+    proc = run_cli("train", "-m", "model.optimizer.lr=0.001,0.003", *TINY, "trainer.max_epochs=2",
+                   "logger.system_metrics_s=1", cwd=workdir, tracking_uri=mlflow_server.uri)  # fmt: skip
+    # The parent's runs-table link sorts by the monitored metric, best first.
+    assert "/runs?orderByKey=metrics.%60best%2Fval%2FmIoU%60&orderByAsc=false)" in proc.stdout
     uri = mlflow_server.uri
     experiment = _rest(uri, "experiments/get-by-name?experiment_name=pipeline")["experiment"]["experiment_id"]
     runs = _rest(uri, "runs/search", {"experiment_ids": [experiment]})["runs"]

@@ -25,8 +25,10 @@ def _only_run(workdir: Path):
 
 
 def test_one_epoch_writes_run_params_metrics_config_and_checkpoints(workdir: Path):
-    proc = run_cli("train", *TINY, "trainer.max_epochs=2", cwd=workdir)
+    proc = run_cli("train", *TINY, "trainer.max_epochs=2", "tags=[mine]", cwd=workdir)
     assert "mlflow ui --backend-store-uri" in proc.stdout
+    # The runs-table link sorts by the monitored metric's best value, best first (MLflow's UI reads it from the URL).
+    assert "/runs?orderByKey=metrics.%60best%2Fval%2FmIoU%60&orderByAsc=false)" in proc.stdout
 
     client, experiment, run = _only_run(workdir)
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
@@ -35,7 +37,7 @@ def test_one_epoch_writes_run_params_metrics_config_and_checkpoints(workdir: Pat
     assert params["model.net.variant"] == "8s"
     assert params["trainer.max_epochs"] == "2"
     assert params["data.spec.image_size"] == "64"
-    assert run.data.tags["pipeline.task"] == "SegmentationTask"
+    assert run.data.tags["pipeline.task"] == "SegmentationTask" and run.data.tags["pipeline.tag.mine"] == "1"
     (run_dir,) = run_dirs(workdir)
     # Named by what sets it apart (model, data, overrides), then 4 hex digits of its run dir.
     assert run.data.tags["pipeline.model"] == "FCN-8s-vgg_tiny" and run.info.run_name.startswith(
