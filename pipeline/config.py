@@ -102,7 +102,7 @@ TRAIN_KEYS = {
     "task_name", "tags", "seed", "deterministic", "ckpt_path", "resume_mode", "register",
 }  # fmt: skip
 EVAL_KEYS = {"trainer", "logger", "paths", "task_name", "ckpt_path", "model_uri", "data", "deterministic", "split"}
-PREDICT_KEYS = {"paths", "task_name", "ckpt_path", "model_uri", "input", "device", "min_score", "batch_size"}
+PREDICT_KEYS = {"paths", "logger", "task_name", "ckpt_path", "model_uri", "input", "device", "min_score", "batch_size"}
 
 
 def monitor_mode(metric: str) -> str:

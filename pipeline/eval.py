@@ -60,18 +60,13 @@ def checkpoint_of(cfg: DictConfig, tracking_uri: str) -> Path:
     return resolve_checkpoint(ckpt_path)
 
 
-def _data_group() -> str | None:
-    """The data group the command selected (`data=coco`), if any."""
-    return HydraConfig.get().runtime.choices.get("data") if HydraConfig.initialized() else None
-
-
 def data_config(cfg: DictConfig, train_data: DictConfig) -> DictConfig:
     """The checkpoint's data config with the command's `data.*` overrides, checked like a training's.
 
     Hydra cannot catch a misspelt key here (eval.yaml's `data` starts empty), so every key given must be in the
     checkpoint's data config, or be a top-level argument its DataModule accepts.
     """
-    group = _data_group()
+    group = tracking.config_choices().get("data")  # a data group the command selected (data=coco)
     if group:
         files = " ".join(f"data.{k}={v}" for k, v in _leaves(train_data)
                          if isinstance(v, str) and "/" in v and k != "check_cache")  # fmt: skip
@@ -135,7 +130,8 @@ def _check_keys(given: DictConfig, base: DictConfig, where: str, target: str) ->
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate the checkpoint on its (or an overridden) validation set; write metrics.json, log to MLflow."""
-    if _data_group() is None:  # else data_config says what to do, before the group's own `???` keys are named
+    # With a data group given, data_config says what to do instead, before the group's own `???` keys are named.
+    if "data" not in tracking.config_choices():
         validate_config(cfg, EVAL_KEYS)
     tracking.check_reachable(cfg.logger.tracking_uri)
     ckpt = checkpoint_of(cfg, cfg.logger.tracking_uri)

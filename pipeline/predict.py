@@ -6,7 +6,6 @@ batch is a plain stack and every image's output is what it would be alone (batch
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,9 +128,7 @@ def predict(cfg: DictConfig) -> Path:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: give a whole number of images, 1 or more.")
     images = list_images(Path(cfg.input).expanduser())
-    # No logger group here: the store pipeline-train and pipeline-eval use by default (conf/logger/mlflow.yaml).
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.paths.log_dir)}/mlflow.db"
-    task, train_cfg, meta = load_task(checkpoint_of(cfg, tracking_uri))
+    task, train_cfg, meta = load_task(checkpoint_of(cfg, cfg.logger.tracking_uri))
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
     task.to(device)

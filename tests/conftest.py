@@ -47,11 +47,17 @@ def _migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def project_dir(path: Path, store: Path) -> Path:
+    """`path` made a project directory with its own MLflow store: a copy of the migrated `store` in outputs/."""
+    (path / "outputs").mkdir(parents=True, exist_ok=True)
+    shutil.copy(store, path / "outputs" / "mlflow.db")
+    return path
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, _migrated_store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh project directory (outputs/, data/) with its own MLflow store, as the current directory."""
-    (tmp_path / "outputs").mkdir()
-    shutil.copy(_migrated_store, tmp_path / "outputs" / "mlflow.db")
+    project_dir(tmp_path, _migrated_store)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path

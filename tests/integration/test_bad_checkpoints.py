@@ -16,7 +16,7 @@ from omegaconf import DictConfig, open_dict
 from pipeline.checkpoint import CheckpointError, argv_for_resume, check_latest, check_model, load_checkpoint
 from pipeline.cli import CONF_DIR
 from pipeline.eval import load_task
-from tests.conftest import TINY, run_cli, run_dirs, run_main, tracking_uri
+from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
 # Three epochs of 4 steps; best.ckpt is only considered every second epoch, so it stays at epoch 1 (step 8) while
 # last.ckpt goes on to epoch 2 (step 12): the run dir a user has after a run whose best epoch was not its last.
@@ -27,8 +27,7 @@ EPOCHS = ["trainer.max_epochs=3", "+callbacks.best_checkpoint.every_n_epochs=2"]
 def trained(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Path:
     """One tiny FCN training shared by this module's tests (its own project dir and store)."""
     workdir = tmp_path_factory.mktemp("bad-checkpoints")
-    (workdir / "outputs").mkdir()
-    (workdir / "outputs" / "mlflow.db").write_bytes(_migrated_store.read_bytes())
+    project_dir(workdir, _migrated_store)
     run_cli("train", *TINY, *EPOCHS, cwd=workdir)
     return workdir
 

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.conftest import TINY, run_cli, run_dirs, run_main, tracking_uri
+from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
 # The shapes smoke run as a detector: 64 px inputs (a multiple of 32), a narrow neck, a few epochs.
 DETECTION = ["experiment=shapes_yolo", *TINY, "model.net.neck_width=32", "trainer.max_epochs=3"]
@@ -21,8 +21,7 @@ DETECTION = ["experiment=shapes_yolo", *TINY, "model.net.neck_width=32", "traine
 def trained(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Path:
     """One small detector training shared by the tests of this module (its own project dir and store)."""
     workdir = tmp_path_factory.mktemp("detector")
-    (workdir / "outputs").mkdir()
-    (workdir / "outputs" / "mlflow.db").write_bytes(_migrated_store.read_bytes())
+    project_dir(workdir, _migrated_store)
     run_cli("train", *DETECTION, cwd=workdir)
     return workdir
 

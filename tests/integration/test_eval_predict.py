@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.conftest import SHARED, requires_shared, run_cli, run_dirs, run_main
+from tests.conftest import SHARED, project_dir, requires_shared, run_cli, run_dirs, run_main
 
 pytestmark = requires_shared
 
@@ -30,8 +30,7 @@ TRAIN = ["model=yolo", "data=coco", f"data.train.images={VAL_IMAGES}", f"data.tr
 def detector(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Path:
     """One detector trained a step on coco_tiny's 80 val images (its own project dir and store); its run dir."""
     workdir = tmp_path_factory.mktemp("eval-predict")
-    (workdir / "outputs").mkdir()
-    (workdir / "outputs" / "mlflow.db").write_bytes(_migrated_store.read_bytes())
+    project_dir(workdir, _migrated_store)
     run_cli("train", *TRAIN, cwd=workdir)
     (run_dir,) = run_dirs(workdir)
     return run_dir
@@ -120,8 +119,7 @@ BCCD = SHARED / "datasets" / "bccd" / "BCCD"
 def test_eval_split_test_scores_a_voc_roots_test_list_and_formats_without_one_say_what_to_give(
     detector: Path, tmp_path: Path, _migrated_store: Path
 ):
-    (tmp_path / "outputs").mkdir()
-    (tmp_path / "outputs" / "mlflow.db").write_bytes(_migrated_store.read_bytes())
+    project_dir(tmp_path, _migrated_store)
     run_main("train", "debug=fast", "data=bccd", "model=yolo", f"data.root={BCCD}",
              "model.postprocess.score_threshold=0.0", cwd=tmp_path, check=True)  # fmt: skip
     (run_dir,) = run_dirs(tmp_path)

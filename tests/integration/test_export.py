@@ -20,7 +20,7 @@ from pipeline.config import ConfigError
 from pipeline.eval import load_task
 from pipeline.export import graphs
 from pipeline.ops.boxes import decode
-from tests.conftest import TINY, run_cli, run_dirs, run_main
+from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main
 
 FAMILIES = {
     "fcn": ["experiment=shapes_fcn"],
@@ -43,8 +43,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> 
     dirs = {}
     for family in FAMILIES:
         dirs[family] = tmp_path_factory.mktemp(f"export-{family}")
-        (dirs[family] / "outputs").mkdir()
-        (dirs[family] / "outputs" / "mlflow.db").write_bytes(_migrated_store.read_bytes())
+        project_dir(dirs[family], _migrated_store)
     fast = [*TINY, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
     with ThreadPoolExecutor(len(FAMILIES)) as pool:
         jobs = {pool.submit(run_cli, "train", *FAMILIES[f], *fast, cwd=dirs[f]): f for f in FAMILIES}

@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.conftest import TINY, run_cli, run_dirs, run_main, tracking_uri
+from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
 INSTANCE = ["experiment=shapes_instance", *TINY, "model.net.neck_width=32", "model.net.mask_width=16",
             "trainer.max_epochs=3"]  # fmt: skip
@@ -23,8 +23,7 @@ INSTANCE = ["experiment=shapes_instance", *TINY, "model.net.neck_width=32", "mod
 def trained(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Path:
     """One small instance-segmentation training shared by the tests of this module."""
     workdir = tmp_path_factory.mktemp("instance")
-    (workdir / "outputs").mkdir()
-    (workdir / "outputs" / "mlflow.db").write_bytes(_migrated_store.read_bytes())
+    project_dir(workdir, _migrated_store)
     run_cli("train", *INSTANCE, cwd=workdir)
     return workdir
 

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.registry import checkpoint_from_model_uri, register_checkpoint
-from tests.conftest import TINY, run_cli, run_dirs, run_main, tracking_uri
+from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 from tests.integration.test_tracking_server import Server
 
 NAME = "shapes-fcn"
@@ -26,8 +26,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> 
     """One two-epoch FCN training with its own project dir and SQLite store, its best.ckpt registered as version 1
     of NAME by `register=` (shared by this module's tests)."""
     workdir = tmp_path_factory.mktemp("registry")
-    (workdir / "outputs").mkdir()
-    (workdir / "outputs" / "mlflow.db").write_bytes(_migrated_store.read_bytes())
+    project_dir(workdir, _migrated_store)
     proc = run_cli("train", *TINY, "trainer.max_epochs=2", f"register={NAME}", cwd=workdir)
     (run_dir,) = run_dirs(workdir)
     assert f"Registered {run_dir / 'checkpoints' / 'best.ckpt'} as models:/{NAME}/1" in proc.stdout
