@@ -28,7 +28,7 @@ def run_once(code: Path, overrides: list[str], metric: str) -> tuple[float, list
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PYTHONPATH": str(code)}
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline.train", *overrides], cwd=tmp, env=env, check=True,
+        subprocess.run([sys.executable, "-m", "pipeline.cli.train", *overrides], cwd=tmp, env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         wall = time.perf_counter() - start
         client = MlflowClient(f"sqlite:///{tmp}/outputs/mlflow.db")

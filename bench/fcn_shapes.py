@@ -40,7 +40,7 @@ def run_ours(workdir: Path, overrides: list[str], target: float) -> dict:
     """Run pipeline-train; return wall time, per-epoch mIoU and the time the target was first reached."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}"}
     start = time.time()
-    subprocess.run([sys.executable, "-m", "pipeline.train", *overrides], cwd=workdir, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "pipeline.cli.train", *overrides], cwd=workdir, env=env, check=True)
     wall = time.time() - start
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
-from pipeline.eval import load_task
 from pipeline.metrics.segmentation import ConfusionMatrixIoU
+from pipeline.training.loading import load_task
 
 VARIANTS = ("32s", "16s", "8s")
 
@@ -47,7 +47,8 @@ def train(workdir: Path, variant: str, epochs: int, extra: list[str]) -> tuple[P
     runs = workdir / "outputs" / "train" / "runs"
     before = set(runs.glob("*"))
     start = time.time()
-    command = [sys.executable, "-m", "pipeline.train", f"model=fcn{variant}", f"trainer.max_epochs={epochs}", *extra]
+    command = [sys.executable, "-m", "pipeline.cli.train", f"model=fcn{variant}", f"trainer.max_epochs={epochs}",
+               *extra]
     subprocess.run(command, cwd=workdir, env=env, check=True)
     wall = time.time() - start
     (run_dir,) = set(runs.glob("*")) - before

@@ -86,7 +86,7 @@ def prepare(cfg: Any, count: int) -> tuple[list[dict], Any]:
     import torch
     from hydra.utils import instantiate
 
-    from pipeline.anchor_cache import cached_kmeans_anchors
+    from pipeline.data.anchor_cache import cached_kmeans_anchors
     from pipeline.tasks.detection import DetectionTask
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -159,6 +159,7 @@ class Timers:
     def install(self) -> None:
         """Wrap the panel renderers, the image/metric queueing, the checkpoint write, copy and metric wait."""
         import pipeline.checkpoint as checkpoint
+
         import pipeline.tasks.detection as detection
         import pipeline.tasks.segmentation as segmentation
         import pipeline.tracking as tracking
@@ -226,7 +227,7 @@ def raw_loop(cfg: Any, stamps: Stamps) -> None:
     from hydra.utils import instantiate
     from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 
-    from pipeline.anchor_cache import cached_kmeans_anchors
+    from pipeline.data.anchor_cache import cached_kmeans_anchors
     from pipeline.tasks.detection import DetectionTask
     from pipeline.tasks.instance import InstanceTask
 
@@ -313,7 +314,7 @@ def bare_lightning(cfg: Any, workdir: Path) -> Stamps:
 def in_process_pipeline(cfg: Any) -> None:
     """`pipeline.train.train(cfg)`: what `pipeline-train` runs after Hydra composed the config (stamps by the
     config's `bench_timer` callback)."""
-    from pipeline.train import train
+    from pipeline.cli.train import train
 
     train(cfg)
 
@@ -375,7 +376,7 @@ def timer_overrides(path: Path) -> list[str]:
 def run_pipeline_train(family: str, args: argparse.Namespace, workdir: Path, env: dict, tag: str) -> dict:
     """`pipeline-train experiment=<family>` in a fresh process; its stamps with the process start time."""
     path = workdir / "outputs" / f"stamps-{tag}.json"
-    command = [sys.executable, "-m", "pipeline.train", f"experiment={FAMILIES[family]}", *common_overrides(args),
+    command = [sys.executable, "-m", "pipeline.cli.train", f"experiment={FAMILIES[family]}", *common_overrides(args),
                *timer_overrides(path)]  # fmt: skip
     t0 = time.time()
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
@@ -506,7 +507,7 @@ def main() -> None:
                                                            os.environ.get("PYTHONPATH")]))}  # fmt: skip
         # Warm-up (not timed): generates the shapes data, migrates the store, caches the detector's anchors.
         warm = FAMILIES["fcn" if families == ["fcn"] else "detector"]  # the same data for every family
-        subprocess.run([sys.executable, "-m", "pipeline.train", f"experiment={warm}", *common_overrides(args),
+        subprocess.run([sys.executable, "-m", "pipeline.cli.train", f"experiment={warm}", *common_overrides(args),
                         "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"],
                        cwd=workdir, env=env, check=True, capture_output=True)  # fmt: skip
         results: dict[str, list[dict]] = {family: [] for family in families}

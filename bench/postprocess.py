@@ -60,7 +60,7 @@ def build(family: str, args: argparse.Namespace, root: Path) -> tuple[Any, dict]
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from pipeline.anchor_cache import cached_kmeans_anchors
+    from pipeline.data.anchor_cache import cached_kmeans_anchors
 
     overrides = [f"paths.root_dir={root}", f"paths.output_dir={root / 'outputs'}", "data.num_workers=0",
                  f"data.spec.num_train={args.num_train}", f"data.spec.num_val={args.batch_size}",

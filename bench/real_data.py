@@ -79,7 +79,7 @@ def run(project: Path, bench: Bench, budget_s: float, overrides: list[str]) -> d
     """pipeline-train in `project` with the time budget; per-epoch metrics and learning rates from its MLflow run."""
     (project / "outputs").mkdir(parents=True)
     uri = f"sqlite:///{project / 'outputs' / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "pipeline.train", f"experiment={bench.experiment}",
+    cmd = [sys.executable, "-m", "pipeline.cli.train", f"experiment={bench.experiment}",
            f"+trainer.max_time={max_time(budget_s)}", *overrides]  # fmt: skip
     log = project / "train.log"
     start = time.time()

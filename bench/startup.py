@@ -45,7 +45,7 @@ def main() -> None:
         workdir = Path(tmp)
         (workdir / "outputs").mkdir()
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}"}
-        train = [sys.executable, "-m", "pipeline.train"]
+        train = [sys.executable, "-m", "pipeline.cli.train"]
         commands = {
             "bare imports": [sys.executable, "-c", IMPORTS],
             "pipeline-train --cfg job": [*train, *ONE_STEP, "--cfg", "job"],

@@ -42,7 +42,8 @@ def run_sweep(extra: list[str], epochs: int) -> tuple[float, int, list[str]]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("MLFLOW_TRACKING_URI", None)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pipeline.train", *JOB, f"trainer.max_epochs={epochs}", *extra],
+        command = [sys.executable, "-m", "pipeline.cli.train", *JOB, f"trainer.max_epochs={epochs}", *extra]
+        proc = subprocess.run(command,
                               cwd=root, env=env, capture_output=True, text=True)  # fmt: skip
         seconds = time.perf_counter() - start
         log = proc.stdout + proc.stderr

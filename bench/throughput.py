@@ -59,10 +59,10 @@ FAMILIES = {"fcn": "shapes_fcn", "detector": "shapes_yolo", "instance": "shapes_
 # Runs `pipeline.train` in this very process (as `python -m` would), then writes its peak RSS figures (KiB) as JSON.
 LAUNCHER = """
 import gc, json, resource, runpy, sys
-out, sys.argv = sys.argv[1], ["pipeline.train", *sys.argv[2:]]
+out, sys.argv = sys.argv[1], ["pipeline.cli.train", *sys.argv[2:]]
 code = 0
 try:
-    runpy.run_module("pipeline.train", run_name="__main__", alter_sys=True)
+    runpy.run_module("pipeline.cli.train", run_name="__main__", alter_sys=True)
 except SystemExit as err:
     code = err.code or 0
 gc.collect()
@@ -97,7 +97,7 @@ def build(cfg: Any) -> tuple[Any, Any]:
     import torch
     from hydra.utils import instantiate
 
-    from pipeline.anchor_cache import cached_kmeans_anchors
+    from pipeline.data.anchor_cache import cached_kmeans_anchors
     from pipeline.tasks.detection import DetectionTask
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -242,7 +242,7 @@ def peak_memory(family: str, args: argparse.Namespace, workdir: Path, env: dict)
         wall = time.perf_counter() - start
         log.seek(0)
         if process.returncode or not out.exists() or json.loads(out.read_text())["code"]:
-            sys.exit(f"pipeline.train {family} failed ({process.returncode}):\n{log.read()[-5000:]}")
+            sys.exit(f"pipeline.cli.train {family} failed ({process.returncode}):\n{log.read()[-5000:]}")
     return {**json.loads(out.read_text()), "workers_kib": workers, "spawner_kib": spawner, "wall": wall}
 
 

@@ -8,7 +8,7 @@ that a step is short and the logging's share large), trained for that one epoch 
 - off: `logger=False` (the reference);
 - sync: Lightning's stock `pytorch_lightning.loggers.MLFlowLogger`, which sends each step's `log_batch` from the
   training loop and waits for the store;
-- async: the pipeline's `pipeline.tracking.MLflowLogger`, built from the experiment's `logger` config as
+- async: the pipeline's `pipeline.tracking.runs.MLflowLogger`, built from the experiment's `logger` config as
   pipeline/train.py does (`instantiate(cfg.logger, run_id=...)`, `upload_dir` in the run dir), which queues the
   values for its background thread (pipeline/uploads.py).
 Both loggers log into a run made beforehand by `pipeline.tracking.start_run` (as pipeline/train.py makes it: params,
@@ -149,7 +149,7 @@ def make_store(uri: str, cfg: Any, log_dir: Path) -> str:
     """Create (migrate) the store at `uri` and the experiment in it; its id."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import experiment_id
+    from pipeline.tracking.runs import experiment_id
 
     log_dir.mkdir(parents=True, exist_ok=True)
     return experiment_id(MlflowClient(uri), cfg.logger.experiment_name, log_dir)
@@ -184,7 +184,7 @@ def make_logger(variant: str, cfg: Any, uri: str, run_dir: Path) -> Any:
     from omegaconf import OmegaConf
     from pytorch_lightning.loggers import MLFlowLogger
 
-    from pipeline.tracking import start_run
+    from pipeline.tracking.runs import start_run
 
     if variant == "off":
         return None

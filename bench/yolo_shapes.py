@@ -34,7 +34,7 @@ def run_ours(workdir: Path, experiment: str, overrides: list[str], targets: dict
     """Run pipeline-train; return wall time, per-epoch val/<key> of each target, and when all were first met."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}"}
     start = time.time()
-    cmd = [sys.executable, "-m", "pipeline.train", f"experiment={experiment}", *overrides]
+    cmd = [sys.executable, "-m", "pipeline.cli.train", f"experiment={experiment}", *overrides]
     subprocess.run(cmd, cwd=workdir, env=env, check=True)
     wall = time.time() - start
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -54,7 +54,7 @@ def run_eval(workdir: Path) -> tuple[dict, Path]:
     """pipeline-eval on the run's best checkpoint; returns its metrics and the predictions.json path."""
     (run_dir,) = (workdir / "outputs" / "train" / "runs").iterdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}"}
-    cmd = [sys.executable, "-m", "pipeline.eval", f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"]
+    cmd = [sys.executable, "-m", "pipeline.cli.eval", f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"]
     subprocess.run(cmd, cwd=workdir, env=env, check=True)
     (eval_dir,) = (workdir / "outputs" / "eval" / "runs").iterdir()
     return json.loads((eval_dir / "metrics.json").read_text())["metrics"], eval_dir / "predictions.json"

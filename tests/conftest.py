@@ -104,7 +104,7 @@ def run_cli(
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     proc = subprocess.run(
-        [sys.executable, "-m", f"pipeline.{entry}", *overrides],
+        [sys.executable, "-m", f"pipeline.cli.{entry}", *overrides],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     if check and proc.returncode != 0:
@@ -120,7 +120,7 @@ def run_main(entry: str, *overrides: str, cwd: Path, check: bool = False) -> sub
     For commands that do not train (a check, an error, predict): a subprocess would spend ~10 s importing torch.
     Returns what `run_cli(..., check=False)` returns (status, stdout, stderr); `check` fails on a non-zero status.
     """
-    module = importlib.import_module(f"pipeline.{entry}")
+    module = importlib.import_module(f"pipeline.cli.{entry}")
     out, err = io.StringIO(), io.StringIO()
     saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)
     sys.argv = [f"pipeline-{entry}", *overrides]

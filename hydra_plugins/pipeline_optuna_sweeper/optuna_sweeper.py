@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from pipeline.config import monitor_mode
+from pipeline.metrics.monitor import monitor_mode
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -47,7 +47,7 @@ class PipelineOptunaSweeperConf:
     study_name: str = "pipeline"
     storage: str | None = "sqlite:///${hydra.sweep.dir}/optuna.db"  # null: in memory, not resumable
     # median: a trial whose monitored metric after an epoch is worse than the median of earlier trials' at that epoch
-    # stops there (reported from the job, pipeline.sweep.OptunaPruning); needs a storage the jobs can open.
+    # stops there (reported from the job, pipeline.sweeps.jobs.OptunaPruning); needs a storage the jobs can open.
     pruner: str | None = None
     pruner_startup_trials: int = 2  # trials that always run to the end before any is pruned
 
@@ -147,7 +147,8 @@ class PipelineOptunaSweeper(Sweeper):
             raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}: at least 1 trial per batch")
         self.params, self.direction, self.n_trials, self.n_jobs = dict(params or {}), direction, n_trials, n_jobs
         self.sampler, self.seed, self.study_name, self.storage = sampler, seed, study_name, storage
-        self.pruner = pruner  # the jobs build it (pipeline.sweep.OptunaPruning) from their own copy of this config
+        # The jobs build the pruner (pipeline.sweeps.jobs.OptunaPruning) from their own copy of this config.
+        self.pruner = pruner
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         """Keep the config and build the launcher that runs the trials."""

@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from pipeline.config import ConfigError
 from pipeline.data.check_cache import check_images_once
+from pipeline.errors import ConfigError
 
 # Examples kept per problem kind, for the summary and the error message.
 EXAMPLES = 3

@@ -23,13 +23,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import ConfigError
 from pipeline.data.coco import CocoBoxSource, CocoInstanceSource, CocoSemanticSource
 from pipeline.data.formats import voc_box_dataset, voc_ids, voc_instance_dataset, yolo_dataset
 from pipeline.data.mask_folders import MaskFolderSource, _files
 from pipeline.data.samplers import MultiScaleBatchSampler, SampleKey, ShardedSampler
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
 from pipeline.data.transforms import apply, apply_boxes, compose, letterbox, reseed
+from pipeline.errors import ConfigError
 from pipeline.ops.boxes import letterbox_scale
 
 TARGETS = ("semantic", "boxes", "instances")

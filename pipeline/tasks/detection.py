@@ -17,8 +17,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
-from pipeline.anchor_cache import cached_kmeans_anchors
-from pipeline.config import ConfigError
+from pipeline.data.anchor_cache import cached_kmeans_anchors
+from pipeline.errors import ConfigError
 from pipeline.metrics.detection import COCO_STATS, CocoMAP, pr_curve_figure
 from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall
 from pipeline.ops.assign import Assignment, assign_batch, ignored
@@ -26,7 +26,7 @@ from pipeline.ops.boxes import SlotGrid, decode, flatten_levels, paired_box_iou,
 from pipeline.ops.confusion import detection_confusion
 from pipeline.ops.nms import select_detections
 from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, schedule_from_config, to_primitive
-from pipeline.tracking import log_image
+from pipeline.tracking.runs import log_image
 from pipeline.viz import confusion_matrix_figure, detection_panel
 
 LOSS_KEYS = {"box", "obj", "cls", "anchor_iou", "ignore_iou", "obj_balance"}

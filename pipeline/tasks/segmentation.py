@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from pipeline.metrics.segmentation import ConfusionMatrixIoU, iou_from_confmat
 from pipeline.ops.boxes import unletterbox_map
 from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, schedule_from_config, to_primitive
-from pipeline.tracking import log_image
+from pipeline.tracking.runs import log_image
 from pipeline.viz import comparison_panel, confusion_matrix_figure, iou_bar_figure
 
 

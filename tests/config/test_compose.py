@@ -15,7 +15,8 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from pipeline.cli import CONF_DIR
-from pipeline.config import EVAL_KEYS, PREDICT_KEYS, TRAIN_KEYS, ConfigError, validate_config
+from pipeline.errors import ConfigError
+from pipeline.training.config import EVAL_KEYS, PREDICT_KEYS, TRAIN_KEYS, validate_config
 from tests.conftest import SHARED, requires_shared, run_dirs, run_main, tracking_uri
 
 COCO_TINY = SHARED / "datasets" / "coco_tiny"
@@ -135,7 +136,7 @@ def test_cli_typo_fails_before_any_work(
     tmp_path: Path, override: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ):
     # The console script's own entry point, in this process (a subprocess would spend ~10 s importing torch).
-    from pipeline.train import main
+    from pipeline.cli.train import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["pipeline-train", override])

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError
 from pipeline.data.coco import CocoBoxSource
 from pipeline.data.datamodule import BoxSamples, ShapesDataModule
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
 from pipeline.data.transforms import apply_boxes, compose
+from pipeline.errors import ConfigError
 from pipeline.ops.boxes import letterbox_scale
 
 SPEC = ShapesSpec(num_train=6, num_val=3, image_size=80, seed=3)

@@ -318,8 +318,8 @@ def test_grayscale_rgba_16_bit_and_exif_rotated_images_load_upright_as_rgb(tmp_p
 
 
 def test_class_names_that_do_not_match_the_file_are_refused(tmp_path: Path) -> None:
-    from pipeline.config import ConfigError
     from pipeline.data.datamodule import CocoDataModule
+    from pipeline.errors import ConfigError
 
     images, path = _write(tmp_path)
     files = {"images": images, "annotations": path}

@@ -11,8 +11,9 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from pipeline.cli import CONF_DIR
-from pipeline.config import TRAIN_KEYS, ConfigError, validate_config
 from pipeline.data.datamodule import MaskFolderDataModule
+from pipeline.errors import ConfigError
+from pipeline.training.config import TRAIN_KEYS, validate_config
 
 COUNT = 30
 

@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 
-from pipeline.checkpoint import CheckpointError, argv_for_resume, check_latest, check_model, load_checkpoint
 from pipeline.cli import CONF_DIR
-from pipeline.eval import load_task
+from pipeline.training.checkpoint import CheckpointError, argv_for_resume, check_latest, check_model, load_checkpoint
+from pipeline.training.loading import load_task
 from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
 # Three epochs of 4 steps; best.ckpt is only considered every second epoch, so it stays at epoch 1 (step 8) while

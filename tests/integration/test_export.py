@@ -16,10 +16,10 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import CONF_DIR
-from pipeline.config import ConfigError
-from pipeline.eval import load_task
-from pipeline.export import graphs
+from pipeline.cli.export import graphs
+from pipeline.errors import ConfigError
 from pipeline.ops.boxes import decode
+from pipeline.training.loading import load_task
 from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main
 
 FAMILIES = {

@@ -20,7 +20,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from hydra_plugins.pipeline_optuna_sweeper.optuna_sweeper import parse_search_space, study_direction, trial_value
-from pipeline.sweep import OptunaPruning
+from pipeline.sweeps.jobs import OptunaPruning
 from tests.conftest import TINY, run_cli, tracking_uri
 
 
@@ -89,7 +89,7 @@ def test_fcn_optuna_sweep_fills_the_study_and_writes_the_best_trial(workdir: Pat
 
 
 def test_a_sweep_killed_after_two_trials_and_run_again_runs_only_the_missing_trials(workdir: Path):
-    args = ["-m", "pipeline.train", "hparams_search=fcn_optuna", "hydra.sweeper.n_trials=4", *TINY]
+    args = ["-m", "pipeline.cli.train", "hparams_search=fcn_optuna", "hydra.sweeper.n_trials=4", *TINY]
     proc = subprocess.Popen([sys.executable, *args], cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.eval import load_task
+from pipeline.training.loading import load_task
 from tests.conftest import ROOT, TINY, run_cli, run_dirs, tracking_uri
 from tests.unit.test_confusion import cocoeval_confusion
 

@@ -45,7 +45,7 @@ def test_a_loader_worker_that_cannot_send_its_batch_ends_the_run_with_its_error(
     """A $TMPDIR too long for multiprocessing's socket: today's Python only prints the error and drops the batch."""
     root = long_project_root(tmp_path, _migrated_store)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", *WORKERS],
+        [sys.executable, "-m", "pipeline.cli.train", *WORKERS],
         cwd=root, env={**os.environ, "TMPDIR": str(long_dir(tmp_path / "tmp"))}, capture_output=True, text=True,
         timeout=300,  # a hang fails the test instead of the suite
     )  # fmt: skip
@@ -57,7 +57,7 @@ def test_a_loader_worker_that_cannot_send_its_batch_ends_the_run_with_its_error(
 
 
 def test_train_leaves_the_processs_temporary_directory_and_argv_as_they_were(workdir: Path):
-    from pipeline.train import train
+    from pipeline.cli.train import train
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=TINY, return_hydra_config=True)

@@ -14,7 +14,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.registry import checkpoint_from_model_uri, register_checkpoint
+from pipeline.tracking.registry import checkpoint_from_model_uri, register_checkpoint
 from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 from tests.integration.test_tracking_server import Server
 

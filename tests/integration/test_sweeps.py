@@ -106,7 +106,7 @@ def test_ddp_jobs_inside_a_sweep_each_train_once_in_their_own_dir(workdir: Path)
 
 def test_a_killed_sweep_run_again_in_its_dir_skips_finished_jobs_and_continues_the_rest(workdir: Path):
     args = ["-m", "seed=1,2", *TINY, "trainer.max_epochs=3"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=workdir,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.train", *args], cwd=workdir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -27,7 +27,7 @@ def _torchrun(workdir: Path, launcher: list[str], overrides: list[str]) -> subpr
         "torch.distributed.run",
         *launcher,
         "-m",
-        "pipeline.train",
+        "pipeline.cli.train",
         *TINY,
         *DDP,
         *overrides,

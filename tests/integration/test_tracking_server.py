@@ -225,7 +225,7 @@ def test_a_server_killed_and_restarted_mid_training_loses_no_metric_and_no_check
     log = workdir / "train.log"
     try:
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *overrides], cwd=workdir, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.train", *overrides], cwd=workdir, env=env,
                                     stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             _wait_for("epoch 1", (gate / "at-1").exists, proc)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.anchor_cache import cached_kmeans_anchors
+from pipeline.data.anchor_cache import cached_kmeans_anchors
 from pipeline.ops.anchors import (
     anchor_fit,
     anchor_plot,
@@ -116,7 +116,7 @@ def test_cached_kmeans_reads_back_the_same_anchors_and_refits_other_boxes(tmp_pa
     (cache,) = tmp_path.iterdir()
 
     calls = []
-    monkeypatch.setattr("pipeline.anchor_cache.kmeans_anchors", lambda *a, **kw: calls.append(a) or first)
+    monkeypatch.setattr("pipeline.data.anchor_cache.kmeans_anchors", lambda *a, **kw: calls.append(a) or first)
     assert torch.equal(cached_kmeans_anchors(wh, 9, 0, tmp_path), first) and calls == []  # read, not clustered
     cached_kmeans_anchors(wh * 2, 9, 0, tmp_path)  # other boxes: clustered, cached under their own fingerprint
     cached_kmeans_anchors(wh, 9, 1, tmp_path)  # another seed too

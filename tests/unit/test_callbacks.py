@@ -14,14 +14,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from pipeline.callbacks import LastCheckpoint, NonFiniteLoss, NonFiniteLossError
+from pipeline.training.callbacks import LastCheckpoint, NonFiniteLoss, NonFiniteLossError
 
 # A process with LastCheckpoint's SIGTERM handler that never reaches the end of its batch: it would otherwise never
 # stop (a training stuck in a dead loader, say). The trainer is reduced to what the handler touches.
 _STUCK = textwrap.dedent("""
     import sys, time
     from types import SimpleNamespace
-    from pipeline.callbacks import LastCheckpoint
+    from pipeline.training.callbacks import LastCheckpoint
     callback = LastCheckpoint(dirpath="ckpts", sigterm_grace_s=float(sys.argv[1]))
     callback.on_train_start(SimpleNamespace(strategy=SimpleNamespace(launcher=None)), None)
     print("ready", flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import AtomicCheckpointIO
+from pipeline.training.checkpoint import AtomicCheckpointIO
 
 
 def _umask() -> int:
@@ -58,7 +58,7 @@ def test_remote_paths_and_storage_options_go_to_lightnings_own_save(tmp_path: Pa
 # itself while torch.save pickles it, then waits there for the kill.
 _KILLED_IN_SAVE = textwrap.dedent("""
     import sys, time, torch
-    from pipeline.checkpoint import AtomicCheckpointIO
+    from pipeline.training.checkpoint import AtomicCheckpointIO
 
     class Waits:
         def __reduce__(self):

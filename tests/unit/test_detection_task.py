@@ -81,7 +81,7 @@ def test_anchors_scale_per_axis_with_the_input() -> None:
 def test_a_fork_keeps_the_checkpoint_anchors_unless_the_command_gives_or_refits_them(given, expected):
     from omegaconf import OmegaConf
 
-    from pipeline.train import _fork_anchors
+    from pipeline.cli.train import _fork_anchors
 
     cfg = OmegaConf.create({"model": {"anchors": given, "input_size": 64}})
     OmegaConf.set_struct(cfg, True)
@@ -92,7 +92,7 @@ def test_a_fork_keeps_the_checkpoint_anchors_unless_the_command_gives_or_refits_
 def test_a_fork_at_another_input_size_rescales_the_checkpoint_anchors():
     from omegaconf import OmegaConf
 
-    from pipeline.train import _fork_anchors
+    from pipeline.cli.train import _fork_anchors
 
     cfg = OmegaConf.create({"model": {"anchors": None, "input_size": 128}})
     _fork_anchors(cfg, {"hyper_parameters": {"anchors": [[10.0, 12.5]] * 9, "input_size": 64}})

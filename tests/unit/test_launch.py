@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import launch
 from pipeline.cli import CONF_DIR
+from pipeline.training import launch
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.eval import coco_results
+from pipeline.cli.eval import coco_results
 from pipeline.metrics.detection import COCO_STATS, CocoMAP, pycocotools_stats
 from pipeline.ops.masks import encode_rle
 

@@ -12,8 +12,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 
-from pipeline.callbacks import LossCurves
 from pipeline.metrics.segmentation import ConfusionMatrixIoU, iou_from_confmat
+from pipeline.tracking.plots import LossCurves
 from pipeline.viz import confusion_matrix_figure, iou_bar_figure, row_normalised, training_curves_figure
 from tests.conftest import tracking_uri
 

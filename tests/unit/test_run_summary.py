@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.run_summary import RunSummary, dataset_input, dataset_name, git_state, source_tags
-from pipeline.sweep import run_name
+from pipeline.sweeps.jobs import run_name
+from pipeline.tracking.summary import RunSummary, dataset_input, dataset_name, git_state, source_tags
 
 
 def _git(repo: Path, *args: str) -> None:

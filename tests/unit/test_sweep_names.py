@@ -6,8 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pipeline.cli import CONF_DIR
-from pipeline.config import monitor_mode
-from pipeline.sweep import job_name, job_values
+from pipeline.metrics.monitor import monitor_mode
+from pipeline.sweeps.jobs import job_name, job_values
 
 
 @pytest.mark.parametrize(

@@ -11,44 +11,45 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from omegaconf import OmegaConf
 
-from pipeline import tracking
+from pipeline.tracking import runs
+from pipeline.training.config import changed_keys
 from tests.conftest import tracking_uri
 
 
 def test_flatten_shortens_long_values_and_a_real_store_accepts_them(workdir: Path):
     config = {"a": {"b": 1, "long": "x" * (MAX_PARAM_VAL_LENGTH + 500)}, "names": ["bg", "circle"], "empty": {}}
-    flat = tracking.flatten(config)
+    flat = runs.flatten(config)
     assert flat["a.b"] == "1" and flat["names"] == '["bg", "circle"]' and flat["empty"] == "{}"
     assert len(flat["a.long"]) == MAX_PARAM_VAL_LENGTH and flat["a.long"].endswith("...")
     client = MlflowClient(tracking_uri(workdir))
-    run = client.create_run(tracking.experiment_id(client, "t"))
-    tracking.log_params(client, run.info.run_id, flat)
+    run = client.create_run(runs.experiment_id(client, "t"))
+    runs.log_params(client, run.info.run_id, flat)
     assert client.get_run(run.info.run_id).data.params["a.long"] == flat["a.long"]
 
 
 def test_changed_keys_reports_changed_added_and_removed():
     old = {"lr": "0.1", "epochs": "3", "gone": "x"}
     new = {"lr": "0.1", "epochs": "5", "added": "y"}
-    assert tracking.changed_keys(old, new) == {"added": (None, "y"), "epochs": ("3", "5"), "gone": ("x", None)}
+    assert changed_keys(old, new) == {"added": (None, "y"), "epochs": ("3", "5"), "gone": ("x", None)}
 
 
 def test_experiment_is_created_once_and_tagged_for_the_runs_table(workdir: Path):
     client = MlflowClient(tracking_uri(workdir))
-    first = tracking.experiment_id(client, "shapes")
-    assert tracking.experiment_id(client, "shapes") == first
+    first = runs.experiment_id(client, "shapes")
+    assert runs.experiment_id(client, "shapes") == first
     assert client.get_experiment(first).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_unreachable_server_fails_fast_with_a_clear_message():
     start = time.time()
     with pytest.raises(ConnectionError, match="not reachable"):
-        tracking.check_reachable("http://127.0.0.1:9")
+        runs.check_reachable("http://127.0.0.1:9")
     assert time.time() - start < 10
 
 
 def test_flatten_of_resolved_omegaconf_config():
     cfg = OmegaConf.create({"x": 2, "y": "${x}"})
-    assert tracking.flatten(OmegaConf.to_container(cfg, resolve=True)) == {"x": "2", "y": "2"}
+    assert runs.flatten(OmegaConf.to_container(cfg, resolve=True)) == {"x": "2", "y": "2"}
 
 
 @pytest.fixture
@@ -59,8 +60,8 @@ def logger_run(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     uri = tracking_uri(workdir)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # MLflow sets it (the logger calls set_tracking_uri)
     client = MlflowClient(uri)
-    run_id = client.create_run(tracking.experiment_id(client, "t")).info.run_id
-    logger = tracking.MLflowLogger(upload_dir=str(workdir / "up"), tracking_uri=uri, run_id=run_id, log_model="all")
+    run_id = client.create_run(runs.experiment_id(client, "t")).info.run_id
+    logger = runs.MLflowLogger(upload_dir=str(workdir / "up"), tracking_uri=uri, run_id=run_id, log_model="all")
     yield logger, client, run_id
     mlflow.set_tracking_uri(None)
 
@@ -71,7 +72,7 @@ def test_queued_metrics_images_and_checkpoints_are_in_the_store_when_the_run_end
     logger, client, run_id = logger_run
     for step in range(2500):  # more than one request's worth (MLflow takes 1000 per batch)
         logger.log_metrics({"train/loss": step / 10, "epoch": step // 100}, step=step)
-    tracking.log_image(logger, np.full((8, 8, 3), 200, np.uint8), "val_images/epoch_000.png")
+    runs.log_image(logger, np.full((8, 8, 3), 200, np.uint8), "val_images/epoch_000.png")
     ckpt_dir = workdir / "checkpoints"
     ckpt_dir.mkdir()
     callback = ModelCheckpoint(dirpath=ckpt_dir, filename="last")
@@ -102,7 +103,7 @@ def test_queued_metrics_images_and_checkpoints_are_in_the_store_when_the_run_end
 def test_queue_gives_up_after_its_timeout_on_an_unreachable_server_and_says_what_is_left(tmp_path: Path, capsys):
     from mlflow.entities import Metric
 
-    from pipeline.uploads import UploadQueue
+    from pipeline.tracking.uploads import UploadQueue
 
     queue = UploadQueue("http://127.0.0.1:9", tmp_path / "up")
     queue.put_metrics("some-run", [Metric("val/mIoU", 0.5, 0, 3)])
@@ -122,7 +123,7 @@ def test_a_refused_write_is_not_retried_but_an_unreachable_store_is():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, REQUEST_LIMIT_EXCEEDED
 
-    from pipeline.uploads import refused
+    from pipeline.tracking.uploads import refused
 
     assert refused(MlflowException("bad value", error_code=INVALID_PARAMETER_VALUE))
     assert not refused(MlflowException("API request to http://x failed with exception ..."))  # connection: 500
@@ -131,7 +132,7 @@ def test_a_refused_write_is_not_retried_but_an_unreachable_store_is():
 
 
 def test_files_a_killed_process_left_in_the_staging_dir_are_cleared_before_new_ones(tmp_path: Path, capsys):
-    from pipeline.uploads import UploadQueue
+    from pipeline.tracking.uploads import UploadQueue
 
     stale = tmp_path / "up" / "000000"
     stale.mkdir(parents=True)

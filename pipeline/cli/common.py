@@ -10,19 +10,19 @@ from pathlib import Path
 from typing import TypeVar
 
 from hydra.errors import InstantiationException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.callbacks import NonFiniteLossError
-from pipeline.checkpoint import CheckpointError
-from pipeline.config import ConfigError, monitor_mode
 from pipeline.data.checks import DataError, read_json
 from pipeline.data.formats import yolo_class_names
+from pipeline.errors import ConfigError
+from pipeline.metrics.monitor import monitor_mode
+from pipeline.tracking.registry import checkpoint_from_model_uri
+from pipeline.training.callbacks import NonFiniteLossError
+from pipeline.training.checkpoint import CheckpointError, resolve_checkpoint
 
 T = TypeVar("T")
 
-# Absolute, so Hydra finds conf/ whether we run as a console script or as `python -m pipeline.<entry>`.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _register(name: str, resolver: Callable[..., object]) -> None:
@@ -102,3 +102,16 @@ def exit_on_user_error(func: Callable[..., T], *args: object) -> T:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(1)
+
+
+def checkpoint_of(cfg: DictConfig, tracking_uri: str) -> Path:
+    """The checkpoint file that `ckpt_path` (a file or run directory) or `model_uri` (`models:/…`) names."""
+    ckpt_path, model_uri = cfg.get("ckpt_path"), cfg.get("model_uri")
+    if (ckpt_path is None) == (model_uri is None):
+        raise ConfigError(
+            f"Give exactly one of ckpt_path=<checkpoint file or run directory> and model_uri=models:/<name>/<version> "
+            f"(or models:/<name>@<alias>); {'both were' if ckpt_path is not None else 'neither was'} given."
+        )
+    if model_uri is not None:
+        return checkpoint_from_model_uri(str(model_uri), tracking_uri)
+    return resolve_checkpoint(ckpt_path)

@@ -14,50 +14,19 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import tracking
-from pipeline.checkpoint import check_model, load_checkpoint, resolve_checkpoint
-from pipeline.cli import CONF_DIR, exit_on_user_error
-from pipeline.config import EVAL_KEYS, ConfigError, validate_config
-from pipeline.registry import checkpoint_from_model_uri
-
-
-def load_task(ckpt: Path) -> tuple[pl.LightningModule, DictConfig, dict]:
-    """The trained LightningModule (weights-only load), the training config and the checkpoint's metadata.
-
-    A file that is not a readable, current pipeline-train checkpoint, or whose weights do not fit the model its own
-    config builds with this code, is refused with a CheckpointError naming the file and the difference.
-    """
-    state = load_checkpoint(ckpt)
-    meta = state["pipeline"]
-    train_cfg = OmegaConf.create(meta["config"])
-    try:
-        task = get_class(train_cfg.model._target_).load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    except RuntimeError as err:
-        if "Error(s) in loading state_dict" not in str(err):
-            raise
-        check_model(ckpt, state, instantiate(train_cfg.model), train_cfg)  # says which keys and shapes differ
-        raise
-    return task.eval(), train_cfg, meta
-
-
-def checkpoint_of(cfg: DictConfig, tracking_uri: str) -> Path:
-    """The checkpoint file that `ckpt_path` (a file or run directory) or `model_uri` (`models:/…`) names."""
-    ckpt_path, model_uri = cfg.get("ckpt_path"), cfg.get("model_uri")
-    if (ckpt_path is None) == (model_uri is None):
-        raise ConfigError(
-            f"Give exactly one of ckpt_path=<checkpoint file or run directory> and model_uri=models:/<name>/<version> "
-            f"(or models:/<name>@<alias>); {'both were' if ckpt_path is not None else 'neither was'} given."
-        )
-    if model_uri is not None:
-        return checkpoint_from_model_uri(str(model_uri), tracking_uri)
-    return resolve_checkpoint(ckpt_path)
+from pipeline.cli import CONF_DIR
+from pipeline.cli.common import checkpoint_of, exit_on_user_error
+from pipeline.errors import ConfigError
+from pipeline.tracking import runs
+from pipeline.training.config import EVAL_KEYS, validate_config
+from pipeline.training.loading import load_task
 
 
 def data_config(cfg: DictConfig, train_data: DictConfig) -> DictConfig:
@@ -66,7 +35,7 @@ def data_config(cfg: DictConfig, train_data: DictConfig) -> DictConfig:
     Hydra cannot catch a misspelt key here (eval.yaml's `data` starts empty), so every key given must be in the
     checkpoint's data config, or be a top-level argument its DataModule accepts.
     """
-    group = tracking.config_choices().get("data")  # a data group the command selected (data=coco)
+    group = runs.config_choices().get("data")  # a data group the command selected (data=coco)
     if group:
         files = " ".join(f"data.{k}={v}" for k, v in _leaves(train_data)
                          if isinstance(v, str) and "/" in v and k != "check_cache")  # fmt: skip
@@ -131,9 +100,9 @@ def _check_keys(given: DictConfig, base: DictConfig, where: str, target: str) ->
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate the checkpoint on its (or an overridden) validation set; write metrics.json, log to MLflow."""
     # With a data group given, data_config says what to do instead, before the group's own `???` keys are named.
-    if "data" not in tracking.config_choices():
+    if "data" not in runs.config_choices():
         validate_config(cfg, EVAL_KEYS)
-    tracking.check_reachable(cfg.logger.tracking_uri)
+    runs.check_reachable(cfg.logger.tracking_uri)
     ckpt = checkpoint_of(cfg, cfg.logger.tracking_uri)
     task, train_cfg, meta = load_task(ckpt)
     data = split_config(data_config(cfg, train_cfg.data), str(cfg.split), task.TARGETS)
@@ -146,16 +115,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     out_dir = Path(cfg.paths.output_dir)
     record = {"checkpoint": str(ckpt), "split": str(cfg.split), "metrics": metrics}
-    tracking.write_json(out_dir / "metrics.json", record)
+    runs.write_json(out_dir / "metrics.json", record)
     artifacts = [out_dir / "metrics.json"]
     if task.TARGETS != "semantic":
         results = coco_results(task.results, datamodule.category_ids)
-        tracking.write_json(out_dir / "predictions.json", results)
+        runs.write_json(out_dir / "predictions.json", results)
         artifacts.append(out_dir / "predictions.json")
     _print_table(metrics, ckpt)
     train_run = meta.get("mlflow_run_id") or ""
     client = MlflowClient(cfg.logger.tracking_uri)
-    exp_id = tracking.experiment_id(client, cfg.logger.experiment_name, cfg.paths.log_dir)
+    exp_id = runs.experiment_id(client, cfg.logger.experiment_name, cfg.paths.log_dir)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     run = client.create_run(
         exp_id,
@@ -177,7 +146,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id)
     print("\n".join(f"{p.name}: {p}" for p in artifacts))
-    print(f"MLflow eval run {run_id}: {tracking.ui_hint(cfg.logger.tracking_uri, run_id)}")
+    print(f"MLflow eval run {run_id}: {runs.ui_hint(cfg.logger.tracking_uri, run_id)}")
     return metrics
 
 

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 from typing import Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from pipeline.errors import ConfigError
+
 HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot work; the message names the key."""
 
 
 def _accepted_keys(target: str, where: str) -> set[str] | None:
@@ -105,6 +104,17 @@ EVAL_KEYS = {"trainer", "logger", "paths", "task_name", "ckpt_path", "model_uri"
 PREDICT_KEYS = {"paths", "logger", "task_name", "ckpt_path", "model_uri", "input", "device", "min_score", "batch_size"}
 
 
-def monitor_mode(metric: str) -> str:
-    """ "min" for a loss (`val/loss`, `train/loss_box`, …), "max" for every other metric (mIoU, mAP, accuracy)."""
-    return "min" if "loss" in metric.rsplit("/", 1)[-1] else "max"
+def flat_keys(node: Any, prefix: str = "") -> dict[str, str]:
+    """A nested config (plain containers) as {"a.b.c": "value"} strings; lists and empty dicts as JSON."""
+    out: dict[str, str] = {}
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            out.update(flat_keys(value, f"{prefix}{key}."))
+    else:
+        out[prefix[:-1]] = json.dumps(node) if isinstance(node, (list, dict)) else str(node)
+    return out
+
+
+def changed_keys(old: dict[str, str], new: dict[str, str]) -> dict[str, tuple[str | None, str | None]]:
+    """{key: (old, new)} for every flattened key whose value differs or that exists on one side only."""
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}

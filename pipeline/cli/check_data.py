@@ -19,9 +19,10 @@ from omegaconf import DictConfig
 from PIL import Image
 from torchvision.utils import make_grid
 
-from pipeline.cli import CONF_DIR, exit_on_user_error
-from pipeline.config import TRAIN_KEYS, validate_config
-from pipeline.tracking import write_json
+from pipeline.cli import CONF_DIR
+from pipeline.cli.common import exit_on_user_error
+from pipeline.tracking.runs import write_json
+from pipeline.training.config import TRAIN_KEYS, validate_config
 from pipeline.viz import draw_instances, overlay
 
 CHECK_KEYS = TRAIN_KEYS | {"show"}

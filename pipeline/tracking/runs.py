@@ -35,9 +35,11 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loggers.utilities import _scan_checkpoints
 from pytorch_lightning.utilities import rank_zero_only
 
-from pipeline.config import ConfigError, monitor_mode
-from pipeline.run_summary import GitState, dataset_input, dataset_name, git_state, source_tags
-from pipeline.uploads import UploadQueue, describe, unreachable
+from pipeline.errors import ConfigError
+from pipeline.metrics.monitor import monitor_mode
+from pipeline.tracking.summary import GitState, dataset_input, dataset_name, git_state, source_tags
+from pipeline.tracking.uploads import UploadQueue, describe, unreachable
+from pipeline.training.config import changed_keys, flat_keys
 
 TAG_PREFIX = "pipeline."
 ENTRY = "pipeline-train"  # mlflow.source.name of training runs
@@ -80,14 +82,8 @@ def experiment_id(client: MlflowClient, name: str, log_dir: str | Path | None = 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     """A nested config as {"a.b.c": "value"} strings, shortened to what the store accepts (full config: artifact)."""
-    out: dict[str, str] = {}
-    if isinstance(node, dict) and node:
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-    else:
-        text = json.dumps(node) if isinstance(node, (list, dict)) else str(node)
-        out[prefix[:-1]] = text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
-    return out
+    limit = MAX_PARAM_VAL_LENGTH
+    return {k: v if len(v) <= limit else v[: limit - 3] + "..." for k, v in flat_keys(node, prefix).items()}
 
 
 def joined(overrides: list[str]) -> str:
@@ -160,11 +156,6 @@ def start_run(
     return run.info.run_id
 
 
-def changed_keys(old: dict[str, str], new: dict[str, str]) -> dict[str, tuple[str | None, str | None]]:
-    """{key: (old, new)} for every flattened key whose value differs or that exists on one side only."""
-    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
-
-
 def continue_run(cfg: DictConfig, overrides: list[str], run_id: str, original_uri: str | None = None) -> None:
     """Re-open `run_id` for a resumed training; record changed settings instead of re-logging params.
 
@@ -211,7 +202,7 @@ class MLflowLogger(MLFlowLogger):
     """Lightning's MLFlowLogger whose metrics, checkpoints and images reach MLflow from a background thread.
 
     Training never waits on the tracking store: `log_metrics`, each saved checkpoint (`log_model: all`) and
-    `log_image` are queued (`pipeline.uploads.UploadQueue`) and sent in order, retried while the store is away.
+    `log_image` are queued (`pipeline.tracking.uploads.UploadQueue`) and sent in order, retried while the store is away.
     A checkpoint is copied into `upload_dir` before it is queued, since the next save of `last.ckpt` may replace
     the file while its upload runs; a newer copy of the same checkpoint replaces a waiting one, so an outage
     keeps at most two copies per checkpoint name there (the one being sent and the newest). In the store each

@@ -47,15 +47,17 @@ from torch import Tensor, nn
 from torch.export import Dim
 from torchvision.ops import roi_align
 
-from pipeline import tracking
-from pipeline.checkpoint import resolve_checkpoint
-from pipeline.cli import CONF_DIR, exit_on_user_error
-from pipeline.config import ConfigError, validate_config
-from pipeline.eval import load_task
+from pipeline.cli import CONF_DIR
+from pipeline.cli.common import exit_on_user_error
+from pipeline.errors import ConfigError
 from pipeline.models.mask_yolo import MaskYOLO
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels
 from pipeline.ops.roi import fpn_levels
-from pipeline.uploads import unreachable
+from pipeline.tracking import runs
+from pipeline.tracking.uploads import unreachable
+from pipeline.training.checkpoint import resolve_checkpoint
+from pipeline.training.config import validate_config
+from pipeline.training.loading import load_task
 
 EXPORT_KEYS = {"paths", "task_name", "ckpt_path", "format", "output"}
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -344,7 +346,7 @@ def log_to_run(meta: dict, files: list[Path]) -> bool:
         print(f"warning: exported files not logged to MLflow run {run_id} in {uri} ({problem}); they are at "
               f"{files[0].parent}", file=sys.stderr)  # fmt: skip
         return False
-    print(f"Logged to MLflow run {run_id} under export/: {tracking.ui_hint(uri, run_id)}")
+    print(f"Logged to MLflow run {run_id} under export/: {runs.ui_hint(uri, run_id)}")
     return True
 
 
@@ -379,7 +381,7 @@ def export(cfg: DictConfig) -> list[Path]:
         worst = max(d for per_size in diffs.values() for d in per_size.values())
         print(f"Exported {paths[name]} ({fmt}); against PyTorch at {' and '.join(diffs)}: max abs diff {worst:.2g}")
     meta_path = main.with_name(main.name + ".json")
-    tracking.write_json(meta_path, sidecar)
+    runs.write_json(meta_path, sidecar)
     files = [*paths.values(), meta_path]
     log_to_run(meta, files)
     return files

@@ -24,10 +24,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline.config import monitor_mode
-from pipeline.uploads import unreachable
+from pipeline.cli import CONF_DIR
+from pipeline.metrics.monitor import monitor_mode
+from pipeline.tracking.uploads import unreachable
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TAG = "pipeline."
 RUN_DIR = "<run dir>"
 
@@ -53,8 +53,8 @@ def default_store() -> tuple[str, str]:
     `paths.root_dir` is the directory the command runs in (`${pipeline.cwd:}` in a training), so the default
     store is `./outputs/mlflow.db` unless MLFLOW_TRACKING_URI is set (the config's own `oc.env` decides that).
     """
-    cfg = OmegaConf.create({"paths": OmegaConf.load(CONF_DIR / "paths" / "default.yaml"),
-                            "logger": OmegaConf.load(CONF_DIR / "logger" / "mlflow.yaml")})  # fmt: skip
+    cfg = OmegaConf.create({"paths": OmegaConf.load(Path(CONF_DIR) / "paths" / "default.yaml"),
+                            "logger": OmegaConf.load(Path(CONF_DIR) / "logger" / "mlflow.yaml")})  # fmt: skip
     cfg.paths.root_dir = os.getcwd()
     return str(cfg.logger.tracking_uri), str(cfg.logger.experiment_name)
 

@@ -17,15 +17,17 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torchvision.ops import box_convert
 
-from pipeline import tracking
-from pipeline.cli import CONF_DIR, exit_on_user_error
-from pipeline.config import PREDICT_KEYS, ConfigError, validate_config
+from pipeline.cli import CONF_DIR
+from pipeline.cli.common import checkpoint_of, exit_on_user_error
 from pipeline.data.coco import read_rgb
 from pipeline.data.formats import IMAGE_SUFFIXES
 from pipeline.data.transforms import letterbox
-from pipeline.eval import checkpoint_of, load_task
+from pipeline.errors import ConfigError
 from pipeline.ops.boxes import letterbox_scale, unletterbox
 from pipeline.ops.masks import encode_rle
+from pipeline.tracking import runs
+from pipeline.training.config import PREDICT_KEYS, validate_config
+from pipeline.training.loading import load_task
 from pipeline.viz import draw_boxes, draw_instances, overlay, palette
 
 
@@ -116,7 +118,7 @@ def _predict_detections(
             picture = draw_boxes(image, boxes, labels, names, scores)
         Image.fromarray(picture.permute(1, 2, 0).numpy()).save(pictures / f"{path.stem}.png")
         results += records
-    tracking.write_json(out_dir / "predictions.json", results)
+    runs.write_json(out_dir / "predictions.json", results)
     print(f"Wrote {len(results)} detections (score >= {min_score}) to {out_dir / 'predictions.json'} and drawings "
           f"to {pictures}")  # fmt: skip
 

@@ -30,14 +30,15 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pipeline import run_summary, tracking
-from pipeline.callbacks import PREEMPTED_EXIT
-from pipeline.config import ConfigError, monitor_mode
 from pipeline.data.datamodule import usable_cores
+from pipeline.errors import ConfigError
+from pipeline.metrics.monitor import monitor_mode
+from pipeline.tracking import runs, summary
+from pipeline.training.callbacks import PREEMPTED_EXIT
 from pipeline.viz import is_number, objective_plot
 
 SWEEP_FILE = "sweep.json"
-TAG = f"{tracking.TAG_PREFIX}sweep."
+TAG = f"{runs.TAG_PREFIX}sweep."
 # Short names for the keys users sweep most, in child run names ("fcn8s-lr0.003-s1-j2").
 SHORT = {"weight_decay": "wd", "seed": "s", "batch_size": "bs", "max_epochs": "ep"}
 # Overrides that do not describe the model or its training (or are already in the name): left out of run names.
@@ -93,7 +94,7 @@ def run_name(model: str, overrides: list[str], run_dir: str) -> str:
         and k.rsplit(".", 1)[-1] not in NAME_SKIP_LEAVES
         and "/" not in v
     }  # fmt: skip  (no file paths)
-    data = tracking.config_choices().get("data")
+    data = runs.config_choices().get("data")
     name = "-".join([model, *([data] if data else []), *_name_parts(values)])
     if len(name) > NAME_LENGTH:  # the whole list stays in the pipeline.overrides tag
         name = name[: NAME_LENGTH - 1] + "…"
@@ -131,7 +132,7 @@ def child_tags(job: dict[str, Any]) -> dict[str, str]:
         f"{TAG}id": job["parent_run_id"],
         f"{TAG}job": str(job["job"]),
         f"{TAG}params": json.dumps(job["values"]),
-        f"{TAG}overrides": tracking.joined(job["overrides"]),
+        f"{TAG}overrides": runs.joined(job["overrides"]),
     }
 
 
@@ -159,7 +160,7 @@ def previous_run(job: dict[str, Any]) -> Any | None:
     previous = _latest_run(MlflowClient(job["tracking_uri"]), job)
     if previous is None:
         return None
-    before, now = previous.data.tags.get(f"{TAG}overrides"), tracking.joined(job["overrides"])
+    before, now = previous.data.tags.get(f"{TAG}overrides"), runs.joined(job["overrides"])
     if before != now:
         raise ConfigError(
             f"Job {job['job']} of sweep {job['parent_run_id']} ran with overrides '{before}', not '{now}': re-run a "
@@ -177,7 +178,7 @@ def record_failure(job: dict[str, Any], error: BaseException) -> None:
     else:
         run_id = client.create_run(job["experiment_id"], run_name=job["name"], tags=child_tags(job)).info.run_id
     message = f"{type(error).__name__}: {error}"
-    client.set_tag(run_id, f"{tracking.TAG_PREFIX}error", message[:MAX_TAG_VAL_LENGTH])
+    client.set_tag(run_id, f"{runs.TAG_PREFIX}error", message[:MAX_TAG_VAL_LENGTH])
     client.set_terminated(run_id, "FAILED")
 
 
@@ -249,7 +250,7 @@ def end_unfinished(error: BaseException) -> None:
     reason = f"The sweep stopped before its end ({cause}); resume it with hydra.sweep.dir={sweep_dir}"
     try:
         client = MlflowClient(uri)
-        client.set_tag(parent, f"{tracking.TAG_PREFIX}error", reason[:MAX_TAG_VAL_LENGTH])
+        client.set_tag(parent, f"{runs.TAG_PREFIX}error", reason[:MAX_TAG_VAL_LENGTH])
         client.set_terminated(parent, "KILLED" if interrupted else "FAILED")
         print(f"Sweep parent run {parent} marked {'KILLED' if interrupted else 'FAILED'}: {reason}", file=sys.stderr)
     except Exception as err:  # the store may be what failed
@@ -267,7 +268,7 @@ class SweepTracking(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         existing = read_sweep(sweep_dir)
         uri = str(config.logger.tracking_uri)
-        tracking.check_reachable(uri)
+        runs.check_reachable(uri)
         client = MlflowClient(uri)
         if existing is not None:  # the same sweep dir again (resume): same parent; a killed sweep's jobs are over
             parent = existing["parent_run_id"]
@@ -279,24 +280,24 @@ class SweepTracking(Callback):
             _OPEN = (uri, parent, str(sweep_dir))
             print(f"Resuming sweep {sweep_dir} (parent run {parent}): finished jobs are skipped")
             return
-        exp_id = tracking.experiment_id(client, config.logger.experiment_name, config.paths.log_dir)  # migrates
+        exp_id = runs.experiment_id(client, config.logger.experiment_name, config.paths.log_dir)  # migrates
         _enable_wal(uri, str(OmegaConf.select(config, "hydra.launcher._target_")))
         varied = varied_keys(config)
         monitor = str(config.model.monitor)
         tags = {
             f"{TAG}role": "parent",
             f"{TAG}dir": str(sweep_dir),
-            f"{TAG}overrides": tracking.joined(list(config.hydra.overrides.task)),
+            f"{TAG}overrides": runs.joined(list(config.hydra.overrides.task)),
             f"{TAG}space": json.dumps(varied)[:MAX_TAG_VAL_LENGTH],
             f"{TAG}monitor": monitor,
-            **run_summary.source_tags(tracking.ENTRY, run_summary.git_state(tracking.CODE_ROOT)),
+            **summary.source_tags(runs.ENTRY, summary.git_state(runs.CODE_ROOT)),
         }
         parent = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.name}", tags=tags).info.run_id
         record = {"parent_run_id": parent, "experiment_id": exp_id, "tracking_uri": uri, "varied": list(varied),
                   "monitor": monitor, "mode": monitor_mode(monitor)}  # fmt: skip
-        tracking.write_json(sweep_dir / SWEEP_FILE, record)
+        runs.write_json(sweep_dir / SWEEP_FILE, record)
         _OPEN = (uri, parent, str(sweep_dir))
-        print(f"Sweep parent run {parent}: {tracking.ui_hint(uri, parent, monitor)}")
+        print(f"Sweep parent run {parent}: {runs.ui_hint(uri, parent, monitor)}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global _OPEN
@@ -322,7 +323,7 @@ def summarise(sweep_dir: Path, sweep: dict[str, Any]) -> list[dict[str, Any]]:
             "job": int(run.data.tags.get(f"{TAG}job", "0")), "run_id": run.info.run_id, "name": run.info.run_name,
             "status": run.info.status, "value": run.data.metrics.get(metric),
             "duration_s": round((end - run.info.start_time) / 1000, 1),
-            "error": run.data.tags.get(f"{tracking.TAG_PREFIX}error", ""), **{k: values.get(k, "") for k in keys},
+            "error": run.data.tags.get(f"{runs.TAG_PREFIX}error", ""), **{k: values.get(k, "") for k in keys},
         })  # fmt: skip
     with open(sweep_dir / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(

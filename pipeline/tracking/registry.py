@@ -31,8 +31,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
+from pipeline.training.checkpoint import load_checkpoint
 
 SCHEME = "models:/"
 

@@ -1,5 +1,5 @@
 """Lightning callbacks that make a training resumable exactly and stop it cleanly: per-step seeding, `last.ckpt`
-mid-epoch and on pre-emption, a guard against non-finite losses; and the run's loss and learning-rate curves."""
+mid-epoch and on pre-emption, a guard against non-finite losses."""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-from pipeline.viz import training_curves_figure
 
 # The exit status of a training stopped by SIGTERM after writing its checkpoint (128 + SIGTERM, as a shell reports
 # a process killed by it): the run is resumable; schedulers and scripts can tell it from a failure (1).
@@ -178,74 +176,3 @@ class NonFiniteLoss(pl.Callback):
             f"{batch}){streak}: {shown}. Training stopped before this step changed the weights; the checkpoints "
             "written so far are kept. Lower model.optimizer.lr, or check this batch's data (pipeline-check-data)."
         )
-
-
-class LossCurves(pl.Callback):
-    """The whole run's per-epoch `train/loss_epoch`, `val/loss` (where logged) and the learning rate of each
-    optimizer's param group at each epoch's start, drawn as one figure, the MLflow artifact
-    `plots/training_curves.png`.
-
-    Drawn (rank 0) after every `every_n_epochs`-th epoch (null: never during training) and when training ends;
-    each drawing replaces the last, so the run holds one file. The history is the callback's state, saved in every
-    checkpoint, so a resumed run's figure covers the epochs before the resume too. Nothing runs per step: values
-    are read once per epoch from the metrics Lightning has already reduced.
-    """
-
-    LOSSES = {"train/loss": "train/loss_epoch", "val/loss": "val/loss"}  # curve name: metric read
-
-    def __init__(self, every_n_epochs: int | None = 10) -> None:
-        if every_n_epochs is not None and every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs={every_n_epochs}: give a positive number of epochs, or null")
-        self.every_n_epochs = every_n_epochs
-        self.history: dict[int, dict[str, float]] = {}  # epoch: {curve name: value}
-        self._drawn: dict[int, dict[str, float]] | None = None  # the history last drawn
-
-    def _record(self, epoch: int, values: dict[str, float]) -> None:
-        self.history.setdefault(epoch, {}).update(values)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rates = {}
-        for optimizer in trainer.optimizers:  # named as LearningRateMonitor names its metrics
-            name = f"lr-{type(optimizer).__name__}"
-            groups = optimizer.param_groups
-            for index, group in enumerate(groups):
-                rates[name if len(groups) == 1 else f"{name}/pg{index + 1}"] = float(group["lr"])
-        self._record(trainer.current_epoch, rates)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._read(trainer, ["val/loss"])
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._read(trainer, ["train/loss"])  # before the epoch's checkpoints: Lightning runs checkpointing last
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._draw(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._draw(trainer)
-
-    def _read(self, trainer: pl.Trainer, curves: list[str]) -> None:
-        metrics = trainer.callback_metrics
-        found = {c: float(metrics[self.LOSSES[c]]) for c in curves if self.LOSSES[c] in metrics}
-        self._record(trainer.current_epoch, found)
-
-    def _draw(self, trainer: pl.Trainer) -> None:
-        """Render and log the figure on rank 0, unless nothing changed since the last drawing."""
-        if not trainer.is_global_zero or not self.history or self.history == self._drawn:
-            return
-        epochs = sorted(self.history)
-        names = sorted({name for values in self.history.values() for name in values})
-        series = {n: [self.history[e].get(n, float("nan")) for e in epochs] for n in names}
-        losses = {n: v for n, v in series.items() if n in self.LOSSES}
-        rates = {n: v for n, v in series.items() if n not in self.LOSSES}
-        # Imported here: pipeline.cli imports this module, and every entry point would otherwise pay MLflow's import.
-        from pipeline.tracking import log_image
-
-        log_image(trainer.logger, training_curves_figure(epochs, losses, rates), "plots/training_curves.png")
-        self._drawn = {e: dict(v) for e, v in self.history.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": {e: dict(v) for e, v in self.history.items()}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {int(e): dict(v) for e, v in state_dict["history"].items()}

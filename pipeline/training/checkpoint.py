@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from pipeline.tracking import changed_keys, flatten
+from pipeline.training.config import changed_keys, flat_keys
 
 # The layout of the `pipeline` block and of what we store; bump it when a checkpoint of the previous layout can no
 # longer be resumed, evaluated or predicted from, so such a file is refused with a message instead of a KeyError.
@@ -171,7 +171,7 @@ def check_model(path: str | os.PathLike, state: dict[str, Any], task: torch.nn.M
         problems.append(f"this model has {_some(missing)}, which the checkpoint lacks")
     if unexpected:
         problems.append(f"the checkpoint has {_some(unexpected)}, which this model lacks")
-    settings = changed_keys(flatten(theirs["model"], "model."), flatten(ours["model"], "model."))
+    settings = changed_keys(flat_keys(theirs["model"], "model."), flat_keys(ours["model"], "model."))
     config = {k: v for k, v in settings.items() if not k.startswith(("model.optimizer.", "model.scheduler.",
                                                                      "model.class_names"))}  # fmt: skip
     classes = theirs.get("data", {}).get("num_classes"), ours.get("data", {}).get("num_classes")

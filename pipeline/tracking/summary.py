@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
-from pipeline.config import monitor_mode
+from pipeline.metrics.monitor import monitor_mode
 
 # Folder names that say nothing about which dataset it is; the dataset is named by the folder above them.
 _GENERIC = {"images", "imgs", "jpegimages", "train", "val", "valid", "test", "train2017", "val2017"}

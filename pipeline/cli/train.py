@@ -25,9 +25,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from pipeline import launch, registry, sweep, tracking
-from pipeline.callbacks import PREEMPTED_EXIT, NonFiniteLossError
-from pipeline.checkpoint import (
+from pipeline.cli import CONF_DIR
+from pipeline.cli.common import exit_on_user_error, user_error
+from pipeline.data.datamodule import usable_cores
+from pipeline.errors import ConfigError
+from pipeline.models.surgery import load_matching
+from pipeline.sweeps import jobs as sweep
+from pipeline.tracking import registry, runs
+from pipeline.tracking.summary import RunSummary
+from pipeline.training import launch
+from pipeline.training.callbacks import PREEMPTED_EXIT, NonFiniteLossError
+from pipeline.training.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
     RunMetadata,
@@ -36,11 +44,7 @@ from pipeline.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from pipeline.cli import CONF_DIR, exit_on_user_error, user_error
-from pipeline.config import TRAIN_KEYS, ConfigError, validate_config
-from pipeline.data.datamodule import usable_cores
-from pipeline.models.surgery import load_matching
-from pipeline.run_summary import RunSummary
+from pipeline.training.config import TRAIN_KEYS, validate_config
 
 # Set by main(): the command line as the user typed it, which DDP child processes must re-run.
 _USER_ARGV: list[str] = []
@@ -101,25 +105,25 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     run_id = None
     if launch.is_global_zero():  # one MLflow run per training, however many ranks or nodes
-        tracking.check_reachable(cfg.logger.tracking_uri)
+        runs.check_reachable(cfg.logger.tracking_uri)
         if job is None:  # a SLURM requeue of this job continues this run dir (sweep jobs have their own)
             launch.record_slurm_run(cfg.paths.log_dir, run_dir, _USER_ARGV)
         if meta is not None and cfg.resume_mode == "continue" and meta.get("mlflow_run_id"):
             run_id = meta["mlflow_run_id"]
-            tracking.continue_run(cfg, overrides, run_id, meta.get("tracking_uri"))
+            runs.continue_run(cfg, overrides, run_id, meta.get("tracking_uri"))
         else:
             parent = {"run_id": meta["mlflow_run_id"], "config": meta["config"]} if meta else None
             # A sweep job is named by what its sweep varies; a single run by its model, data and overrides.
-            name = job["name"] if job else sweep.run_name(tracking.model_name(cfg), overrides, run_dir)
+            name = job["name"] if job else sweep.run_name(runs.model_name(cfg), overrides, run_dir)
             tags = sweep.child_tags(job) if job else {}
-            run_id = tracking.start_run(cfg, overrides, run_name=name, parent=parent, extra=tags)
+            run_id = runs.start_run(cfg, overrides, run_name=name, parent=parent, extra=tags)
 
     if torch.distributed.is_initialized():  # torchrun/srun ranks: the store exists (migrated) before they open it
         torch.distributed.barrier()
     logger = instantiate(cfg.logger, run_id=run_id)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     callbacks.append(RunMetadata(OmegaConf.to_container(cfg, resolve=True), run_id, run_dir, cfg.logger.tracking_uri))
-    callbacks.append(tracking.DatasetStats())
+    callbacks.append(runs.DatasetStats())
     callbacks.append(RunSummary(run_id, cfg.logger.tracking_uri, cfg.model.monitor))
     pruning = sweep.pruning_callback(cfg.model.monitor)  # an Optuna sweep with a pruner
     if pruning is not None:
@@ -201,7 +205,7 @@ def _report_fork(path: Path, loaded: list[str], fresh: dict[str, str], run_id: s
         text += f"; left fresh: {shown}" + (f"; and {len(fresh) - 8} more" if len(fresh) > 8 else "")
     print(f"Fork: {text}")
     if run_id is not None:
-        MlflowClient(uri).set_tag(run_id, f"{tracking.TAG_PREFIX}fork_loaded", text[:MAX_TAG_VAL_LENGTH])
+        MlflowClient(uri).set_tag(run_id, f"{runs.TAG_PREFIX}fork_loaded", text[:MAX_TAG_VAL_LENGTH])
 
 
 def _stopped(cfg: DictConfig, trainer: pl.Trainer, run_id: str | None, status: str, reason: str) -> None:
@@ -209,7 +213,7 @@ def _stopped(cfg: DictConfig, trainer: pl.Trainer, run_id: str | None, status: s
     if trainer.is_global_zero and run_id is not None:
         try:  # best effort: a pre-empted run must still exit in time when the store is away
             client = MlflowClient(cfg.logger.tracking_uri)
-            client.set_tag(run_id, f"{tracking.TAG_PREFIX}error", reason[:MAX_TAG_VAL_LENGTH])
+            client.set_tag(run_id, f"{runs.TAG_PREFIX}error", reason[:MAX_TAG_VAL_LENGTH])
             client.set_terminated(run_id, status)
         except Exception as err:
             print(f"Could not mark MLflow run {run_id} {status} ({reason}): {err}", file=sys.stderr)
@@ -223,7 +227,7 @@ def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], run
         lines.append(f"  checkpoint:      {ckpt.best_model_path or '(none)'}")
     lines.append(f"  run directory:   {cfg.paths.output_dir}")
     if run_id:
-        lines.append(f"  MLflow run {run_id}: {tracking.ui_hint(cfg.logger.tracking_uri, run_id, cfg.model.monitor)}")
+        lines.append(f"  MLflow run {run_id}: {runs.ui_hint(cfg.logger.tracking_uri, run_id, cfg.model.monitor)}")
     print("\n".join(lines))
 
 
@@ -256,7 +260,7 @@ def _ddp_children_rerun(job: dict | None, ckpt_path: str | None) -> Iterator[Non
     saved_dir, saved_spec = hydra.run.dir, getattr(main, "__spec__", None)
     with read_write(hydra), open_dict(hydra):
         hydra.run.dir = hydra.runtime.output_dir
-    main.__spec__ = importlib.util.find_spec("pipeline.train")
+    main.__spec__ = importlib.util.find_spec("pipeline.cli.train")
     resume = [f"ckpt_path={ckpt_path}"] if ckpt_path else []
     try:
         with _argv([sys.argv[0], *job["overrides"], *resume, "hydra.mode=RUN"]):
