@@ -15,7 +15,6 @@ import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
 from rich.console import Console
@@ -24,7 +23,7 @@ from rich.table import Table
 from pipeline.cli import CONF_DIR
 from pipeline.cli.common import checkpoint_of, exit_on_user_error
 from pipeline.errors import ConfigError
-from pipeline.tracking import runs
+from pipeline.tracking import runs, store
 from pipeline.training.config import EVAL_KEYS, validate_config
 from pipeline.training.loading import load_task
 
@@ -102,7 +101,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # With a data group given, data_config says what to do instead, before the group's own `???` keys are named.
     if "data" not in runs.config_choices():
         validate_config(cfg, EVAL_KEYS)
-    runs.check_reachable(cfg.logger.tracking_uri)
+    store.check_reachable(cfg.logger.tracking_uri)
     ckpt = checkpoint_of(cfg, cfg.logger.tracking_uri)
     task, train_cfg, meta = load_task(ckpt)
     data = split_config(data_config(cfg, train_cfg.data), str(cfg.split), task.TARGETS)
@@ -123,7 +122,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         artifacts.append(out_dir / "predictions.json")
     _print_table(metrics, ckpt)
     train_run = meta.get("mlflow_run_id") or ""
-    client = MlflowClient(cfg.logger.tracking_uri)
+    client = store.client(cfg.logger.tracking_uri)
     exp_id = runs.experiment_id(client, cfg.logger.experiment_name, cfg.paths.log_dir)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     run = client.create_run(

@@ -41,7 +41,6 @@ from typing import Any
 import hydra
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.export import Dim
@@ -53,8 +52,7 @@ from pipeline.errors import ConfigError
 from pipeline.models.mask_yolo import MaskYOLO
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels
 from pipeline.ops.roi import fpn_levels
-from pipeline.tracking import runs
-from pipeline.tracking.uploads import unreachable
+from pipeline.tracking import runs, store
 from pipeline.training.checkpoint import resolve_checkpoint
 from pipeline.training.config import validate_config
 from pipeline.training.loading import load_task
@@ -326,7 +324,7 @@ def _store_problem(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         return None if db.is_file() else f"{db} does not exist"
-    return unreachable(uri)
+    return store.unreachable(uri)
 
 
 def log_to_run(meta: dict, files: list[Path]) -> bool:
@@ -335,7 +333,7 @@ def log_to_run(meta: dict, files: list[Path]) -> bool:
     run_id, uri = meta.get("mlflow_run_id"), meta.get("tracking_uri")
     problem = "the checkpoint names no MLflow run" if not (run_id and uri) else _store_problem(uri)
     if problem is None:
-        client = MlflowClient(uri)
+        client = store.client(uri)
         try:
             client.get_run(run_id)
             for path in files:

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from pipeline.cli import CONF_DIR
 from pipeline.metrics.monitor import monitor_mode
-from pipeline.tracking.uploads import unreachable
+from pipeline.tracking import store
 
 TAG = "pipeline."
 RUN_DIR = "<run dir>"
@@ -61,13 +61,13 @@ def default_store() -> tuple[str, str]:
 
 def connect(uri: str) -> MlflowClient:
     """A client of an existing store: an unreachable server or a missing SQLite file is an error, never a new store."""
-    reason = unreachable(uri)
+    reason = store.unreachable(uri)
     if reason is not None:
         raise ConnectionError(f"MLflow tracking server {uri} is not reachable ({reason}).")
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ReportError(f"No MLflow store at {uri.removeprefix('sqlite:///')}: run from the project root "
                           "(its outputs/mlflow.db), or pass --tracking-uri / set MLFLOW_TRACKING_URI.")  # fmt: skip
-    return MlflowClient(uri)
+    return store.client(uri)
 
 
 def _all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str = "") -> list[Run]:

@@ -19,7 +19,6 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.plugins.io import CheckpointIO
@@ -31,7 +30,7 @@ from pipeline.data.datamodule import usable_cores
 from pipeline.errors import ConfigError
 from pipeline.models.surgery import load_matching
 from pipeline.sweeps import jobs as sweep
-from pipeline.tracking import registry, runs
+from pipeline.tracking import registry, runs, store
 from pipeline.tracking.summary import RunSummary
 from pipeline.training import launch
 from pipeline.training.callbacks import PREEMPTED_EXIT, NonFiniteLossError
@@ -105,7 +104,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     run_id = None
     if launch.is_global_zero():  # one MLflow run per training, however many ranks or nodes
-        runs.check_reachable(cfg.logger.tracking_uri)
+        store.check_reachable(cfg.logger.tracking_uri)
         if job is None:  # a SLURM requeue of this job continues this run dir (sweep jobs have their own)
             launch.record_slurm_run(cfg.paths.log_dir, run_dir, _USER_ARGV)
         if meta is not None and cfg.resume_mode == "continue" and meta.get("mlflow_run_id"):
@@ -163,12 +162,12 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if best is not None and math.isfinite(best):  # what best.ckpt holds, and what a sweep optimises
         metrics[f"best/{cfg.model.monitor}"] = float(best)
         if trainer.is_global_zero and run_id is not None:
-            MlflowClient(cfg.logger.tracking_uri).log_metric(run_id, f"best/{cfg.model.monitor}", float(best))
+            store.client(cfg.logger.tracking_uri).log_metric(run_id, f"best/{cfg.model.monitor}", float(best))
     if trainer.is_global_zero and cfg.register and run_id is not None:
         _register(cfg, trainer, run_id)
     if trainer.is_global_zero:
         if pruning is not None and pruning.pruned_at_epoch is not None and run_id is not None:
-            MlflowClient(cfg.logger.tracking_uri).set_tag(run_id, "pipeline.sweep.pruned_at_epoch",
+            store.client(cfg.logger.tracking_uri).set_tag(run_id, "pipeline.sweep.pruned_at_epoch",
                                                           str(pruning.pruned_at_epoch))  # fmt: skip
         _report(cfg, trainer, metrics, run_id)
     return metrics
@@ -205,14 +204,14 @@ def _report_fork(path: Path, loaded: list[str], fresh: dict[str, str], run_id: s
         text += f"; left fresh: {shown}" + (f"; and {len(fresh) - 8} more" if len(fresh) > 8 else "")
     print(f"Fork: {text}")
     if run_id is not None:
-        MlflowClient(uri).set_tag(run_id, f"{runs.TAG_PREFIX}fork_loaded", text[:MAX_TAG_VAL_LENGTH])
+        store.client(uri).set_tag(run_id, f"{runs.TAG_PREFIX}fork_loaded", text[:MAX_TAG_VAL_LENGTH])
 
 
 def _stopped(cfg: DictConfig, trainer: pl.Trainer, run_id: str | None, status: str, reason: str) -> None:
     """Give the run its end status (Lightning marked it FAILED) and the reason as the `pipeline.error` tag."""
     if trainer.is_global_zero and run_id is not None:
         try:  # best effort: a pre-empted run must still exit in time when the store is away
-            client = MlflowClient(cfg.logger.tracking_uri)
+            client = store.client(cfg.logger.tracking_uri)
             client.set_tag(run_id, f"{runs.TAG_PREFIX}error", reason[:MAX_TAG_VAL_LENGTH])
             client.set_terminated(run_id, status)
         except Exception as err:

@@ -33,7 +33,7 @@ from PIL import Image
 from pipeline.data.datamodule import usable_cores
 from pipeline.errors import ConfigError
 from pipeline.metrics.monitor import monitor_mode
-from pipeline.tracking import runs, summary
+from pipeline.tracking import runs, store, summary
 from pipeline.training.callbacks import PREEMPTED_EXIT
 from pipeline.viz import is_number, objective_plot
 
@@ -157,7 +157,7 @@ def _latest_run(client: MlflowClient, job: dict[str, Any]) -> Any | None:
 
 def previous_run(job: dict[str, Any]) -> Any | None:
     """This job's run from an earlier attempt of the same sweep dir, or None; refused when its overrides differ."""
-    previous = _latest_run(MlflowClient(job["tracking_uri"]), job)
+    previous = _latest_run(store.client(job["tracking_uri"]), job)
     if previous is None:
         return None
     before, now = previous.data.tags.get(f"{TAG}overrides"), runs.joined(job["overrides"])
@@ -171,7 +171,7 @@ def previous_run(job: dict[str, Any]) -> Any | None:
 
 def record_failure(job: dict[str, Any], error: BaseException) -> None:
     """Mark the job's child run FAILED with the error as a tag (creating the run when the job failed before it)."""
-    client = MlflowClient(job["tracking_uri"])
+    client = store.client(job["tracking_uri"])
     latest = _latest_run(client, job)
     if latest is not None and latest.info.status != "FINISHED":  # the run this attempt made (or continued)
         run_id = latest.info.run_id
@@ -249,7 +249,7 @@ def end_unfinished(error: BaseException) -> None:
         cause = f"{type(error).__name__}: {error}"
     reason = f"The sweep stopped before its end ({cause}); resume it with hydra.sweep.dir={sweep_dir}"
     try:
-        client = MlflowClient(uri)
+        client = store.client(uri)
         client.set_tag(parent, f"{runs.TAG_PREFIX}error", reason[:MAX_TAG_VAL_LENGTH])
         client.set_terminated(parent, "KILLED" if interrupted else "FAILED")
         print(f"Sweep parent run {parent} marked {'KILLED' if interrupted else 'FAILED'}: {reason}", file=sys.stderr)
@@ -268,8 +268,8 @@ class SweepTracking(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         existing = read_sweep(sweep_dir)
         uri = str(config.logger.tracking_uri)
-        runs.check_reachable(uri)
-        client = MlflowClient(uri)
+        store.check_reachable(uri)
+        client = store.client(uri)
         if existing is not None:  # the same sweep dir again (resume): same parent; a killed sweep's jobs are over
             parent = existing["parent_run_id"]
             running = f"tags.`{TAG}id` = '{parent}' and attributes.status = 'RUNNING'"
@@ -309,7 +309,7 @@ class SweepTracking(Callback):
 
 def summarise(sweep_dir: Path, sweep: dict[str, Any]) -> list[dict[str, Any]]:
     """Write `sweep.csv` and `sweep.png` (objective against each varied key), tag the parent with the best child."""
-    client = MlflowClient(sweep["tracking_uri"])
+    client = store.client(sweep["tracking_uri"])
     parent, metric, keys = sweep["parent_run_id"], f"best/{sweep['monitor']}", list(sweep["varied"])
     children = client.search_runs([sweep["experiment_id"]], filter_string=f"tags.`{TAG}id` = '{parent}'")
     latest = {}  # a job re-run after a failure has several runs: its latest attempt counts

@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import ConfigError
+from pipeline.tracking import store
 from pipeline.training.checkpoint import load_checkpoint
 
 SCHEME = "models:/"
@@ -42,7 +43,7 @@ def register_checkpoint(tracking_uri: str, run_id: str, ckpt: Path, name: str) -
     missing); returns the version number. A file that is not a pipeline-train checkpoint is refused first."""
     ckpt = Path(ckpt)
     state = load_checkpoint(ckpt)
-    client = MlflowClient(tracking_uri)
+    client = store.client(tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -111,7 +112,7 @@ def checkpoint_from_model_uri(model_uri: str, tracking_uri: str) -> Path:
     a logged model's files never change. A name, version, alias or model id the store does not have is a
     ConfigError naming what it does have.
     """
-    client = MlflowClient(tracking_uri)
+    client = store.client(tracking_uri)
     source = _artifact_location(client, model_uri, tracking_uri)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline" / "models"
     folder = cache / hashlib.sha256(source.encode()).hexdigest()[:32]

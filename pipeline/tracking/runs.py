@@ -37,8 +37,9 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline.errors import ConfigError
 from pipeline.metrics.monitor import monitor_mode
+from pipeline.tracking import store
 from pipeline.tracking.summary import GitState, dataset_input, dataset_name, git_state, source_tags
-from pipeline.tracking.uploads import UploadQueue, describe, unreachable
+from pipeline.tracking.uploads import UploadQueue, describe
 from pipeline.training.config import changed_keys, flat_keys
 
 TAG_PREFIX = "pipeline."
@@ -46,19 +47,6 @@ ENTRY = "pipeline-train"  # mlflow.source.name of training runs
 # The system-metrics monitor announces its start, stop and a missing GPU at INFO, which Hydra prints every run.
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 CODE_ROOT = Path(__file__).resolve().parent  # the checkout whose git state the runs record
-
-
-def check_reachable(uri: str) -> None:
-    """Fail in seconds with a clear message when an http(s) tracking server does not answer.
-
-    MLflow's own client would retry an unreachable server with back-off for minutes before failing.
-    """
-    reason = unreachable(uri)
-    if reason is not None:
-        raise ConnectionError(
-            f"MLflow tracking server {uri} is not reachable ({reason}). Start it, fix MLFLOW_TRACKING_URI / "
-            "logger.tracking_uri, or unset it to use the local SQLite store."
-        )
 
 
 def experiment_id(client: MlflowClient, name: str, log_dir: str | Path | None = None) -> str:
@@ -138,7 +126,7 @@ def start_run(
     `parent` (fork): {"run_id": ..., "config": ...} of the checkpoint's run; the new run is tagged with it
     and with the config keys that differ. `extra` tags are added last (a sweep job's parent run wins).
     """
-    client = MlflowClient(cfg.logger.tracking_uri)
+    client = store.client(cfg.logger.tracking_uri)
     exp_id = experiment_id(client, cfg.logger.experiment_name, cfg.paths.log_dir)
     git = git_state(CODE_ROOT)
     tags = run_tags(cfg, overrides, git) | {"mlflow.runName": run_name}
@@ -162,7 +150,7 @@ def continue_run(cfg: DictConfig, overrides: list[str], run_id: str, original_ur
     MLflow refuses to change a logged param, so new keys are logged as params and changed ones are recorded
     in a `pipeline.resume.<n>.changed` tag (JSON {key: [old, new]}) next to that resume's config artifact.
     """
-    client = MlflowClient(cfg.logger.tracking_uri)
+    client = store.client(cfg.logger.tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -299,7 +287,7 @@ class MLflowLogger(MLFlowLogger):
             print(f"MLflow did not take every write within {self.drain_timeout:g} s (logger.drain_timeout); not in "
                   f"run {self._run_id}: {describe(left)} (checkpoints stay in their run directory, unsent files in "
                   f"{self.uploads.staging_dir})", file=sys.stderr, flush=True)  # fmt: skip
-            reason = unreachable(self._tracking_uri)
+            reason = store.unreachable(self._tracking_uri)
             if reason is not None:
                 print(f"MLflow store {self._tracking_uri} is not reachable ({reason}): run {self._run_id} stays "
                       f"RUNNING.", file=sys.stderr, flush=True)  # fmt: skip
@@ -313,7 +301,7 @@ def ui_hint(tracking_uri: str, run_id: str, monitor: str | None = None) -> str:
     With `monitor`, the runs-table link sorts by `best/<monitor>`, best first: the table's columns are the
     browser's choice (MLflow keeps them in local storage), its sort order can come in the URL.
     """
-    client = MlflowClient(tracking_uri)
+    client = store.client(tracking_uri)
     exp = client.get_run(run_id).info.experiment_id
     if tracking_uri.startswith(("http://", "https://")):
         base = tracking_uri.rstrip("/")

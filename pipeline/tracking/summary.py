@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunTag
-from mlflow.tracking import MlflowClient
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline.metrics.monitor import monitor_mode
+from pipeline.tracking import store
 
 # Folder names that say nothing about which dataset it is; the dataset is named by the folder above them.
 _GENERIC = {"images", "imgs", "jpegimages", "train", "val", "valid", "test", "train2017", "val2017"}
@@ -169,7 +169,7 @@ class RunSummary(Callback):
             "pipeline.world_size": str(trainer.world_size),
         }
         params = sum(p.numel() for p in pl_module.parameters())
-        MlflowClient(self.tracking_uri).log_batch(
+        store.client(self.tracking_uri).log_batch(
             self.run_id,
             metrics=[Metric("summary/params", float(params), int(time.time() * 1000), 0)],
             tags=[RunTag(k, v) for k, v in tags.items()],
@@ -209,4 +209,4 @@ class RunSummary(Callback):
             values["summary/final_train_loss"] = float(loss)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, trainer.global_step) for k, v in values.items()]
-        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=metrics)
+        store.client(self.tracking_uri).log_batch(self.run_id, metrics=metrics)

@@ -14,8 +14,6 @@ import shutil
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,21 +23,10 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.tracking import store
+
 # MLflow's limit of metrics in one log_batch request: consecutive metric jobs are merged up to it.
 MAX_METRICS_PER_REQUEST = 1000
-
-
-def unreachable(uri: str, timeout: float = 5.0) -> str | None:
-    """Why an http(s) tracking server does not answer its /health endpoint, or None when it does (or is local)."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None  # it answered (an auth proxy or a server without /health): reachable
-    except (urllib.error.URLError, OSError) as err:
-        return str(err)
-    return None
 
 
 def refused(err: BaseException) -> bool:
@@ -208,7 +195,7 @@ class UploadQueue:
         delay, outage_since = 1.0, None
         while not self._abandon.is_set():
             try:
-                reason = unreachable(self.tracking_uri)
+                reason = store.unreachable(self.tracking_uri)
                 if reason is not None:
                     raise ConnectionError(reason)
                 self._send(batch)
@@ -232,7 +219,7 @@ class UploadQueue:
 
     def _send(self, batch: list[Job]) -> None:
         if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = store.client(self.tracking_uri)
         if batch[0].folder is None:
             self._client.log_batch(batch[0].run_id, metrics=[m for job in batch for m in job.metrics])
         else:

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from omegaconf import OmegaConf
 
-from pipeline.tracking import runs
+from pipeline.tracking import runs, store
 from pipeline.training.config import changed_keys
 from tests.conftest import tracking_uri
 
@@ -43,7 +43,7 @@ def test_experiment_is_created_once_and_tagged_for_the_runs_table(workdir: Path)
 def test_unreachable_server_fails_fast_with_a_clear_message():
     start = time.time()
     with pytest.raises(ConnectionError, match="not reachable"):
-        runs.check_reachable("http://127.0.0.1:9")
+        store.check_reachable("http://127.0.0.1:9")
     assert time.time() - start < 10
 
 
