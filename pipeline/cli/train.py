@@ -248,7 +248,7 @@ def _ddp_children_rerun(job: dict | None, ckpt_path: str | None) -> Iterator[Non
     Lightning starts each child as `python -m <__main__'s module> <sys.argv[1:]> hydra.run.dir=<HydraConfig
     run.dir>`. For a single run that is the user's command (not main()'s resume rewrite). For a sweep job it would
     be the whole sweep again (`-m`) in a fresh timestamped dir, or submitit's job runner: the children get
-    `python -m pipeline.train` with this job's own overrides (and checkpoint, when it continues) in RUN mode, in
+    `python -m pipeline.cli.train` with this job's own overrides (and checkpoint, when it continues) in RUN mode, in
     its own output dir.
     """
     if job is None:

@@ -1,7 +1,7 @@
 """Image checks remembered across jobs: a dataset whose images all decoded at their recorded sizes is not decoded
 again (a sweep's next trial, every DDP rank, a restart) while its files, records and check settings are unchanged.
 
-A pass is a small JSON file in a cache folder (beside `pipeline.anchor_cache`'s), named by a fingerprint of what
+A pass is a small JSON file in a cache folder (beside `pipeline.data.anchor_cache`'s), named by a fingerprint of what
 the image check reads: the image folder; each image record (id, file name, width, height) with its file's size,
 mtime_ns and ctime_ns (never its content: hashing the bytes would cost what decoding costs); the annotation file's
 path, size and mtime_ns; the Pillow version and its decompression-bomb limit. Changing, adding or removing an image
