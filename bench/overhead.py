@@ -158,11 +158,10 @@ class Timers:
 
     def install(self) -> None:
         """Wrap the panel renderers, the image/metric queueing, the checkpoint write, copy and metric wait."""
-        import pipeline.checkpoint as checkpoint
-
         import pipeline.tasks.detection as detection
         import pipeline.tasks.segmentation as segmentation
-        import pipeline.tracking as tracking
+        import pipeline.tracking.runs as tracking
+        import pipeline.training.checkpoint as checkpoint
 
         self.wrap(segmentation, "comparison_panel", "panels: render")
         self.wrap(detection, "detection_panel", "panels: render")
