@@ -6,10 +6,11 @@ Reports the wall time of each sweep and its ratio to the sequential one, the job
 "database is locked" / OperationalError line in the sweep's output (racing store writers). Small FCN jobs on
 shapes at 96 px (`--epochs` each), loader workers `auto`.
 
-    python bench/sweep_parallel.py [--epochs 3] [--repeats 3] [--no-4]
+    python bench/investigations/sweep_parallel.py [--epochs 3] [--repeats 3] [--no-4]
 
 With `--repeats N` the launchers take turns N times, in an order turned each round, and the table shows medians
-(the ratio is the median of each round's own ratio); `--no-4` leaves out 4 jobs at a time.
+(the ratio is the median of each round's own ratio); `--no-4` leaves out 4 jobs at a time. A one-off
+investigation (not in bench/run_all.py) of whether parallel jobs pay off on 2 cores; BENCHMARKS.md records it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import subprocess
 from functools import partial
 
+import _path  # noqa: F401 (bench/ on sys.path, for the harness)
 import harness
 from mlflow.tracking import MlflowClient
 

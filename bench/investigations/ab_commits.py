@@ -4,9 +4,11 @@ checkout / the other commit, median of the per-round ratios) and the monitored m
 Answers "did this change the numbers, and what does it cost" on one machine, where absolute times drift between
 machines and sessions. The other commit runs from a temporary `git worktree` (its `pipeline` package first on
 PYTHONPATH, this checkout's venv); each run gets a fresh project directory (data generated there, own store).
-Every round runs both sides, in an order turned each round.
+Every round runs both sides, in an order turned each round. A tool for one-off checks, not in bench/run_all.py:
+BENCHMARKS.md records what it found for the FCN, detector and instance model (identical curves across a set of
+hot-path changes).
 
-    python bench/ab_commits.py 858e2bd --rounds 2 -- trainer.max_epochs=4
+    python bench/investigations/ab_commits.py 858e2bd --rounds 2 -- trainer.max_epochs=4
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+import _path  # noqa: F401 (bench/ on sys.path, for the harness)
 import harness
 
 

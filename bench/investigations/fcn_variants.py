@@ -6,16 +6,18 @@ other in one fresh project directory, the same epochs and seed. Its last.ckpt is
 at their original resolution (the protocol of `val/mIoU`) three ways, from one confusion matrix per region:
 all pixels; pixels within `--band` px of a ground-truth class boundary (the trimap of Kohli et al. / DeepLab,
 where coarse strides lose); and the interior (the rest). The paper's claim is that the finer skips (16s, 8s)
-recover boundary detail: the band column is where the ordering should show.
+recover boundary detail: the band column is where the ordering should show. A one-off investigation (not in
+bench/run_all.py); BENCHMARKS.md records its result.
 
-    python bench/fcn_variants.py                    # 30 epochs each (~4 min each on 2 cores)
-    python bench/fcn_variants.py --epochs 2         # a quick look
+    python bench/investigations/fcn_variants.py                    # 30 epochs each (~4 min each on 2 cores)
+    python bench/investigations/fcn_variants.py --epochs 2         # a quick look
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import _path  # noqa: F401 (bench/ on sys.path, for the harness)
 import harness
 import torch
 import torch.nn.functional as F

@@ -4,13 +4,15 @@ detector alone, side by side.
 One training step (forward, backward, AdamW) on a 16-image training batch at 128 px, and one validation batch
 (forward, post-processing, masks for every detection), for `experiment=shapes_yolo` and
 `experiment=shapes_instance` with the same fixed anchors. Median of `--repeats` timed runs after one warm-up, in
-seconds (no ratio is printed).
+seconds (no ratio is printed). A one-off investigation (not in bench/run_all.py) behind the instance model's
+epoch budget in BENCHMARKS.md; bench/postprocess.py measures its validation cost against the forward pass.
 
-    python bench/instance_step_cost.py
+    python bench/investigations/instance_step_cost.py
 """
 
 from __future__ import annotations
 
+import _path  # noqa: F401 (bench/ on sys.path, for the harness)
 import harness
 import torch
 from hydra.utils import instantiate
