@@ -107,7 +107,8 @@ def ratios(ours: Sequence[float], reference: Sequence[float]) -> list[float]:
 
 
 def median_ratio(ours: Sequence[float], reference: Sequence[float]) -> float:
-    """The median of the per-repeat ratios ours / reference: the figure a bench reports."""
+    """The median of the per-repeat ratios ours / reference (each ratio pairs runs under the same machine state, so
+    load that drifts between repeats moves it less than a ratio of medians)."""
     return median(ratios(ours, reference))
 
 
@@ -174,23 +175,14 @@ def train_config(*overrides: str) -> Any:
         return compose(config_name="train", overrides=list(overrides))
 
 
-def kmeans_anchors(task: Any, data: Any) -> list[list[float]]:
-    """The detector's anchors from its training boxes, as `DetectionTask.setup` computes them (cached on disk)."""
-    import torch
-
-    from pipeline.data.anchor_cache import cached_kmeans_anchors
-
-    sizes = torch.from_numpy(data.train_box_sizes(task.hparams.input_size))
-    found = cached_kmeans_anchors(sizes, 3 * task.net.num_anchors, task.hparams.seed, task.hparams.anchor_cache)
-    return [[round(float(v), 1) for v in wh] for wh in found]
-
-
 def task_and_data(cfg: Any) -> tuple[Any, Any]:
     """The seeded task and its DataModule set up for fitting, without a Trainer; a detector gets the k-means anchors
     `DetectionTask.setup` would give it."""
     import pytorch_lightning as pl
+    import torch
     from hydra.utils import instantiate
 
+    from pipeline.data.anchor_cache import cached_kmeans_anchors
     from pipeline.tasks.detection import DetectionTask
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -199,8 +191,10 @@ def task_and_data(cfg: Any) -> tuple[Any, Any]:
     with contextlib.redirect_stdout(io.StringIO()):  # the data check's tables
         data.prepare_data()
         data.setup("fit")
-    if isinstance(task, DetectionTask):
-        task.anchors = task._check_anchors(kmeans_anchors(task, data))
+    if isinstance(task, DetectionTask):  # k-means over the training boxes, cached on disk as the pipeline caches them
+        sizes = torch.from_numpy(data.train_box_sizes(task.hparams.input_size))
+        found = cached_kmeans_anchors(sizes, 3 * task.net.num_anchors, task.hparams.seed, task.hparams.anchor_cache)
+        task.anchors = task._check_anchors([[round(float(v), 1) for v in wh] for wh in found])
     return task, data
 
 

@@ -248,8 +248,10 @@ def report(family: str, m: dict[str, Any], rss: dict[str, Any] | None) -> list[d
               f"{mib['workers_kib']:.0f}; getrusage, misleading: RUSAGE_SELF {mib['self_kib']:.0f} (spawned from a "
               f"process at VmHWM {mib['spawner_kib']:.0f}), RUSAGE_CHILDREN {mib['children_kib']:.0f} (largest "
               "worker incl. pages shared with its parent)")  # fmt: skip
-        what = (f"{family}: peak memory of a 1-epoch pipeline-train run: training process VmHWM "
-                f"({mib['vmhwm_kib']:.0f}) + loader workers' private peak ({mib['workers_kib']:.0f})")
+        what = (
+            f"{family}: peak memory of a 1-epoch pipeline-train run: training process VmHWM "
+            f"({mib['vmhwm_kib']:.0f}) + loader workers' private peak ({mib['workers_kib']:.0f})"
+        )
         rows.append(harness.row("throughput", what, round(total, 1), "MiB"))
     return rows
 

@@ -97,7 +97,8 @@ def print_tail(worst: float, ours: dict) -> None:
 def main() -> None:
     args = arguments(__doc__, 0.60, 0.90, "")
     overrides, epochs, ours, metrics, (reference, reference_s) = train_and_score(
-        args, "shapes_yolo", ("map", "map_50"), lambda gt, dt: harness.timed(partial(pycocotools_stats, gt, dt)))
+        args, "shapes_yolo", ("map", "map_50"), lambda gt, dt: harness.timed(partial(pycocotools_stats, gt, dt))
+    )
     print_training("YOLO on shapes", epochs, overrides, ours, args, "")
     print(f"best.ckpt, scored by pipeline-eval and by pycocotools on its predictions.json ({reference_s:.2f} s):")
     print(f"{'':<14}{'pipeline-eval':>16}{'pycocotools':>14}")

@@ -56,8 +56,10 @@ def main() -> None:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=root, check=False)
     mine, theirs = ([wall for wall, _ in runs[name]] for name in sides)
     each = " ".join(f"{r:.3f}" for r in harness.ratios(mine, theirs))
-    print(f"median wall: this checkout {harness.median(mine):.1f} s, {args.other} {harness.median(theirs):.1f} s; "
-          f"this checkout / {args.other} each round {each}, median {harness.median_ratio(mine, theirs):.3f}x")
+    print(
+        f"median wall: this checkout {harness.median(mine):.1f} s, {args.other} {harness.median(theirs):.1f} s; "
+        f"this checkout / {args.other} each round {each}, median {harness.median_ratio(mine, theirs):.3f}x"
+    )
 
 
 if __name__ == "__main__":
