@@ -1,4 +1,4 @@
-"""Benchmark: evaluation speed (issue 14.2), our validation metrics against the references, side by side.
+"""Evaluation speed: the validation metrics as validation feeds them, against their references, side by side.
 
 Box and mask mAP: `CocoMAP` fed batch by batch exactly as validation feeds it (`DetectionTask` with
 iou_types ("bbox",), `InstanceTask` with ("bbox", "segm"): `update(preds, targets)` per batch with dense bool
@@ -15,8 +15,10 @@ mIoU: `ConfusionMatrixIoU.update` on `--miou-masks` label maps of `--miou-size`Â
 against a numpy `bincount` confusion matrix of the same arrays, from label maps and from logits [B, 21, H, W]
 (argmax inside the timed part on both sides).
 
-Every figure is the median of `--repeats` runs; the table gives wall times, their ratio to the reference and
-the largest absolute difference over the 12 COCO numbers.
+Every figure is the median of `--repeats` runs, the methods taking turns within each repeat; the table gives wall
+times, the ratio of the medians to the reference's and the largest absolute difference over the 12 COCO numbers.
+Headline rows: each CocoMAP path's ratio (target <= 0.25x pycocotools with numbers equal to 1e-6) and the mIoU
+update's ratio to numpy.
 
     python bench/eval_speed.py                      # full run (~4.5 min on 2 idle cores)
     python bench/eval_speed.py --images 50 --repeats 1
@@ -24,18 +26,17 @@ the largest absolute difference over the 12 COCO numbers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
-import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import faster_coco_eval
+import harness
 import numpy as np
 import pycocotools.mask as mask_utils
-import summary
 import torch
 from faster_coco_eval import COCO as FasterCOCO
 from faster_coco_eval import COCOeval_faster
@@ -243,13 +244,9 @@ def run_cocomap(images: list[Image], iou_types: tuple[str, ...], backend: str) -
     update = 0.0
     for start in range(0, len(images), BATCH):
         preds, targets = _batch(images[start : start + BATCH], "segm" in iou_types)  # data, not timed
-        tic = time.perf_counter()
-        metric.update(preds, targets)
-        update += time.perf_counter() - tic
+        update += harness.timed(partial(metric.update, preds, targets))[1]
         del preds, targets
-    tic = time.perf_counter()
-    summaries = {t: metric.summary(t) for t in iou_types}
-    compute = time.perf_counter() - tic
+    summaries, compute = harness.timed(lambda: {t: metric.summary(t) for t in iou_types})
     stats = {t: [summaries[t][k] for k in COCO_STATS] for t in iou_types}
     return {"update": update, "compute": compute, "total": update + compute}, stats
 
@@ -310,7 +307,7 @@ def bench_map(images: list[Image], repeats: int, faster: bool) -> list[tuple]:
             record(f"CocoMAP[{backend}] bbox+segm:bbox", 0.0, values["bbox"])
             record(f"CocoMAP[{backend}] bbox+segm:segm", 0.0, values["segm"])
         print(f"  repeat {repeat + 1}/{repeats} done", flush=True)
-    med = {name: statistics.median(values) for name, values in times.items()}
+    med = {name: harness.median(values) for name, values in times.items()}
     ref_bbox, ref_segm = med["pycocotools bbox"], med["pycocotools segm"]
     ref_both = ref_bbox + ref_segm
     rows = [("pycocotools COCOeval, bbox", ref_bbox, ref_bbox, 0.0, "reference")]
@@ -383,9 +380,7 @@ def bench_miou(count: int, size: int, repeats: int, seed: int, classes: int = 21
                 if kind == "logits":  # argmax is the prediction: noise below 1 keeps it, continuous noise has no ties
                     p = torch.nn.functional.one_hot(p, classes).permute(0, 3, 1, 2).float().contiguous()
                     p += torch.rand(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.9
-                tic = time.perf_counter()
-                metric.update(p, t)
-                ours += time.perf_counter() - tic
+                ours += harness.timed(partial(metric.update, p, t))[1]
                 tic = time.perf_counter()
                 labels = p.numpy().argmax(1) if kind == "logits" else p.numpy()
                 confmat += _numpy_confmat(t.numpy(), labels, classes)
@@ -394,21 +389,19 @@ def bench_miou(count: int, size: int, repeats: int, seed: int, classes: int = 21
             ours_times.append(ours)
             ref_times.append(ref)
         name = f"ConfusionMatrixIoU.update from {kind}"
-        rows.append((name, statistics.median(ours_times), statistics.median(ref_times), equal))
+        rows.append((name, harness.median(ours_times), harness.median(ref_times), equal))
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.arguments(__doc__, repeats=3)
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--detections", type=int, default=100, help="per image")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--miou-masks", type=int, default=64)
     parser.add_argument("--miou-size", type=int, default=512)
     parser.add_argument("--no-faster", action="store_true", help="time the pycocotools backend and reference only")
-    parser.add_argument("--summary", help="write the headline ratios as JSON rows (bench/run_all.py)")
-    args = parser.parse_args()
+    args = harness.parse(parser)
     faster = not args.no_faster
     print(f"torch threads {torch.get_num_threads()}; faster-coco-eval {faster_coco_eval.__version__}")
 
@@ -434,7 +427,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---|")
     for name, ours, ref, equal in miou:
         print(f"| {name} | {ours:.3f} | {ref:.3f} | {ours / ref:.2f}Ã— | {equal} |")
-    summary.write(args.summary, summary_rows(rows, miou))
+    harness.write_summary(args.summary, summary_rows(rows, miou))
 
 
 def summary_rows(rows: list[tuple], miou: list[tuple]) -> list[dict]:
@@ -444,10 +437,10 @@ def summary_rows(rows: list[tuple], miou: list[tuple]) -> list[dict]:
         if name.startswith("CocoMAP["):  # the shipped metric (either backend), not the references
             ratio = seconds / reference
             met = ratio <= 0.25 and diff <= 1e-6
-            out.append(summary.row("eval_speed", f"{name} (max |diff| {diff:.1e})", ratio, "x", "pycocotools COCOeval",
+            out.append(harness.row("eval_speed", f"{name} (max |diff| {diff:.1e})", ratio, "x", "pycocotools COCOeval",
                                    "<= 0.25, |diff| <= 1e-6", met))  # fmt: skip
     for name, ours, ref, equal in miou:
-        out.append(summary.row("eval_speed", f"{name} (matrices equal: {equal})", ours / ref, "x", "numpy bincount"))
+        out.append(harness.row("eval_speed", f"{name} (matrices equal: {equal})", ours / ref, "x", "numpy bincount"))
     return out
 
 

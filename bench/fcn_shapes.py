@@ -1,8 +1,9 @@
-"""Benchmark: the default `pipeline-train` (FCN-8s on shapes) against a raw PyTorch loop, side by side.
+"""The default training (FCN-8s on shapes): `pipeline-train` against a raw PyTorch loop, side by side.
 
 Ours: the real entry point as a user runs it (Hydra, Lightning, MLflow, multi-scale, checkpoints), in a
 scratch project dir; we read val/mIoU per epoch back from MLflow with its timestamps, so the time to reach a
-target mIoU includes everything a user waits for (data generation, start-up, validation, logging).
+target mIoU (`--target`, 0.90) includes everything a user waits for (data generation, start-up, validation,
+logging).
 Reference: the same net, data, optimizer and schedule in a plain PyTorch loop (fixed size, no logging), run
 for the same number of epochs, to show what the pipeline costs per step.
 
@@ -12,22 +13,15 @@ for the same number of epochs, to show what the pipeline costs per step.
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
-from pipeline.cli import CONF_DIR
 from pipeline.data.coco import CocoSemanticSource
 from pipeline.data.datamodule import SegmentationSamples
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
@@ -36,25 +30,20 @@ from pipeline.metrics.segmentation import ConfusionMatrixIoU
 from pipeline.tasks.segmentation import SegmentationTask
 
 
-def run_ours(workdir: Path, overrides: list[str], target: float) -> dict:
+def run_ours(project: harness.Project, overrides: list[str], target: float) -> dict:
     """Run pipeline-train; return wall time, per-epoch mIoU and the time the target was first reached."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}"}
-    start = time.time()
-    subprocess.run([sys.executable, "-m", "pipeline.cli.train", *overrides], cwd=workdir, env=env, check=True)
-    wall = time.time() - start
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
-    history = sorted(client.get_metric_history(run.info.run_id, "val/mIoU"), key=lambda m: m.step)
+    start = time.time()  # epoch seconds, as MLflow's timestamps
+    wall = harness.run_timed([*harness.TRAIN, *overrides], project.root, project.env, quiet=False)
+    run_id = harness.latest_run(project.uri).info.run_id
+    history = harness.history(project.uri, run_id, "val/mIoU")
     reached = next((m.timestamp / 1000 - start for m in history if m.value >= target), None)
-    steps = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss_step")) + 1
+    steps = max(m.step for m in harness.history(project.uri, run_id, "train/loss_step")) + 1
     return {"wall_s": wall, "miou": [m.value for m in history], "reached_s": reached, "steps": steps}
 
 
 def run_reference(workdir: Path, overrides: list[str], epochs: int) -> dict:
     """The same model/data/optimizer in a bare PyTorch loop at the base size; returns time and final mIoU."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*overrides, f"paths.root_dir={workdir}",
-                                                      "paths.output_dir=/tmp"])  # fmt: skip
+    cfg = harness.train_config(*overrides, f"paths.root_dir={workdir}", "paths.output_dir=/tmp")
     torch.manual_seed(cfg.seed)
     root = ensure_shapes(Path(cfg.data.root), ShapesSpec(**cfg.data.spec))
     size = int(cfg.data.val_size)
@@ -89,21 +78,16 @@ def run_reference(workdir: Path, overrides: list[str], epochs: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs (default: config)")
+    parser = harness.arguments(__doc__, summary=False)
+    harness.add_training(parser)
     parser.add_argument("--target", type=float, default=0.90, help="val mIoU to reach")
     parser.add_argument("--skip-reference", action="store_true", help="only run the pipeline")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
-    args = parser.parse_args()
-    overrides = list(args.overrides) + ([f"trainer.max_epochs={args.epochs}"] if args.epochs else [])
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        epochs = int(compose(config_name="train", overrides=overrides).trainer.max_epochs)
+    args = harness.parse(parser)
+    overrides, epochs = harness.training_overrides(args)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        (workdir / "outputs").mkdir()
-        ours = run_ours(workdir, overrides, args.target)
-        ref = None if args.skip_reference else run_reference(workdir, overrides, epochs)
+    with harness.project() as project:
+        ours = run_ours(project, overrides, args.target)
+        ref = None if args.skip_reference else run_reference(project.root, overrides, epochs)
 
     print(
         f"\nFCN on shapes, {epochs} epochs, {torch.get_num_threads()} torch threads, overrides: {overrides or 'none'}"

@@ -1,5 +1,5 @@
-"""Benchmark (issue 14.7): training images/s and peak memory per family on a GPU, fp32 against bf16 autocast,
-channels_last and torch.compile; host synchronisations inside a training step.
+"""GPU training: images/s and peak memory per family, bf16 autocast, channels_last and torch.compile against fp32;
+host synchronisations inside a training step.
 
 For each family (FCN `experiment=shapes_fcn`, detector `shapes_yolo`, instance `shapes_instance`), in one process:
 the task's training step exactly as Lightning runs it without the loop (`training_step`: forward and the task's
@@ -21,8 +21,8 @@ longest compile variant yet (60 s before the first) stays within `--time-limit` 
 start, so the whole run fits in 4 minutes); a skipped one is printed as skipped. Peak memory is
 `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` per variant (weights, gradients, optimizer state,
 the prepared batches and the activations). On CUDA, after the first variant's timed windows, one more step runs
-under `torch.cuda.set_sync_debug_mode("warn")`: every synchronising CUDA call inside it (issue 14 asks for none
-apart from logging; here nothing is logged) is counted and its source line printed.
+under `torch.cuda.set_sync_debug_mode("warn")`: every synchronising CUDA call inside it (the target is none apart
+from logging; here nothing is logged) is counted and its source line printed.
 
 A variant whose step raises (e.g. a loss that does not run under autocast) is reported as FAILED with its error and
 the others still run. On `--device cpu` it is a smoke test, not the measurement: the compile variants are skipped
@@ -30,7 +30,7 @@ the others still run. On `--device cpu` it is a smoke test, not the measurement:
 defaults to 64 px and `--warmup` and `--repeats` to 1; the table then says that the GPU figures are still to be
 measured.
 
-    python bench/gpu.py                                   # on a CUDA machine: the issue's table, < 4 min on an H200
+    python bench/gpu.py                                   # on a CUDA machine: the full table, < 4 min on an H200
     python bench/gpu.py --device cpu --steps 2            # CPU smoke test: ~1 min on 2 cores
     python bench/gpu.py --variants fp32,bf16 --families fcn --steps 50
 """
@@ -38,20 +38,16 @@ measured.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import io
 import itertools
-import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import summary
+import harness
 
 T0 = time.monotonic()
 FAMILIES = {"fcn": "shapes_fcn", "detector": "shapes_yolo", "instance": "shapes_instance"}
@@ -64,42 +60,22 @@ VARIANTS = {
     "bf16+compile": (True, False, True),
     "fp32+compile": (False, False, True),
 }
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def compose_cfg(family: str, args: argparse.Namespace, workdir: Path) -> Any:
-    """The family's training config with a small shapes set at one size, rooted in `workdir` (no Hydra run)."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.cli import CONF_DIR
-
-    overrides = [f"experiment={FAMILIES[family]}", f"data.spec.num_train={args.num_train}", "data.spec.num_val=8",
-                 f"data.train_sizes=[{args.size}]", "data.num_workers=0", f"paths.root_dir={workdir}",
-                 f"paths.output_dir={workdir / 'outputs' / family}"]  # fmt: skip
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    """The family's training config with a small shapes set at one size, rooted in `workdir`."""
+    return harness.train_config(
+        f"experiment={FAMILIES[family]}", f"data.spec.num_train={args.num_train}", "data.spec.num_val=8",
+        f"data.train_sizes=[{args.size}]", "data.num_workers=0", f"paths.root_dir={workdir}",
+        f"paths.output_dir={workdir / 'outputs' / family}")  # fmt: skip
 
 
 def prepare(cfg: Any, count: int) -> tuple[list[dict], Any]:
     """`count` training batches (CPU) of the family's DataModule and the detector's anchors (None otherwise)."""
-    import pytorch_lightning as pl
-    import torch
-    from hydra.utils import instantiate
-
-    from pipeline.data.anchor_cache import cached_kmeans_anchors
     from pipeline.tasks.detection import DetectionTask
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    task = instantiate(cfg.model)
-    data = instantiate(cfg.data, targets=task.TARGETS, parallel_jobs=1)
-    with contextlib.redirect_stdout(io.StringIO()):  # the data check's tables
-        data.prepare_data()
-        data.setup("fit")
-    anchors = None
-    if isinstance(task, DetectionTask):
-        sizes = torch.from_numpy(data.train_box_sizes(task.hparams.input_size))
-        found = cached_kmeans_anchors(sizes, 3 * task.net.num_anchors, task.hparams.seed, task.hparams.anchor_cache)
-        anchors = [[round(float(v), 1) for v in wh] for wh in found]
+    task, data = harness.task_and_data(cfg)
+    anchors = task.anchors.reshape(-1, 2).tolist() if isinstance(task, DetectionTask) else None
     batches = []
     for batch in data.train_dataloader():
         batches.append(batch)
@@ -143,14 +119,6 @@ def on_device(batches: list[dict], device: Any, channels_last: bool) -> list[dic
     return moved
 
 
-def synchronize(device: Any) -> None:
-    """Wait for the device's queued work (nothing on CPU)."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def count_syncs(step: Any) -> tuple[int, Counter]:
     """Synchronising CUDA calls in one `step()` under sync debug mode "warn": how many, and where (file:line)."""
     import torch
@@ -168,7 +136,7 @@ def count_syncs(step: Any) -> tuple[int, Counter]:
     where = Counter()
     for w in syncs:
         path = Path(w.filename)
-        where[f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name}:{w.lineno}"] += 1
+        where[f"{path.relative_to(harness.ROOT) if path.is_relative_to(harness.ROOT) else path.name}:{w.lineno}"] += 1
     return len(syncs), where
 
 
@@ -180,6 +148,7 @@ def measure(cfg: Any, batches: list[dict], anchors: Any, variant: str, args: arg
     bf16, channels_last, compiled = VARIANTS[variant]
     device = torch.device(args.device)
     task, optimizer = build(cfg, anchors, device, channels_last, compiled)
+    synchronize = harness.synchronizer(args.device)
     ready = on_device(batches, device, channels_last)
     images = len(ready[0]["image"])
     counter = itertools.count()
@@ -193,19 +162,19 @@ def measure(cfg: Any, batches: list[dict], anchors: Any, variant: str, args: arg
         optimizer.step()
 
     if device.type == "cuda":
-        synchronize(device)
+        synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(args.warmup):
         step()
-    synchronize(device)
+    synchronize()
     result: dict[str, Any] = {"warm": time.perf_counter() - start, "rates": []}
     for _ in range(args.repeats):
-        synchronize(device)
+        synchronize()
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
-        synchronize(device)
+        synchronize()
         result["rates"].append(args.steps * images / (time.perf_counter() - start))
     result["peak"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     if syncs:
@@ -247,7 +216,7 @@ def report(results: dict, families: list[str], variants: list[str], args: argpar
           + f"; batch {args.batch}, {args.size} px, median of {args.repeats} window(s) of {args.steps} steps after "
           f"{args.warmup} warm-up ===")  # fmt: skip
     if not cuda:
-        print("CPU smoke test: the GPU figures of issue 14.7 are still to be measured (compile variants skipped).")
+        print("CPU smoke test: the GPU figures are still to be measured (compile variants skipped).")
     print(f"{'family':<10}{'variant':<20}{'img/s':>10}{'x fp32':>8}{'ms/step':>9}{'peak MiB':>10}{'warm-up s':>11}")
     for family in families:
         base = results[family].get("fp32")
@@ -257,8 +226,8 @@ def report(results: dict, families: list[str], variants: list[str], args: argpar
                 why = "not run" if r is None else f"skipped: {r['skipped']}" if "skipped" in r else "FAILED"
                 print(f"{family:<10}{variant:<20}  {why}")
                 continue
-            rate = statistics.median(r["rates"])
-            ratio = f"{rate / statistics.median(base['rates']):.3f}" if base and "rates" in base else "-"
+            rate = harness.median(r["rates"])
+            ratio = f"{rate / harness.median(base['rates']):.3f}" if base and "rates" in base else "-"
             peak = f"{r['peak']:.0f}" if r["peak"] is not None else "-"
             print(f"{family:<10}{variant:<20}{rate:>10.1f}{ratio:>8}{1000 * args.batch / rate:>9.2f}{peak:>10}"
                   f"{r['warm']:>11.2f}")  # fmt: skip
@@ -285,24 +254,24 @@ def summary_rows(results: dict, families: list[str], variants: list[str], args: 
         base = results[family].get("fp32")
         if not base or "rates" not in base:
             continue
-        fp32 = statistics.median(base["rates"])
+        fp32 = harness.median(base["rates"])
         syncs = f", {base['syncs'][0]} host syncs in a step" if "syncs" in base else ""
-        rows.append(summary.row("gpu", f"{FAMILIES[family]} training fp32 {on}{syncs}", fp32, "img/s"))
+        rows.append(harness.row("gpu", f"{FAMILIES[family]} training fp32 {on}{syncs}", fp32, "img/s"))
         for variant in variants:
             r = results[family].get(variant)
             if variant == "fp32" or r is None or "rates" not in r:
                 continue
-            ratio = statistics.median(r["rates"]) / fp32
-            rows.append(summary.row("gpu", f"{FAMILIES[family]} training {variant} {on}", ratio, "x", "fp32"))
+            ratio = harness.median(r["rates"]) / fp32
+            rows.append(harness.row("gpu", f"{FAMILIES[family]} training {variant} {on}", ratio, "x", "fp32"))
         for variant in ("fp32", "bf16"):
             r = results[family].get(variant)
             if cuda and r is not None and r.get("peak") is not None:
-                rows.append(summary.row("gpu", f"{FAMILIES[family]} peak memory {variant} {on}", r["peak"], "MiB"))
+                rows.append(harness.row("gpu", f"{FAMILIES[family]} peak memory {variant} {on}", r["peak"], "MiB"))
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.arguments(__doc__)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--variants", default="fp32,bf16,channels_last,bf16+channels_last,fp32+compile,bf16+compile")
@@ -313,8 +282,7 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=64, help="training images to take the batches from")
     parser.add_argument("--size", type=int, help="the one training size in px (default 128; 64 on CPU)")
     parser.add_argument("--time-limit", type=float, default=200.0, help="no compile variant starts after this (s)")
-    parser.add_argument("--summary", help="write the results as JSON rows (bench/run_all.py)")
-    args = parser.parse_args()
+    args = harness.parse(parser)
     import torch
 
     cuda = args.device.startswith("cuda")
@@ -327,16 +295,16 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS)) + sorted(set(families) - set(FAMILIES))
     if unknown:
         sys.exit(f"unknown variant(s)/family(ies) {unknown}: choose from {list(VARIANTS)} / {list(FAMILIES)}")
-    warnings.filterwarnings("ignore", message=".*self.log.*")
+    harness.quiet_lightning()
     name = device_name(args.device)
     print(f"device: {name}", flush=True)
     eager = [v for v in variants if not VARIANTS[v][2]]
     compiled = [v for v in variants if VARIANTS[v][2]]
     results: dict[str, dict[str, dict]] = {f: {} for f in families}
-    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+    with harness.project(prefix="bench-gpu-") as project:
         prepared = {}
         for family in families:
-            cfg = compose_cfg(family, args, Path(tmp))
+            cfg = compose_cfg(family, args, project.root)
             args.batch = cfg.data.batch_size
             prepared[family] = (cfg, *prepare(cfg, args.batches))
         longest: float | None = None  # seconds of the longest compile variant so far
@@ -365,11 +333,11 @@ def main() -> None:
                     release(args.device, VARIANTS[variant][2])
                 if VARIANTS[variant][2]:
                     longest = max(longest or 0.0, r["seconds"])
-                print(f"{family} {variant}: {statistics.median(r['rates']):.1f} img/s, warm-up {r['warm']:.1f} s "
+                print(f"{family} {variant}: {harness.median(r['rates']):.1f} img/s, warm-up {r['warm']:.1f} s "
                       f"({time.monotonic() - T0:.0f} s so far)", flush=True)  # fmt: skip
     report(results, families, variants, args, name)
     print(f"\ntotal wall time {time.monotonic() - T0:.0f} s")
-    summary.write(args.summary, summary_rows(results, families, variants, args, name))
+    harness.write_summary(args.summary, summary_rows(results, families, variants, args, name))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark (issue 14.6): inference time of the FCN and the detector against input pixels, 128² to 1024².
+"""Input-size scaling: the FCN's and the detector's forward time against input pixels, 128² to 1024².
 
 A fully convolutional net's cost should grow linearly with the input area. For the FCN (`experiment=shapes_fcn`,
 FCN-8s) and the detector (`experiment=shapes_yolo`), the task is built from the composed config (random init,
@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
+from functools import partial
 from typing import Any
 
+import harness
 import numpy as np
-import summary
 import torch
 
 FAMILIES = {"fcn": "shapes_fcn", "detector": "shapes_yolo"}
@@ -41,36 +41,22 @@ TARGET = (0.9, 1.1)
 def build_net(family: str, device: str) -> torch.nn.Module:
     """The family's net as its task builds it from the composed training config (random init), in eval mode."""
     import pytorch_lightning as pl
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from pipeline.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"experiment={FAMILIES[family]}", "paths.output_dir=unused"])
+    cfg = harness.train_config(f"experiment={FAMILIES[family]}", "paths.output_dir=unused")
     pl.seed_everything(cfg.seed, verbose=False)
     return instantiate(cfg.model).net.to(device).eval()
 
 
 def time_sizes(net: torch.nn.Module, sizes: list[int], repeats: int, device: str) -> dict[int, list[float]]:
     """Seconds of `net(x)` per size for each of `repeats` rounds over all sizes, after one warm-up call per size."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     generator = torch.Generator().manual_seed(0)
     from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     inputs = {s: ((torch.rand(1, 3, s, s, generator=generator) - mean) / std).to(device) for s in sizes}
-    seconds: dict[int, list[float]] = {s: [] for s in sizes}
     with torch.inference_mode():
-        for round_ in range(repeats + 1):
-            for size in sizes:
-                sync()
-                start = time.perf_counter()
-                net(inputs[size])
-                sync()
-                if round_:
-                    seconds[size].append(time.perf_counter() - start)
-    return seconds
+        return harness.rounds({s: partial(lambda x, _: net(x), inputs[s]) for s in sizes}, repeats, device)[0]
 
 
 def exponent(sizes: list[int], times: list[float]) -> float:
@@ -82,7 +68,7 @@ def exponent(sizes: list[int], times: list[float]) -> float:
 def report(family: str, seconds: dict[int, list[float]], fit_from: int, args: argparse.Namespace) -> float:
     """Print one family's table and fits; return the exponent fitted over the sizes >= `fit_from`."""
     sizes = sorted(seconds)
-    median = {s: statistics.median(seconds[s]) for s in sizes}
+    median = {s: harness.median(seconds[s]) for s in sizes}
     print(f"\n=== {family} (experiment={FAMILIES[family]}): net forward, batch 1, {args.device}, "
           f"median of {args.repeats} ===")  # fmt: skip
     print("| size | pixels | ms | ms / megapixel | fastest ms |")
@@ -105,18 +91,12 @@ def report(family: str, seconds: dict[int, list[float]], fit_from: int, args: ar
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = harness.arguments(__doc__, repeats=5, device=True, threads=True)
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="square input sides, multiples of 32")
     parser.add_argument("--fit-from", type=int, default=256, help="smallest size in the headline fit")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="pin torch.set_num_threads (default: torch's own choice)")
-    parser.add_argument("--summary", help="write the fitted exponents as JSON rows (bench/run_all.py)")
-    args = parser.parse_args()
+    args = harness.parse(parser)
     begun = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     malloc = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")) or "glibc defaults"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, malloc: {malloc}")
     sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -125,10 +105,10 @@ def main() -> None:
         net = build_net(family, args.device)
         b = report(family, time_sizes(net, sizes, args.repeats, args.device), args.fit_from, args)
         what = f"{family}: net forward time ~ pixels^b, sizes {args.fit_from}-{max(sizes)} ({args.device})"
-        rows.append(summary.row("input_scaling", what, b, "exponent", "pixels", "~1.0 (0.9-1.1)",
+        rows.append(harness.row("input_scaling", what, b, "exponent", "pixels", "~1.0 (0.9-1.1)",
                                 TARGET[0] <= b <= TARGET[1]))  # fmt: skip
     print(f"\ntotal wall time {time.perf_counter() - begun:.0f} s")
-    summary.write(args.summary, rows)
+    harness.write_summary(args.summary, rows)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark (issue 14.1): pipeline overhead per family, `pipeline-train` against a plain loop doing the same work.
+"""Pipeline overhead per family: s/epoch of `pipeline-train` against a raw PyTorch loop doing the same work.
 
 For each family (FCN `experiment=shapes_fcn`, detector `shapes_yolo`, instance `shapes_instance`) on a reduced
 shapes set (128 train / 32 val images, batch 16, multi-scale 96/128/160 drawn per batch: `data.size_every=1`, so
@@ -17,7 +17,7 @@ that the warm epoch already meets every size), every repeat runs:
     segm then bbox) and reset; no logging, checkpoints, panels, progress bar or callbacks;
   - bare Lightning: the same task and DataModule in `pl.Trainer(logger=False, enable_checkpointing=False,
     enable_progress_bar=False, enable_model_summary=False)` with only the EMA callback where the experiment has it;
-  - lean pipeline: `pipeline.train.train(cfg)` in-process with the optional pieces off by config overrides
+  - lean pipeline: `pipeline.cli.train.train(cfg)` in-process with the optional pieces off by config overrides
     (`logger.log_model=false`, no checkpoint callbacks, no progress bar or model summary, no StepSeed /
     NonFiniteLoss / LearningRateMonitor): what is left is MLflow metric logging, panels and the run's bookkeeping;
   - profiled pipeline: `train(cfg)` in-process with everything on, under a SimpleProfiler subclass that keeps each
@@ -26,7 +26,9 @@ that the warm epoch already meets every size), every repeat runs:
     Its own s/epoch includes the profiler's cost; it serves the attribution, the headline is `pipeline-train`.
 Each run trains 1 warm epoch, `--measured` epochs that are timed (epoch start to next epoch start, so an epoch's
 validation, checkpoint writes and the background uploads they start all count) and 1 tail epoch that is not.
-Start-up is process start to the first training step. Every family's numbers are medians over `--repeats`.
+Start-up is process start to the first training step. Every family's numbers are medians over `--repeats`; the
+headline (target <= 1.05x for the FCN, 1.10x for the detector and instance model) is the median of the per-repeat
+ratios `pipeline-train` / raw loop, bare Lightning / raw loop beside it.
 
     python bench/overhead.py                    # 3 repeats, 3 measured epochs: ~10 min on 2 CPU cores
     python bench/overhead.py --repeats 1 --measured 1 --families fcn --num-train 32 --num-val 8   # smoke
@@ -44,13 +46,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import harness
 import pytorch_lightning as pl
-import summary
 from pytorch_lightning.profilers import SimpleProfiler
 
 FAMILIES = {"fcn": "shapes_fcn", "detector": "shapes_yolo", "instance": "shapes_instance"}
@@ -158,11 +159,10 @@ class Timers:
 
     def install(self) -> None:
         """Wrap the panel renderers, the image/metric queueing, the checkpoint write, copy and metric wait."""
-        import pipeline.checkpoint as checkpoint
-
         import pipeline.tasks.detection as detection
         import pipeline.tasks.segmentation as segmentation
-        import pipeline.tracking as tracking
+        import pipeline.tracking.runs as tracking
+        import pipeline.training.checkpoint as checkpoint
 
         self.wrap(segmentation, "comparison_panel", "panels: render")
         self.wrap(detection, "detection_panel", "panels: render")
@@ -199,14 +199,8 @@ def hook_window(events: list, start: float, end: float) -> dict[str, float]:
 
 
 def compose_cfg(family: str, common: list[str], extra: list[str], output_dir: Path) -> Any:
-    """The training config of `family` as `pipeline-train` would compose it (run dir given, no Hydra run)."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        overrides = [f"experiment={FAMILIES[family]}", *common, *extra, f"paths.output_dir={output_dir}"]
-        return compose(config_name="train", overrides=overrides)
+    """The training config of `family` as `pipeline-train` would compose it, its run dir given."""
+    return harness.train_config(f"experiment={FAMILIES[family]}", *common, *extra, f"paths.output_dir={output_dir}")
 
 
 def _swap(average: Any, current: Any) -> None:
@@ -224,23 +218,13 @@ def _swap(average: Any, current: Any) -> None:
 def raw_loop(cfg: Any, stamps: Stamps) -> None:
     """The experiment's training and validation in plain PyTorch, through the same task, DataModule and optimizer."""
     import torch
-    from hydra.utils import instantiate
     from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 
-    from pipeline.data.anchor_cache import cached_kmeans_anchors
     from pipeline.tasks.detection import DetectionTask
     from pipeline.tasks.instance import InstanceTask
 
-    pl.seed_everything(cfg.seed, workers=True)
-    task = instantiate(cfg.model)
-    data = instantiate(cfg.data, targets=task.TARGETS, parallel_jobs=1)
-    data.prepare_data()
-    data.setup("fit")
+    task, data = harness.task_and_data(cfg)
     detector = isinstance(task, DetectionTask)
-    if detector:  # DetectionTask.setup without a trainer: k-means anchors (cached, as the pipeline reads them)
-        sizes = torch.from_numpy(data.train_box_sizes(task.hparams.input_size))
-        found = cached_kmeans_anchors(sizes, 3 * task.net.num_anchors, task.hparams.seed, task.hparams.anchor_cache)
-        task.anchors = task._check_anchors([[round(float(v), 1) for v in wh] for wh in found])
     optimizers = task.configure_optimizers()  # the experiments' epoch-interval schedule, or none
     optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
     scheduler = optimizers["lr_scheduler"]["scheduler"] if isinstance(optimizers, dict) else None
@@ -321,8 +305,7 @@ def in_process_pipeline(cfg: Any) -> None:
 
 def worker(args: argparse.Namespace) -> None:
     """Run the in-process variants of one family; write their stamps (and attributions) as JSON to `args.out`."""
-    warnings.filterwarnings("ignore", message=".*self.log.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    harness.quiet_lightning()
     workdir = Path.cwd()
     common = common_overrides(args)
     scratch = Path(tempfile.mkdtemp(prefix=f"worker-{args.worker}-", dir=workdir / "outputs"))
@@ -399,15 +382,10 @@ def run_worker(family: str, args: argparse.Namespace, variant: str, workdir: Pat
     return json.loads(out.read_text())
 
 
-def median(values: list[float]) -> float:
-    """The median, NaN for no values."""
-    return statistics.median(values) if values else float("nan")
-
-
 def _per_epoch(windows: list[dict[str, float]], measured: int) -> dict[str, float]:
     """Per key, the median over the repeats that have it of seconds per measured epoch."""
     keys = sorted({k for w in windows for k in w})
-    return {k: median([w.get(k, 0.0) / measured for w in windows if w]) for k in keys}
+    return {k: harness.median([w.get(k, 0.0) / measured for w in windows if w]) for k in keys}
 
 
 def report(family: str, repeats: list[dict], measured: int) -> list[dict]:
@@ -418,18 +396,18 @@ def report(family: str, repeats: list[dict], measured: int) -> list[dict]:
         for row in ROWS:
             if row in rep:
                 per_epoch[row].append(statistics.fmean(epoch_seconds(rep[row], measured)))
-    raw, pipe = median(per_epoch["raw"]), median(per_epoch["pipeline"])
+    raw, pipe = harness.median(per_epoch["raw"]), harness.median(per_epoch["pipeline"])
     print(f"\n=== {family} (experiment={FAMILIES[family]}): s/epoch (training + validation) over {measured} measured "
           f"epochs; median of repeats; target pipeline-train <= {TARGETS[family]:.2f}x raw ===")  # fmt: skip
     print(f"{'':<40}{'s/epoch':>9}{'x raw':>8}   each repeat (s/epoch)")
     for row in ROWS:
         if per_epoch[row]:
-            value = median(per_epoch[row])
+            value = harness.median(per_epoch[row])
             shown = " ".join(f"{v:.3f}" for v in per_epoch[row])
             print(f"{LABELS[row]:<40}{value:>9.3f}{value / raw:>8.3f}   {shown}")
     # The verdict pairs each repeat's two runs (same machine state) and takes the median of those ratios.
-    ratios = [p / r for p, r in zip(per_epoch["pipeline"], per_epoch["raw"], strict=True)]
-    ratio = median(ratios)
+    ratios = harness.ratios(per_epoch["pipeline"], per_epoch["raw"])
+    ratio = harness.median(ratios)
     verdict = "meets" if ratio <= TARGETS[family] else "MISSES"
     print(f"pipeline-train / raw, each repeat: {' '.join(f'{r:.3f}' for r in ratios)} -> median {ratio:.3f}x, "
           f"{verdict} the {TARGETS[family]:.2f}x target")  # fmt: skip
@@ -437,14 +415,14 @@ def report(family: str, repeats: list[dict], measured: int) -> list[dict]:
         "raw loop": [rep["raw"]["first_step"] - rep["raw_t0"] for rep in repeats],
         "pipeline-train": [rep["pipeline"]["first_step"] - rep["pipeline"]["t0"] for rep in repeats],
     }
-    shown = "; ".join(f"{k} {median(v):.2f} ({' '.join(f'{x:.2f}' for x in v)})" for k, v in startup.items())
+    shown = "; ".join(f"{k} {harness.median(v):.2f} ({' '.join(f'{x:.2f}' for x in v)})" for k, v in startup.items())
     print(f"start-up, process start to first training step (s), median (each repeat): {shown}")
 
     def diff(upper: str, lower: str) -> float:
         """Median over repeats having both of the per-repeat difference in s/epoch."""
         pairs = [(statistics.fmean(epoch_seconds(r[upper], measured)), statistics.fmean(epoch_seconds(r[lower],
                  measured))) for r in repeats if upper in r and lower in r]  # fmt: skip
-        return median([u - lo for u, lo in pairs])
+        return harness.median([u - lo for u, lo in pairs])
 
     def line(label: str, value: float, note: str = "") -> None:
         print(f"  {label:<68}{value:>+8.3f}   {note}".rstrip())
@@ -469,18 +447,17 @@ def report(family: str, repeats: list[dict], measured: int) -> list[dict]:
                 print(f"    {name:<66}{value:>8.3f}")
         for name, value in sorted(timers.items()):
             print(f"    timer: {name:<59}{value:>8.3f}")
-    bare = median([b / r for b, r in zip(per_epoch["bare"], per_epoch["raw"], strict=True)])
+    bare = harness.median_ratio(per_epoch["bare"], per_epoch["raw"])
     return [
-        summary.row("overhead", f"{family}: pipeline-train s/epoch, median of per-repeat ratios", ratio, "x",
+        harness.row("overhead", f"{family}: pipeline-train s/epoch, median of per-repeat ratios", ratio, "x",
                     "raw PyTorch loop", f"<= {TARGETS[family]:.2f}", ratio <= TARGETS[family]),
-        summary.row("overhead", f"{family}: bare Lightning s/epoch, median of per-repeat ratios", bare, "x",
+        harness.row("overhead", f"{family}: bare Lightning s/epoch, median of per-repeat ratios", bare, "x",
                     "raw PyTorch loop"),
     ]  # fmt: skip
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = harness.arguments(__doc__, repeats=3)
     parser.add_argument("--measured", type=int, default=3, help="timed epochs per run (plus a warm and a tail epoch)")
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--variants", default="raw,bare", help="variants run every repeat (own process each)")
@@ -489,22 +466,20 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=128)
     parser.add_argument("--num-val", type=int, default=32)
     parser.add_argument("--json", help="also write every stamp to this file")
-    parser.add_argument("--summary", help="write the ratios as JSON rows (bench/run_all.py)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = harness.parse(parser)
     if args.worker:
         worker(args)
         return
     families = args.families.split(",")
     begun = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        (workdir / "outputs").mkdir()
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
-                                                           os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    with harness.project() as project:
+        workdir = project.root
+        # bench/ on the path: the config's `overhead.EpochTimer` and `overhead.HookProfiler` are imported from there.
+        env = {**project.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                                          os.environ.get("PYTHONPATH")]))}  # fmt: skip
         # Warm-up (not timed): generates the shapes data, migrates the store, caches the detector's anchors.
         warm = FAMILIES["fcn" if families == ["fcn"] else "detector"]  # the same data for every family
         subprocess.run([sys.executable, "-m", "pipeline.cli.train", f"experiment={warm}", *common_overrides(args),
@@ -516,9 +491,8 @@ def main() -> None:
                                                    else [])  # fmt: skip
             # Every variant in a fresh process of its own, in an order that turns every repeat: no variant always
             # runs first (a cold allocator and page cache) or after another in the same process.
-            sides = ["pipeline", *variants]
-            sides = sides[repeat % len(sides) :] + sides[: repeat % len(sides)]
-            for family in families[repeat % len(families) :] + families[: repeat % len(families)]:
+            sides = harness.turned(["pipeline", *variants], repeat)
+            for family in harness.turned(families, repeat):
                 tag, started = f"{family}-{repeat}", time.time()
                 rep: dict[str, Any] = {}
                 for side in sides:
@@ -532,7 +506,7 @@ def main() -> None:
                 print(f"repeat {repeat + 1}/{args.repeats} {family} ({','.join(sides)}): {time.time() - started:.0f} s",
                       flush=True)  # fmt: skip
     rows = [r for family in families for r in report(family, results[family], args.measured)]
-    summary.write(args.summary, rows)
+    harness.write_summary(args.summary, rows)
     print(f"\ntotal wall time {time.time() - begun:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -1,4 +1,4 @@
-"""Benchmark (issue 14.4): post-processing time per image against the forward pass, at 100 detections per image.
+"""Post-processing time per image against the forward pass, at 100 detections per image.
 
 For the detector (`experiment=shapes_yolo`) and the instance model (`experiment=shapes_instance`) the task is built
 from the composed config (random init, seeded; anchors from k-means over the training boxes as `setup("fit")`
@@ -29,75 +29,27 @@ other at every op and small ops (NMS, paste) suffer most; `--threads 1` is stead
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
-import io
-import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import summary
+import harness
 import torch
 
 FAMILIES = {"detector": "shapes_yolo", "instance": "shapes_instance"}
 
 
-def compose_cfg(family: str, overrides: list[str]) -> Any:
-    """The training config of `family` as `pipeline-train` composes it (no Hydra run)."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=[f"experiment={FAMILIES[family]}", *overrides])
-
-
 def build(family: str, args: argparse.Namespace, root: Path) -> tuple[Any, dict]:
     """The family's task (random init, k-means anchors, eval mode, on the device) and its first validation batch."""
-    import pytorch_lightning as pl
-    from hydra.utils import instantiate
-
-    from pipeline.data.anchor_cache import cached_kmeans_anchors
-
     overrides = [f"paths.root_dir={root}", f"paths.output_dir={root / 'outputs'}", "data.num_workers=0",
                  f"data.spec.num_train={args.num_train}", f"data.spec.num_val={args.batch_size}",
                  f"data.batch_size={args.batch_size}",
                  f"model.postprocess.max_detections={args.detections}"]  # fmt: skip
-    cfg = compose_cfg(family, overrides)
-    pl.seed_everything(cfg.seed, verbose=False)
-    task = instantiate(cfg.model)
-    data = instantiate(cfg.data, targets=task.TARGETS, parallel_jobs=1)
-    with contextlib.redirect_stdout(io.StringIO()):  # the data check tables
-        data.prepare_data()
-        data.setup("fit")
-    sizes = torch.from_numpy(data.train_box_sizes(task.hparams.input_size))
-    found = cached_kmeans_anchors(sizes, 3 * task.net.num_anchors, task.hparams.seed, task.hparams.anchor_cache)
-    task.anchors = task._check_anchors([[round(float(v), 1) for v in wh] for wh in found])
+    task, data = harness.task_and_data(harness.train_config(f"experiment={FAMILIES[family]}", *overrides))
     batch = next(iter(data.val_dataloader()))
     return task.to(args.device).eval(), batch
-
-
-def timed_steps(steps: dict[str, Callable[[dict], Any]], repeats: int, device: str) -> tuple[dict[str, list], dict]:
-    """Seconds of each step in each of `repeats` rounds after one warm-up round, and the last round's state.
-
-    Every round runs all steps in order (each reads what the earlier ones left in `state` and stores its own
-    result there under its name), so load that drifts during the run touches every step alike.
-    """
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    state: dict[str, Any] = {}
-    for round_ in range(repeats + 1):
-        for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            state[name] = step(state)
-            sync()
-            if round_:
-                seconds[name].append(time.perf_counter() - start)
-    return seconds, state
 
 
 def candidates(task: Any, pred: torch.Tensor) -> tuple[float, float]:
@@ -141,7 +93,7 @@ def bench_family(family: str, args: argparse.Namespace, root: Path) -> dict[str,
     built = time.perf_counter() - begun
     instance = family == "instance"
     with torch.inference_mode():
-        steps, state = timed_steps(inference_steps(task, batch, images, instance), args.repeats, args.device)
+        steps, state = harness.rounds(inference_steps(task, batch, images, instance), args.repeats, args.device)
         above, into_nms = candidates(task, state["forward"][0])
     detections = state["select"]
     if instance and any(m.shape[0] != len(d["boxes"]) for m, d in zip(state["paste"], detections, strict=True)):
@@ -150,7 +102,7 @@ def bench_family(family: str, args: argparse.Namespace, root: Path) -> dict[str,
     if min(counts) < args.detections:
         raise RuntimeError(f"{family}: images keep {min(counts)}..{max(counts)} detections, not {args.detections}")
     return {
-        "per_image": {k: statistics.median(v) / len(images) for k, v in steps.items()},
+        "per_image": {k: harness.median(v) / len(images) for k, v in steps.items()},
         "per_image_min": {k: min(v) / len(images) for k, v in steps.items()},
         "images": len(images),
         "size": tuple(images.shape[-2:]),
@@ -214,30 +166,24 @@ def nms_source() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = harness.arguments(__doc__, repeats=5, device=True, threads=True)
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--batch-size", type=int, default=16, help="validation batch (conf/data/shapes.yaml: 16)")
     parser.add_argument("--detections", type=int, default=100, help="model.postprocess.max_detections")
     parser.add_argument("--num-train", type=int, default=32, help="training images (their boxes give the anchors)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="pin torch.set_num_threads (default: torch's own choice)")
-    parser.add_argument("--summary", help="write the ratios as JSON rows (bench/run_all.py)")
-    args = parser.parse_args()
+    args = harness.parse(parser)
     begun = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
     nms = nms_source()
     print(f"NMS: {nms}; torchvision's: {nms.startswith('torchvision.')}")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with harness.project() as project:
         for family in args.families.split(","):
-            ratio = report(family, bench_family(family, args, Path(tmp)), args)
+            ratio = report(family, bench_family(family, args, project.root), args)
             what = f"{family}: post-processing / forward per image at {args.detections} detections ({args.device})"
-            rows.append(summary.row("postprocess", what, ratio, "x", "forward pass"))
+            rows.append(harness.row("postprocess", what, ratio, "x", "forward pass"))
     print(f"\ntotal wall time {time.perf_counter() - begun:.0f} s")
-    summary.write(args.summary, rows)
+    harness.write_summary(args.summary, rows)
 
 
 if __name__ == "__main__":

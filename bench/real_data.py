@@ -1,4 +1,5 @@
-"""Benchmark: real annotated data (../shared/datasets), each model trained from scratch for a fixed wall time.
+"""Real annotated data (../shared/datasets): each model trained from scratch for a fixed wall time, its validation
+metrics against the quality targets.
 
 Each dataset's experiment runs as a user would run it, `pipeline-train experiment=<name>
 +trainer.max_time=DD:HH:MM:SS` (Hydra, Lightning, MLflow, checkpoints), in a scratch project dir with its own
@@ -8,7 +9,7 @@ MLflow SQLite store; the scratch dir sits beside a link to the real `shared/`, s
 is about what the budget fits on 2 idle CPU cores, because the cosine schedule anneals over max_epochs: a run
 should end by its epochs (fully annealed), the budget is a cap; the report says which of the two ended it.
 Per-epoch validation metrics are read back from MLflow; the table shows the last epoch, the best epoch and the
-issue's target, the per-epoch curve of the first metric, and the learning rate at the end (the cosine schedule's
+target, the per-epoch curve of the first metric, and the learning rate at the end (the cosine schedule's
 T_max is trainer.max_epochs, not the time budget).
 
     python bench/real_data.py                                  # all three, full budgets (45 minutes of training)
@@ -19,8 +20,6 @@ T_max is trainer.max_epochs, not the time budget).
 
 from __future__ import annotations
 
-import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,18 +27,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from mlflow.tracking import MlflowClient
+import harness
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
-from pipeline.cli import CONF_DIR  # noqa: E402
+SHARED = harness.ROOT.parent / "shared"
 
 
 @dataclass(frozen=True)
 class Bench:
-    """One dataset: its experiment config, time budget, the metrics to report and the issue's targets."""
+    """One dataset: its experiment config, time budget, the metrics to report and their targets."""
 
     experiment: str
     minutes: float
@@ -70,31 +65,25 @@ def max_time(seconds: float) -> str:
 
 def max_epochs(experiment: str, overrides: list[str]) -> int:
     """trainer.max_epochs of the experiment as composed with the overrides."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", *overrides])
-    return int(cfg.trainer.max_epochs)
+    return int(harness.train_config(f"experiment={experiment}", *overrides).trainer.max_epochs)
 
 
 def run(project: Path, bench: Bench, budget_s: float, overrides: list[str]) -> dict:
     """pipeline-train in `project` with the time budget; per-epoch metrics and learning rates from its MLflow run."""
-    (project / "outputs").mkdir(parents=True)
-    uri = f"sqlite:///{project / 'outputs' / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "pipeline.cli.train", f"experiment={bench.experiment}",
-           f"+trainer.max_time={max_time(budget_s)}", *overrides]  # fmt: skip
+    place = harness.Project(project)
+    cmd = [*harness.TRAIN, f"experiment={bench.experiment}", f"+trainer.max_time={max_time(budget_s)}", *overrides]
     log = project / "train.log"
-    start = time.time()
-    with log.open("w") as out:
-        proc = subprocess.run(cmd, cwd=project, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=out,
-                              stderr=subprocess.STDOUT, check=False)  # fmt: skip
-    result = {"cmd": cmd, "rc": proc.returncode, "wall_s": time.time() - start, "log": log}
+    start = time.perf_counter()
+    with log.open("w") as out:  # a failed run is reported with its log, and the other datasets still run
+        proc = subprocess.run(cmd, cwd=project, env=place.env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    result = {"cmd": cmd, "rc": proc.returncode, "wall_s": time.perf_counter() - start, "log": log}
     if proc.returncode != 0:
         return result
-    client = MlflowClient(uri)
-    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    mlflow_run = harness.latest_run(place.uri)
     run_id = mlflow_run.info.run_id
 
     def history(key: str) -> list[float]:
-        return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+        return [m.value for m in harness.history(place.uri, run_id, key)]
 
     result["history"] = {key: history(key) for key in bench.metrics}
     lr_keys = sorted(k for k in mlflow_run.data.metrics if k.startswith("lr-"))
@@ -131,7 +120,7 @@ def table(rows: list[tuple[str, Bench, float, int, dict]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.arguments(__doc__, summary=False)
     parser.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only this dataset (repeatable)")
     parser.add_argument("--minutes-scale", type=float, default=1.0, help="multiply every budget (smoke runs: 0.05)")
     parser.add_argument(
@@ -142,7 +131,7 @@ def main() -> None:
     )
     parser.add_argument("--table", type=Path, default=None, help="also write the markdown table to this file")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
-    args = parser.parse_args()
+    args = harness.parse(parser)
     if not (SHARED / "datasets").is_dir():
         sys.exit(f"{SHARED / 'datasets'} is absent: this benchmark needs the real datasets beside the repository.")
     names = args.only or list(BENCHES)

@@ -1,10 +1,13 @@
-"""Run every side-by-side benchmark of issue 14 with budgets that fit 15 minutes on 2 CPU cores; print one table.
+"""Run the side-by-side benches with budgets that fit 15 minutes on 2 CPU cores; print one table of their headlines.
 
 Each bench runs in its own process, one after another (nothing else should run on the machine meanwhile), with
-the reduced arguments below, and writes its headline rows with `--summary` (`bench/summary.py`): a value, its
-unit ("x" is a ratio to the reference named beside it, measured in the same run), the issue's target and
-whether it is met. The full-size runs and their readings are in BENCHMARKS.md; this table is the quick check
-that a change did not move them. A bench that fails is reported as failed and the others still run.
+the reduced arguments below, and writes its headline rows with `--summary` (`harness.row`): a value, its unit
+("x" is a ratio to the reference named beside it, measured in the same run), the target and whether it is met.
+The full-size runs and their readings are in BENCHMARKS.md; this table is the quick check that a change did not
+move them. A bench that fails is reported as failed and the others still run.
+
+Not run here: the trainings to a quality target (fcn_shapes, yolo_shapes, instance_shapes, real_data: minutes
+to an hour each), gpu (needs a CUDA device), and the one-off investigations in bench/investigations/.
 
     python bench/run_all.py                          # all, ~15 min on 2 idle cores
     python bench/run_all.py --only startup,postprocess

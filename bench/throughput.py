@@ -1,4 +1,4 @@
-"""Benchmark (issue 14.3): data throughput of each training DataModule against the model's training rate; peak RSS.
+"""Data throughput: each training DataModule's images/s against the model's training images/s; peak memory.
 
 For each family (FCN `experiment=shapes_fcn`, detector `shapes_yolo`, instance `shapes_instance`) on a reduced
 shapes set (128 train / 16 val images by default; batch size, multi-scale sizes 96/128/160, `size_every` and the
@@ -20,7 +20,7 @@ augmentation are the experiment's own), in one process:
   the loader is not the bottleneck. The loader is measured alone: in a real run on this 2-core machine its worker
   shares the cores with the training process's two intra-op threads, so the ratio here is an upper bound of what a
   run sees.
-- peak memory of a short real run: `python -m pipeline.train experiment=<x> data.spec.num_train=…
+- peak memory of a short real run: `python -m pipeline.cli.train experiment=<x> data.spec.num_train=…
   data.spec.num_val=… trainer.accelerator=cpu data.size_every=1 trainer.max_epochs=1` (a new size per batch, so the
   largest size 160 is met; the sizes drawn are printed) in a temporary working directory with MLFLOW_TRACKING_URI on
   a temporary SQLite file, run by a tiny launcher (`LAUNCHER`) that executes the module in its own process (runpy, as
@@ -41,19 +41,17 @@ augmentation are the experiment's own), in one process:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import io
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
+
+import harness
 
 FAMILIES = {"fcn": "shapes_fcn", "detector": "shapes_yolo", "instance": "shapes_instance"}
 # Runs `pipeline.train` in this very process (as `python -m` would), then writes its peak RSS figures (KiB) as JSON.
@@ -81,36 +79,9 @@ def data_overrides(args: argparse.Namespace, size_every: int | None) -> list[str
 
 
 def compose_cfg(family: str, overrides: list[str], workdir: Path) -> Any:
-    """The training config of `family` as `pipeline-train` composes it, rooted in `workdir` (no Hydra run)."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        paths = [f"paths.root_dir={workdir}", f"paths.output_dir={workdir / 'outputs' / family}"]
-        return compose(config_name="train", overrides=[f"experiment={FAMILIES[family]}", *overrides, *paths])
-
-
-def build(cfg: Any) -> tuple[Any, Any]:
-    """The task and its set-up DataModule; the detector's k-means anchors set as `DetectionTask.setup` does."""
-    import pytorch_lightning as pl
-    import torch
-    from hydra.utils import instantiate
-
-    from pipeline.data.anchor_cache import cached_kmeans_anchors
-    from pipeline.tasks.detection import DetectionTask
-
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    task = instantiate(cfg.model)
-    data = instantiate(cfg.data, targets=task.TARGETS, parallel_jobs=1)
-    data.prepare_data()
-    with contextlib.redirect_stdout(io.StringIO()):  # the data check's tables
-        data.setup("fit")
-    if isinstance(task, DetectionTask):
-        sizes = torch.from_numpy(data.train_box_sizes(task.hparams.input_size))
-        found = cached_kmeans_anchors(sizes, 3 * task.net.num_anchors, task.hparams.seed, task.hparams.anchor_cache)
-        task.anchors = task._check_anchors([[round(float(v), 1) for v in wh] for wh in found])
-    return task, data
+    """The training config of `family` as `pipeline-train` composes it, rooted in `workdir`."""
+    paths = [f"paths.root_dir={workdir}", f"paths.output_dir={workdir / 'outputs' / family}"]
+    return harness.train_config(f"experiment={FAMILIES[family]}", *overrides, *paths)
 
 
 def time_loader(loader: Any, warm: int, epochs: int, keep: bool) -> dict[str, Any]:
@@ -173,7 +144,7 @@ def measure(family: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
 
     from pipeline.data.datamodule import auto_num_workers, usable_cores
 
-    task, data = build(compose_cfg(family, data_overrides(args, args.size_every), workdir))
+    task, data = harness.task_and_data(compose_cfg(family, data_overrides(args, args.size_every), workdir))
     loader = data.train_dataloader()
     result: dict[str, Any] = {"num_workers_cfg": data.num_workers, "workers": loader.num_workers,
                               "auto": auto_num_workers(), "cores": usable_cores(),
@@ -253,7 +224,7 @@ def fmt(values: list[float], digits: int = 1) -> str:
 
 def report(family: str, m: dict[str, Any], rss: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Print one family's lines; return its summary rows."""
-    median = statistics.median
+    median = harness.median
     loader, loader0, train, ratio = median(m["loader"]["rates"]), median(m["loader0"]["rates"]), median(
         m["training"]), median(m["ratios"])  # fmt: skip
     met = ratio >= 1.0
@@ -266,10 +237,9 @@ def report(family: str, m: dict[str, Any], rss: dict[str, Any] | None) -> list[d
     print(f"{'training step + backward + optimizer step':<44}{train:>9.1f}   {fmt(m['training'])}")
     print(f"{'ratio loader (default) / training':<44}{ratio:>8.2f}x   {fmt(m['ratios'], 2)}  "
           f"target >= 1.0: {'met' if met else 'NOT MET'}")  # fmt: skip
-    rows = [{"bench": "throughput", "value": round(ratio, 3), "unit": "x", "reference": "training images/s",
-             "what": f"{family}: train loader img/s at default num_workers={m['workers']} ({loader:.0f}, measured "
-                     f"alone) / training_step+backward+step img/s ({train:.0f})",
-             "target": ">= 1.0", "met": met}]  # fmt: skip
+    what = (f"{family}: train loader img/s at default num_workers={m['workers']} ({loader:.0f}, measured alone) / "
+            f"training_step+backward+step img/s ({train:.0f})")  # fmt: skip
+    rows = [harness.row("throughput", what, round(ratio, 3), "x", "training images/s", ">= 1.0", met)]
     if rss is not None:
         mib = {k: v / 1024 for k, v in rss.items() if k.endswith("_kib")}
         total = mib["vmhwm_kib"] + mib["workers_kib"]
@@ -278,15 +248,16 @@ def report(family: str, m: dict[str, Any], rss: dict[str, Any] | None) -> list[d
               f"{mib['workers_kib']:.0f}; getrusage, misleading: RUSAGE_SELF {mib['self_kib']:.0f} (spawned from a "
               f"process at VmHWM {mib['spawner_kib']:.0f}), RUSAGE_CHILDREN {mib['children_kib']:.0f} (largest "
               "worker incl. pages shared with its parent)")  # fmt: skip
-        rows.append({"bench": "throughput", "value": round(total, 1), "unit": "MiB", "reference": None,
-                     "what": f"{family}: peak memory of a 1-epoch pipeline-train run: training process VmHWM "
-                             f"({mib['vmhwm_kib']:.0f}) + loader workers' private peak ({mib['workers_kib']:.0f})",
-                     "target": None, "met": None})  # fmt: skip
+        what = (
+            f"{family}: peak memory of a 1-epoch pipeline-train run: training process VmHWM "
+            f"({mib['vmhwm_kib']:.0f}) + loader workers' private peak ({mib['workers_kib']:.0f})"
+        )
+        rows.append(harness.row("throughput", what, round(total, 1), "MiB"))
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.arguments(__doc__)
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--num-train", type=int, default=128)
     parser.add_argument("--num-val", type=int, default=16)
@@ -296,16 +267,12 @@ def main() -> None:
     parser.add_argument("--train-batches", type=int, default=3, help="batches per epoch the training runs (0: all)")
     parser.add_argument("--sample", type=float, default=0.1, help="seconds between samples of the workers' memory")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs of pipeline.train")
-    parser.add_argument("--summary", help="write the summary rows as JSON to this file")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*self.log.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    args = harness.parse(parser)
+    harness.quiet_lightning()
     begun, rows = time.time(), []
     here = Path.cwd()
-    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
-        workdir = Path(tmp)
-        (workdir / "outputs").mkdir()
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}"}
+    with harness.project(prefix="throughput-") as project:
+        workdir, env = project.root, project.env
         os.chdir(workdir)  # `${pipeline.cwd:}` and anything relative land in the scratch dir
         try:
             for family in args.families.split(","):
@@ -318,8 +285,7 @@ def main() -> None:
         finally:
             os.chdir(here)
     print(f"\ntotal wall time {time.time() - begun:.0f} s")
-    if args.summary:
-        Path(args.summary).write_text(json.dumps(rows, indent=1))
+    harness.write_summary(args.summary, rows)
 
 
 if __name__ == "__main__":

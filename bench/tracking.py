@@ -1,4 +1,4 @@
-"""Benchmark (issue 14.5): tracking overhead, the training step time with MLflow logging off, synchronous, asynchronous.
+"""Tracking overhead: the training step time with MLflow logging synchronous and asynchronous against logging off.
 
 One process, the FCN (`experiment=shapes_fcn`) task and DataModule on a reduced shapes set (384 train images, batch
 16 as configured, so one epoch of 24 steps; one training size of 64 px instead of the experiment's 96/128/160, so
@@ -9,10 +9,11 @@ that a step is short and the logging's share large), trained for that one epoch 
 - sync: Lightning's stock `pytorch_lightning.loggers.MLFlowLogger`, which sends each step's `log_batch` from the
   training loop and waits for the store;
 - async: the pipeline's `pipeline.tracking.runs.MLflowLogger`, built from the experiment's `logger` config as
-  pipeline/train.py does (`instantiate(cfg.logger, run_id=...)`, `upload_dir` in the run dir), which queues the
-  values for its background thread (pipeline/uploads.py).
-Both loggers log into a run made beforehand by `pipeline.tracking.start_run` (as pipeline/train.py makes it: params,
-tags, config artifacts), in an experiment made before the first repeat, each kind in a fresh SQLite store of its own
+  pipeline/cli/train.py does (`instantiate(cfg.logger, run_id=...)`, `upload_dir` in the run dir), which queues the
+  values for its background thread (pipeline/tracking/uploads.py).
+Both loggers log into a run made beforehand by `pipeline.tracking.runs.start_run` (as pipeline/cli/train.py makes
+it: params, tags, config artifacts), in an experiment made before the first repeat, each kind in a fresh SQLite store
+of its own
 (`sqlite:///<tmp>/{sync,async}.db`). With `--server` (default on) the same two loggers also log to an `mlflow server`
 started here on 127.0.0.1 (a free port, its own SQLite backend, 1 worker; killed at the end): sync-http, async-http.
 
@@ -22,10 +23,11 @@ hand-over, the logging and the epoch's end; the mean over the steps after `--war
 `in-step` (batch start to batch end: forward, backward, optimizer) is shown beside it. `finalize` is the time
 from `on_train_end` to `fit` returning: the logger's finalize (async: the wait for its queue to drain) and the
 teardown; `run s` the whole run (run creation, set-up, the epoch, finalize, the look-up in the store).
-Every repeat runs all variants, in an order turned by one each repeat; the ratio to off is taken per
-repeat (paired) and its median reported, with the median step times (`x off*`: the same from each run's median step,
-which a few steps disturbed by other load move less). After each run (its logger finalized) the
-metric values the logger was handed are looked up in its store with MlflowClient; the count found is printed.
+Every repeat runs all variants, in an order turned by one each repeat; the ratio to off is taken per repeat
+(paired) and its median reported (target: async <= 1.02x off), with the median step times (`x off*`: the same from
+each run's median step, which a few steps disturbed by other load move less). After each run (its logger
+finalized) the metric values the logger was handed are looked up in its store with MlflowClient; the count found
+is printed.
 
     python bench/tracking.py                        # 5 repeats, SQLite and a local server: ~2 min on 2 idle cores
     python bench/tracking.py --no-server --repeats 1 --num-train 128   # smoke
@@ -46,15 +48,14 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
 
+import harness
 import pytorch_lightning as pl
-import summary
 
 LABELS = {
     "off": "off (logger=False)",
@@ -87,16 +88,11 @@ class StepTimer(pl.Callback):
 
 
 def compose_cfg(args: argparse.Namespace, workdir: Path) -> Any:
-    """The shapes_fcn training config, reduced, rooted in `workdir` (no Hydra run)."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.cli import CONF_DIR
-
+    """The shapes_fcn training config, reduced, rooted in `workdir`."""
     overrides = ["experiment=shapes_fcn", f"data.spec.num_train={args.num_train}", "data.spec.num_val=8",
                  f"data.train_sizes=[{args.size}]", "trainer.max_epochs=1", "trainer.accelerator=cpu",
                  f"paths.root_dir={workdir}", f"paths.output_dir={workdir / 'outputs' / 'run'}"]  # fmt: skip
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return harness.train_config(*overrides)
 
 
 def free_port() -> int:
@@ -240,11 +236,6 @@ def run_once(
     return result
 
 
-def median(values: list[float]) -> float:
-    """The median, NaN for no values."""
-    return statistics.median(values) if values else float("nan")
-
-
 def report(variants: list[str], results: dict[str, list[dict]], args: argparse.Namespace, default_every: int) -> dict:
     """Print the table; the median ratio to off of each variant."""
     off = [statistics.fmean(r["steps"]) for r in results["off"]]
@@ -256,16 +247,16 @@ def report(variants: list[str], results: dict[str, list[dict]], args: argparse.N
     print(f"{'':<40}{'step ms':>9}{'x off':>8}{'x off*':>8}{'in-step ms':>12}{'finalize s':>12}{'run s':>8}"
           "   x off each repeat")  # fmt: skip
     ratios: dict[str, float] = {}
-    off_typical = [median(r["steps"]) for r in results["off"]]
+    off_typical = [harness.median(r["steps"]) for r in results["off"]]
     for variant in variants:
         means = [statistics.fmean(r["steps"]) for r in results[variant]]
-        each = [m / o for m, o in zip(means, off, strict=True)]
-        ratios[variant] = median(each)
-        typical = median([median(r["steps"]) / o for r, o in zip(results[variant], off_typical, strict=True)])
-        inner = median([statistics.fmean(r["inner"]) for r in results[variant]])
-        final = median([r["finalize"] for r in results[variant]])
-        wall = median([r["wall"] for r in results[variant]])
-        print(f"{LABELS[variant]:<40}{1000 * median(means):>9.1f}{ratios[variant]:>8.3f}{typical:>8.3f}"
+        each = harness.ratios(means, off)
+        ratios[variant] = harness.median(each)
+        typical = harness.median_ratio([harness.median(r["steps"]) for r in results[variant]], off_typical)
+        inner = harness.median([statistics.fmean(r["inner"]) for r in results[variant]])
+        final = harness.median([r["finalize"] for r in results[variant]])
+        wall = harness.median([r["wall"] for r in results[variant]])
+        print(f"{LABELS[variant]:<40}{1000 * harness.median(means):>9.1f}{ratios[variant]:>8.3f}{typical:>8.3f}"
               f"{1000 * inner:>12.1f}{final:>12.2f}{wall:>8.1f}   {' '.join(f'{x:.3f}' for x in each)}")  # fmt: skip
     print("* the same ratio from each run's median step instead of its mean (less moved by a few disturbed steps)")
     print("\nmetric values in each run's store after its logger was finalized (found / handed to the logger):")
@@ -274,34 +265,33 @@ def report(variants: list[str], results: dict[str, list[dict]], args: argparse.N
         shown = ", ".join(f"{r['distinct'] - r['missing']}/{r['distinct']}" for r in runs)
         complete = all(r["missing"] == 0 for r in runs)
         print(f"  {LABELS[variant]:<40}{shown}   {'all arrived' if complete else 'MISSING VALUES'}")
-    extra = {v: (median([statistics.fmean(r["steps"]) for r in results[v]]) - median(off)) * 1000 for v in variants}
+    extra = {v: 1000 * (harness.median([statistics.fmean(r["steps"]) for r in results[v]]) - harness.median(off))
+             for v in variants}  # fmt: skip
     print(f"\nat the configured log_every_n_steps={default_every} (estimate: the extra ms per logged step spread over "
           f"{default_every} steps, epoch-end logging left out):")  # fmt: skip
     for variant in variants[1:]:
-        estimate = 1 + extra[variant] * args.log_every / default_every / (1000 * median(off))
+        estimate = 1 + extra[variant] * args.log_every / default_every / (1000 * harness.median(off))
         print(f"  {LABELS[variant]:<40}{extra[variant]:>+8.1f} ms per step now -> about {estimate:.3f}x off")
     return ratios
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = harness.arguments(__doc__, repeats=5)
     parser.add_argument("--num-train", type=int, default=384, help="training images: one epoch per run")
     parser.add_argument("--warmup", type=int, default=4, help="untimed first steps of each run")
     parser.add_argument("--size", type=int, default=64, help="the one training size (px)")
     parser.add_argument("--log-every", type=int, default=1, help="trainer log_every_n_steps")
     parser.add_argument("--server", action=argparse.BooleanOptionalAction, default=True,
                         help="also log to a local `mlflow server` (sync-http, async-http)")  # fmt: skip
-    parser.add_argument("--summary", help="write the ratios as JSON rows (bench/run_all.py)")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    args = harness.parse(parser)
+    harness.quiet_lightning()
     warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
     warnings.filterwarnings("ignore", message=".*treespec.*")
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
     begun = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
-        workdir = Path(tmp)
+    with harness.project(prefix="bench-tracking-") as project:
+        workdir = project.root
         server = start_server(workdir) if args.server else None  # it boots while the rest is set up
         try:
             cfg = compose_cfg(args, workdir)
@@ -320,8 +310,7 @@ def main() -> None:
             run_once("off", cfg, None, args, workdir / "runs" / "warm", limit=2)
             results: dict[str, list[dict]] = {v: [] for v in variants}
             for repeat in range(args.repeats):
-                shift = repeat % len(variants)
-                for variant in variants[shift:] + variants[:shift]:
+                for variant in harness.turned(variants, repeat):
                     run_dir = workdir / "runs" / f"{variant}-{repeat}"
                     results[variant].append(run_once(variant, cfg, uris.get(variant), args, run_dir))
                 print(f"repeat {repeat + 1}/{args.repeats}: {time.perf_counter() - begun:.0f} s", flush=True)
@@ -340,8 +329,8 @@ def main() -> None:
         what = f"shapes_fcn step time, {logger} to {store}, log_every_n_steps={args.log_every}"
         target = f"<= {TARGET_ASYNC}" if asynchronous else None
         met = ratios[variant] <= TARGET_ASYNC if asynchronous else None
-        rows.append(summary.row("tracking", what, ratios[variant], "x", "logging off", target, met))
-    summary.write(args.summary, rows)
+        rows.append(harness.row("tracking", what, ratios[variant], "x", "logging off", target, met))
+    harness.write_summary(args.summary, rows)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,27 @@
-"""Benchmark: FCN-32s, FCN-16s and FCN-8s on shapes with the same budget, and the boundary error between them.
+"""FCN-32s, FCN-16s and FCN-8s on shapes with the same budget: mIoU over all pixels, near class boundaries and in
+the interior.
 
 Each variant is `pipeline-train model=fcn<v>` as a user runs it (the default experiment otherwise), one after the
-other in one scratch project dir, the same epochs and seed. Its last.ckpt is then scored on the validation images
+other in one fresh project directory, the same epochs and seed. Its last.ckpt is then scored on the validation images
 at their original resolution (the protocol of `val/mIoU`) three ways, from one confusion matrix per region:
 all pixels; pixels within `--band` px of a ground-truth class boundary (the trimap of Kohli et al. / DeepLab,
 where coarse strides lose); and the interior (the rest). The paper's claim is that the finer skips (16s, 8s)
-recover boundary detail: the band column is where the ordering should show.
+recover boundary detail: the band column is where the ordering should show. A one-off investigation (not in
+bench/run_all.py); BENCHMARKS.md records its result.
 
-    python bench/fcn_variants.py                    # 30 epochs each (~4 min each on 2 cores)
-    python bench/fcn_variants.py --epochs 2         # a quick look
+    python bench/investigations/fcn_variants.py                    # 30 epochs each (~4 min each on 2 cores)
+    python bench/investigations/fcn_variants.py --epochs 2         # a quick look
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
+import _path  # noqa: F401 (bench/ on sys.path, for the harness)
+import harness
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from mlflow.tracking import MlflowClient
 
 from pipeline.metrics.segmentation import ConfusionMatrixIoU
 from pipeline.training.loading import load_task
@@ -41,24 +38,14 @@ def boundary_band(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return (high != low)[0, 0]
 
 
-def train(workdir: Path, variant: str, epochs: int, extra: list[str]) -> tuple[Path, list[float], float]:
+def train(project: harness.Project, variant: str, epochs: int, extra: list[str]) -> tuple[Path, list[float], float]:
     """pipeline-train model=fcn<variant>; returns its run dir, per-epoch val/mIoU and wall time."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}"}
-    runs = workdir / "outputs" / "train" / "runs"
+    runs = project.root / "outputs" / "train" / "runs"
     before = set(runs.glob("*"))
-    start = time.time()
-    command = [sys.executable, "-m", "pipeline.cli.train", f"model=fcn{variant}", f"trainer.max_epochs={epochs}",
-               *extra]
-    subprocess.run(command, cwd=workdir, env=env, check=True)
-    wall = time.time() - start
+    command = [*harness.TRAIN, f"model=fcn{variant}", f"trainer.max_epochs={epochs}", *extra]
+    wall = harness.run_timed(command, project.root, project.env, quiet=False)
     (run_dir,) = set(runs.glob("*")) - before
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("pipeline").experiment_id],
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )  # the run just trained
-    history = sorted(client.get_metric_history(run.info.run_id, "val/mIoU"), key=lambda m: m.step)
+    history = harness.history(project.uri, harness.latest_run(project.uri).info.run_id, "val/mIoU")
     return run_dir, [m.value for m in history], wall
 
 
@@ -84,17 +71,15 @@ def score(ckpt: Path, radius: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.arguments(__doc__, summary=False)
     parser.add_argument("--epochs", type=int, default=30, help="trainer.max_epochs of every variant")
     parser.add_argument("--band", type=int, default=3, help="boundary band half-width in pixels")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
-    args = parser.parse_args()
+    args = harness.parse(parser)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        (workdir / "outputs").mkdir()
+    with harness.project() as project:
         for variant in VARIANTS:
-            run_dir, history, wall = train(workdir, variant, args.epochs, args.overrides)
+            run_dir, history, wall = train(project, variant, args.epochs, args.overrides)
             rows.append((variant, wall, history, score(run_dir / "checkpoints" / "last.ckpt", args.band)))
 
     print(f"\nFCN variants on shapes, {args.epochs} epochs each, {torch.get_num_threads()} torch threads, "
