@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
+from tests.helpers import TINY, free_port, run_cli, run_dirs, tracking_uri
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "data.spec.num_val=7"]  # 7 val images: ranks score 4 + 3
 
@@ -50,12 +49,6 @@ def _one_run(workdir: Path):
     return run_dir, run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_give_one_run_whose_miou_equals_single_process_eval(workdir: Path):
     _finish(_torchrun(workdir, ["--standalone", "--nproc-per-node", "2"], ["trainer.devices=2"]))
     run_dir, run = _one_run(workdir)
@@ -68,7 +61,7 @@ def test_torchrun_two_processes_give_one_run_whose_miou_equals_single_process_ev
 
 def test_two_simulated_nodes_give_one_run_dir_one_run_and_one_set_of_checkpoints(workdir: Path):
     rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes"]  # fmt: skip
+            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "two-nodes"]  # fmt: skip
     nodes = [_torchrun(workdir, rdzv, ["trainer.devices=1", "trainer.num_nodes=2"]) for _ in range(2)]
     for node in nodes:
         _finish(node)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.conftest import SHARED, project_dir, requires_shared, run_cli, run_dirs, run_main
+from tests.helpers import SHARED, project_dir, requires_shared, run_cli, run_dirs, run_main
 
 pytestmark = requires_shared
 

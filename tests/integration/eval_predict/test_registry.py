@@ -15,8 +15,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.tracking.registry import checkpoint_from_model_uri, register_checkpoint
-from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
-from tests.integration.test_tracking_server import Server
+from tests.helpers import TINY, mlflow_server, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
 NAME = "shapes-fcn"
 
@@ -161,9 +160,7 @@ def test_eval_and_predict_need_exactly_one_of_ckpt_path_and_model_uri(tmp_path: 
 
 def test_train_with_register_on_a_tracking_server_then_eval_by_model_uri(workdir: Path, tmp_path: Path, cache: Path):
     """`pipeline-train … register=<name>` against a real `mlflow server` (artifacts proxied over HTTP)."""
-    server = Server(workdir)
-    server.start()
-    try:
+    with mlflow_server(workdir) as server:
         proc = run_cli("train", *TINY, "register=served", cwd=workdir, tracking_uri=server.uri)
         (run_dir,) = run_dirs(workdir)
         best = run_dir / "checkpoints" / "best.ckpt"
@@ -181,5 +178,3 @@ def test_train_with_register_on_a_tracking_server_then_eval_by_model_uri(workdir
             run_cli("eval", source, "trainer.accelerator=cpu", cwd=workdir, tracking_uri=server.uri)
             evals.append(json.loads((run_dirs(workdir, "eval")[-1] / "metrics.json").read_text())["metrics"])
         assert evals[0] == evals[1]
-    finally:
-        server.stop()

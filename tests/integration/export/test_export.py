@@ -20,7 +20,7 @@ from pipeline.cli.export import graphs
 from pipeline.errors import ConfigError
 from pipeline.ops.boxes import decode
 from pipeline.training.loading import load_task
-from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main
+from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main
 
 FAMILIES = {
     "fcn": ["experiment=shapes_fcn"],

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from pycocotools.coco import COCO
 
-from tests.conftest import SHARED, requires_shared, run_cli, run_dirs, run_main, tracking_uri
+from tests.helpers import SHARED, requires_shared, run_cli, run_dirs, run_main, tracking_uri
 
 pytestmark = requires_shared
 

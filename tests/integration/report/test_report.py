@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import csv
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import TINY, run_cli, run_main, tracking_uri
-from tests.integration.test_tracking_server import Server, _free_port
+from tests.helpers import TINY, free_port, mlflow_server, project_dir, run_cli, run_main, tracking_uri
 
 LRS = ("0.001", "0.01")
 
@@ -21,9 +19,7 @@ LRS = ("0.001", "0.01")
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> dict:
     """A finished sweep of two 2-epoch jobs that differ only in the learning rate, and what MLflow holds of it."""
-    root = tmp_path_factory.mktemp("report")
-    (root / "outputs").mkdir()
-    shutil.copy(_migrated_store, root / "outputs" / "mlflow.db")
+    root = project_dir(tmp_path_factory.mktemp("report"), _migrated_store)
     run_cli("train", "-m", f"model.optimizer.lr={','.join(LRS)}", *TINY, "trainer.max_epochs=2", cwd=root)
     client = MlflowClient(tracking_uri(root))
     (experiment,) = [e for e in client.search_experiments() if e.name == "pipeline"]
@@ -101,14 +97,10 @@ def test_markdown_is_a_github_table_in_the_same_order(sweep: dict, tmp_path: Pat
 
 def test_a_tracking_server_gives_the_same_report(sweep: dict, tmp_path: Path):
     root, parent = sweep["root"], sweep["parent"]
-    server = Server(root)
-    server.start()
-    try:
+    with mlflow_server(root) as server:
         files = ["--csv", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png")]
         proc = run_main("report", "--tracking-uri", server.uri, "--sweep", parent.info.run_name, "--format", "csv",
                         *files, cwd=root, check=True)  # fmt: skip
-    finally:
-        server.stop()
 
     assert proc.stdout == (root / "outputs" / "reports" / f"{parent.info.run_name}.csv").read_text()
     assert proc.stdout == (tmp_path / "r.csv").read_text()
@@ -136,7 +128,7 @@ def test_an_unknown_metric_is_one_line_listing_the_metrics_the_runs_logged(sweep
     ],
 )
 def test_what_is_not_there_is_one_line_and_exit_1(sweep: dict, args: list[str], message: str):
-    args = [a.replace("{port}", str(_free_port())) for a in args]
+    args = [a.replace("{port}", str(free_port())) for a in args]
 
     proc = run_main("report", *args, cwd=sweep["root"])
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, open_dict
 from pipeline.cli import CONF_DIR
 from pipeline.training.checkpoint import CheckpointError, argv_for_resume, check_latest, check_model, load_checkpoint
 from pipeline.training.loading import load_task
-from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
+from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
 # Three epochs of 4 steps; best.ckpt is only considered every second epoch, so it stays at epoch 1 (step 8) while
 # last.ckpt goes on to epoch 2 (step 12): the run dir a user has after a run whose best epoch was not its last.

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
+from tests.helpers import TINY, run_cli, run_dirs, tracking_uri
 
 # 32 training images, batch 4: 8 steps per epoch; every random draw seeded; no loader workers unless said.
 EXACT = [*TINY, "data.spec.num_train=32", "deterministic=true", "trainer.max_epochs=2"]
@@ -64,8 +64,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -
 
 
 def _signal_at(step: int, signum: int) -> list[str]:
-    """Overrides that make the training send itself `signum` right after global step `step` (tests/.../gate.py)."""
-    return ["+callbacks.signal._target_=tests.integration.gate.SignalAt", f"+callbacks.signal.step={step}",
+    """Overrides that make the training send itself `signum` right after global step `step` (tests/helpers.py)."""
+    return ["+callbacks.signal._target_=tests.helpers.SignalAt", f"+callbacks.signal.step={step}",
             f"+callbacks.signal.signum={int(signum)}"]  # fmt: skip
 
 

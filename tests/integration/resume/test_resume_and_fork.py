@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, run_cli, run_dirs, tracking_uri
+from tests.helpers import TINY, run_cli, run_dirs, tracking_uri
 
 STEPS_PER_EPOCH = 4  # 16 images / batch 4
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, long_project_root, run_cli, run_main, tracking_uri
+from tests.helpers import TINY, long_project_root, run_cli, run_main, tracking_uri
 
 
 def _sweep(workdir: Path) -> tuple[Path, MlflowClient, object, list]:

@@ -18,8 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.training.loading import load_task
-from tests.conftest import ROOT, TINY, run_cli, run_dirs, tracking_uri
-from tests.unit.test_confusion import cocoeval_confusion
+from tests.helpers import ROOT, TINY, cocoeval_confusion, run_cli, run_dirs, tracking_uri
 
 FAMILIES = {
     "segmentation": [*TINY, "trainer.max_epochs=2"],

@@ -4,84 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY, run_cli, run_dirs, tracking_uri
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real `mlflow server` on 127.0.0.1 (SQLite store, local artifact folder) that a test can kill and restart.
-
-    `mlflow server` runs uvicorn as a child process: it gets its own process group, so a kill takes the whole
-    server down (killing only the `mlflow` process leaves uvicorn serving). Job execution (seven huey consumers
-    that the runs here never use) is off.
-    """
-
-    def __init__(self, workdir: Path) -> None:
-        self.uri = f"http://127.0.0.1:{_free_port()}"
-        self.store = workdir / "outputs" / "mlflow.db"  # the migrated copy from the workdir fixture
-        self.artifacts = workdir / "server-artifacts"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        port = self.uri.rsplit(":", 1)[1]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", port,
-             "--backend-store-uri", f"sqlite:///{self.store}", "--artifacts-destination", str(self.artifacts),
-             "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        )  # fmt: skip
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        pytest.fail("mlflow server did not start within 120 s")
-
-    def kill(self) -> None:
-        """SIGKILL the whole server, as a crash would."""
-        self._signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        self._signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
+from tests.helpers import ROOT, TINY, MlflowServer, free_port, mlflow_server, run_cli, run_dirs, tracking_uri
 
 
 @pytest.fixture
-def mlflow_server(workdir: Path):
-    server = Server(workdir)
-    server.start()
-    yield server
-    server.stop()
+def server(workdir: Path) -> Iterator[MlflowServer]:
+    with mlflow_server(workdir) as started:
+        yield started
 
 
 def _run_of(uri: str):
@@ -101,9 +39,9 @@ def _assert_checkpoints_uploaded(client, run_id: str, run_dir: Path, dest: Path)
     assert not (run_dir / "mlflow-uploads").exists()  # every staged copy was uploaded and removed
 
 
-def test_training_logs_to_a_tracking_server_that_lists_the_run(workdir: Path, mlflow_server: Server):
-    run_cli("train", *TINY, cwd=workdir, tracking_uri=mlflow_server.uri)
-    uri = mlflow_server.uri
+def test_training_logs_to_a_tracking_server_that_lists_the_run(workdir: Path, server: MlflowServer):
+    run_cli("train", *TINY, cwd=workdir, tracking_uri=server.uri)
+    uri = server.uri
     request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=pipeline")
     experiment_id = json.load(urllib.request.urlopen(request))["experiment"]["experiment_id"]
     body = json.dumps({"experiment_ids": [experiment_id]}).encode()
@@ -135,14 +73,14 @@ def _git_out(*args: str) -> str:
 
 
 def test_a_sweep_on_a_server_gives_every_run_summary_and_system_metrics_a_dataset_input_and_source_tags(
-    workdir: Path, mlflow_server: Server
+    workdir: Path, server: MlflowServer
 ):
     """Issue 15.1, read back over REST: what the runs table can show without opening a run."""
     proc = run_cli("train", "-m", "model.optimizer.lr=0.001,0.003", *TINY, "trainer.max_epochs=2",
-                   "logger.system_metrics_s=1", cwd=workdir, tracking_uri=mlflow_server.uri)  # fmt: skip
+                   "logger.system_metrics_s=1", cwd=workdir, tracking_uri=server.uri)  # fmt: skip
     # The parent's runs-table link sorts by the monitored metric, best first.
     assert "/runs?orderByKey=metrics.%60best%2Fval%2FmIoU%60&orderByAsc=false)" in proc.stdout
-    uri = mlflow_server.uri
+    uri = server.uri
     experiment = _rest(uri, "experiments/get-by-name?experiment_name=pipeline")["experiment"]["experiment_id"]
     runs = _rest(uri, "runs/search", {"experiment_ids": [experiment]})["runs"]
     tags_of = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs]
@@ -185,7 +123,7 @@ def test_a_sweep_on_a_server_gives_every_run_summary_and_system_metrics_a_datase
 
 def test_unreachable_server_fails_in_seconds_before_training(workdir: Path):
     start = time.time()
-    proc = run_cli("train", *TINY, cwd=workdir, check=False, tracking_uri=f"http://127.0.0.1:{_free_port()}")
+    proc = run_cli("train", *TINY, cwd=workdir, check=False, tracking_uri=f"http://127.0.0.1:{free_port()}")
     assert proc.returncode == 1
     assert "is not reachable" in proc.stderr
     assert time.time() - start < 60
@@ -213,11 +151,11 @@ def test_a_server_killed_and_restarted_mid_training_loses_no_metric_and_no_check
     """Epoch 0 reaches the server, which is then killed; epochs 1 and 2 train while it is down (held at epoch 3's
     start until it is back); nothing logged in between is lost, and the run ends FINISHED with its checkpoints."""
     epochs, steps_per_epoch = 4, 4  # TINY: 16 training images, batches of 4
-    server = Server(workdir)
+    server = MlflowServer(workdir)
     server.start()
     gate = workdir / "gate"
     gate.mkdir()
-    overrides = [*TINY, f"trainer.max_epochs={epochs}", "+callbacks.gate._target_=tests.integration.gate.EpochGate",
+    overrides = [*TINY, f"trainer.max_epochs={epochs}", "+callbacks.gate._target_=tests.helpers.EpochGate",
                  f"+callbacks.gate.folder={gate}", "+callbacks.gate.epochs=[1,3]"]  # fmt: skip
     # MLflow's own HTTP retries (minutes by default) made short, so a request the kill cuts off fails over to ours.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": server.uri,

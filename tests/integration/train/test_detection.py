@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
+from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
 # The shapes smoke run as a detector: 64 px inputs (a multiple of 32), a narrow neck, a few epochs.
 DETECTION = ["experiment=shapes_yolo", *TINY, "model.net.neck_width=32", "trainer.max_epochs=3"]

@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.conftest import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
+from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
 INSTANCE = ["experiment=shapes_instance", *TINY, "model.net.neck_width=32", "model.net.mask_width=16",
             "trainer.max_epochs=3"]  # fmt: skip

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 
 from pipeline.cli import CONF_DIR
-from tests.conftest import ROOT, TINY, long_dir, long_project_root, run_cli, tracking_uri
+from tests.helpers import ROOT, TINY, long_dir, long_project_root, run_cli, tracking_uri
 
 WORKERS = [o for o in TINY if not o.startswith("data.num_workers=")] + ["data.num_workers=2"]
 

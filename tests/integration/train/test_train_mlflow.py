@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.data.coco import CocoSemanticSource
-from tests.conftest import TINY, run_cli, run_dirs, run_main, tracking_uri
+from tests.helpers import TINY, run_cli, run_dirs, run_main, tracking_uri
 
 
 def _only_run(workdir: Path):

@@ -1,5 +1,6 @@
 """Every config in conf/ composes, resolves and passes validation; typos fail with a message naming the key; shared
-values live in one place; every debug config trains with every data config; --help lists the groups."""
+values live in one place; --help lists the groups. (Every debug config training on every data config:
+tests/integration/config/test_debug_configs_train.py.)"""
 
 from __future__ import annotations
 
@@ -10,14 +11,13 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf, open_dict
-from PIL import Image
 
 from pipeline.cli import CONF_DIR
 from pipeline.errors import ConfigError
 from pipeline.training.config import EVAL_KEYS, PREDICT_KEYS, TRAIN_KEYS, validate_config
-from tests.conftest import SHARED, requires_shared, run_dirs, run_main, tracking_uri
+from tests.helpers import SHARED, requires_shared, run_main
+from tests.helpers import conf_options as _options
 
 COCO_TINY = SHARED / "datasets" / "coco_tiny"
 # Options whose values the user must give (paths to their data).
@@ -32,28 +32,6 @@ REQUIRED = {
 }  # fmt: skip
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug", "hparams_search"]
 NESTED = ["model/backbone", "model/optim", "model/sched"]
-DATASETS = SHARED / "datasets"
-# Real files for every data option, small enough for a debug run (shapes generates its own).
-DATA_FILES = {
-    "coco": [f"data.{split}.{key}={COCO_TINY / value}" for split in ("train", "val")
-             for key, value in (("images", "val2017"), ("annotations", "annotations/instances_val2017.json"))],
-    "voc": [f"data.root={DATASETS / 'labelme_voc_examples' / 'data_dataset_voc'}"],
-    "yolo": [f"data.yaml={DATASETS / 'coco128-seg' / 'coco128-seg.yaml'}", f"data.root={DATASETS / 'coco128-seg'}"],
-    "masks": [f"data.train.images={DATASETS / 'isbi_membrane' / 'train' / 'image'}",
-              f"data.train.masks={DATASETS / 'isbi_membrane' / 'train' / 'label'}", "data.val=null",
-              "data.holdout=0.2", "data.values={0:0,255:1}", "data.class_names=[membrane,cell]"],
-    "shapes": [],
-    # The shared datasets' own configs name their files from the project root (paths.root_dir): here the test's cwd.
-    "bccd": [f"data.root={DATASETS / 'bccd' / 'BCCD'}"],
-    "coco128seg": [f"data.yaml={DATASETS / 'coco128-seg' / 'coco128-seg.yaml'}",
-                   f"data.root={DATASETS / 'coco128-seg'}"],
-    "isbi": [f"data.train.{key}={DATASETS / 'isbi_membrane' / 'train' / folder}"
-             for key, folder in (("images", "image"), ("masks", "label"))],
-}  # fmt: skip
-
-
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
 
 
 def _compose(config_name: str, overrides: list[str]):
@@ -280,33 +258,6 @@ def test_every_experiment_composes_with_every_data_config(experiment: str, data:
     validate_config(cfg, TRAIN_KEYS)
     default = _compose("train", [f"data={data}", *REQUIRED.get(f"data={data}", [])]).data
     assert _tree(cfg.data) == _tree(default)  # the data config as chosen, untouched by the experiment
-
-
-@pytest.mark.parametrize(
-    "data", [pytest.param(d, marks=[] if d == "shapes" else [requires_shared]) for d in _options("data")]
-)
-@pytest.mark.parametrize("debug", _options("debug"))
-def test_every_debug_config_trains_on_every_data_config(workdir: Path, debug: str, data: str):
-    """`pipeline-train debug=<d> data=<data>` on real files: it trains, validates, checkpoints and ends FINISHED."""
-    import torch
-
-    model, metric = ("yolo", "val/map") if data == "bccd" else ("fcn8s", "val/mIoU")  # BCCD has boxes only
-    run_main("train", f"debug={debug}", f"data={data}", f"model={model}", *DATA_FILES[data], cwd=workdir, check=True)
-    (run_dir,) = run_dirs(workdir)
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    # Two batches of 4 (data=voc: the 3 labelme images make one batch).
-    assert checkpoint["global_step"] == (1 if data == "voc" else 2)
-    client = MlflowClient(tracking_uri(workdir))
-    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
-    assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics[metric] <= 1.0
-    # Tagged as composed: this data and model, none of the default experiment's labels.
-    tags = run.data.tags
-    assert (tags["pipeline.data"], tags["pipeline.task"]) == (data, "DetectionTask" if model == "yolo" else
-                                                              "SegmentationTask")  # fmt: skip
-    assert not [t for t in tags if t.startswith("pipeline.tag.")]
-    if data == "shapes":  # debug=fast generated its 16 + 8 images of 64 px, not the default 512 + 64 of 128 px
-        images = sorted((workdir / "data" / "shapes" / "images" / "train").iterdir())
-        assert len(images) == 16 and Image.open(images[0]).size == (64, 64)
 
 
 def _help(entry: str, tmp_path: Path) -> str:

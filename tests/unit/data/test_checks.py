@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.checks import DataError, check_coco
-from tests.conftest import run_main
+from tests.helpers import run_main
 
 
 def _write(tmp_path: Path, edit=None, images: int = 2) -> tuple[Path, Path]:

@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from pipeline.ops.confusion import detection_confusion
+from tests.helpers import cocoeval_confusion
 
 C = 4  # background + 3 classes
 
@@ -113,44 +109,6 @@ def _random_images(seed: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]
         dets = np.concatenate([boxes, scores[:, None], rng.integers(1, C, (len(boxes), 1))], 1)
         images.append((dets.astype(np.float64), gts.astype(np.float64)))
     return images
-
-
-def cocoeval_confusion(images: list[tuple[np.ndarray, np.ndarray]], min_score: float, classes: int = C) -> np.ndarray:
-    """The [classes, classes] matrix (rows predicted, columns true, 0 background) from COCOeval's own matches with
-    useCats=0 (class-agnostic), IoU 0.5, every detection kept; `images` as `_random_images` makes them."""
-    annotations, results = [], []
-    for image_id, (dets, gts) in enumerate(images, start=1):
-        for x1, y1, x2, y2, label, crowd in gts:
-            w, h = x2 - x1, y2 - y1
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                                "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": int(crowd)})  # fmt: skip
-        for x1, y1, x2, y2, score, label in dets[dets[:, 4] >= min_score]:
-            results.append({"image_id": image_id, "category_id": int(label), "bbox": [x1, y1, x2 - x1, y2 - y1],
-                            "score": score})  # fmt: skip
-    dataset = {"info": {}, "images": [{"id": i, "width": 64, "height": 64} for i in range(1, len(images) + 1)],
-               "annotations": annotations, "categories": [{"id": c} for c in range(1, classes)]}  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = dataset
-        gt.createIndex()
-        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
-        evaluator.params.useCats = 0
-        evaluator.params.iouThrs = np.array([0.5])
-        evaluator.params.maxDets = [10_000]
-        evaluator.params.areaRng, evaluator.params.areaRngLbl = [[0, 1e10]], ["all"]
-        evaluator.evaluate()
-    matrix = np.zeros((classes, classes), dtype=np.int64)
-    for entry in evaluator.evalImgs:
-        if entry is None:  # neither ground truth nor detections
-            continue
-        for dt_id, match, ignore in zip(entry["dtIds"], entry["dtMatches"][0], entry["dtIgnore"][0], strict=True):
-            if not ignore:
-                true = gt.anns[int(match)]["category_id"] if match else 0
-                matrix[evaluator.cocoDt.anns[dt_id]["category_id"], true] += 1
-        for gt_id, match, ignore in zip(entry["gtIds"], entry["gtMatches"][0], entry["gtIgnore"], strict=True):
-            if not ignore and not match:
-                matrix[0, gt.anns[gt_id]["category_id"]] += 1
-    return matrix
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

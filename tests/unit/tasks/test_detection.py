@@ -10,10 +10,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 from pipeline.ops.assign import assign, ignored
 from pipeline.ops.boxes import SlotGrid, decode
 from pipeline.tasks.detection import DetectionTask
-
-ANCHORS = [[8, 8], [12, 10], [10, 14], [16, 16], [24, 20], [20, 28], [32, 32], [48, 40], [40, 56]]
-LOSS = {"box": 1.0, "obj": 1.0, "cls": 0.5, "anchor_iou": 0.5, "ignore_iou": 0.5, "obj_balance": [4.0, 1.0, 0.4]}
-POST = {"score_threshold": 0.001, "iou_threshold": 0.6, "max_detections": 100, "pre_nms_top_k": 1000}
+from tests.helpers import ANCHORS, LOSS, POST
 
 
 def _task(**kwargs: object) -> DetectionTask:

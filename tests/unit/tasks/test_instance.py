@@ -16,7 +16,7 @@ from pipeline.data.datamodule import ShapesDataModule
 from pipeline.models.maskrcnn import TorchvisionMaskRCNN
 from pipeline.ops.masks import masks_to_original
 from pipeline.tasks.instance import InstanceTask
-from tests.unit.test_detection_task import ANCHORS, LOSS, POST
+from tests.helpers import ANCHORS, LOSS, POST
 
 MASKS = {"threshold": 0.5, "rois_per_image": 8, "positive_iou": 0.5}
 

@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pipeline.metrics.segmentation import ConfusionMatrixIoU, iou_from_confmat
 from pipeline.tracking.plots import LossCurves
 from pipeline.viz import confusion_matrix_figure, iou_bar_figure, row_normalised, training_curves_figure
-from tests.conftest import tracking_uri
+from tests.helpers import tracking_uri
 
 NAMES = ["background", "circle", "square", "triangle"]
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from pipeline.tracking import runs
 from pipeline.training.config import changed_keys
-from tests.conftest import tracking_uri
+from tests.helpers import tracking_uri
 
 
 def test_flatten_shortens_long_values_and_a_real_store_accepts_them(workdir: Path):
