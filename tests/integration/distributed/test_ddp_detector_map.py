@@ -11,6 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers import TINY, run_cli, run_dirs, tracking_uri
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 
 @pytest.mark.parametrize(
     ("experiment", "keys"),

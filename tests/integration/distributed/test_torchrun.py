@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers import TINY, free_port, run_cli, run_dirs, tracking_uri
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "data.spec.num_val=7"]  # 7 val images: ranks score 4 + 3
 
 

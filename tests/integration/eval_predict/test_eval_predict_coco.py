@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
 from tests.helpers import SHARED, project_dir, requires_shared, run_cli, run_dirs, run_main
 
-pytestmark = requires_shared
+pytestmark = [requires_shared, pytest.mark.slow]
 
 COCO_TINY = SHARED / "datasets" / "coco_tiny"
 VAL_IMAGES = COCO_TINY / "val2017"

@@ -17,6 +17,8 @@ from PIL import Image
 from pipeline.tracking.registry import checkpoint_from_model_uri, register_checkpoint
 from tests.helpers import TINY, mlflow_server, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
+pytestmark = pytest.mark.slow
+
 NAME = "shapes-fcn"
 
 

@@ -22,6 +22,8 @@ from pipeline.ops.boxes import decode
 from pipeline.training.loading import load_task
 from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main
 
+pytestmark = pytest.mark.slow
+
 FAMILIES = {
     "fcn": ["experiment=shapes_fcn"],
     "yolo": ["experiment=shapes_yolo", "model.net.neck_width=32"],

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from pycocotools.coco import COCO
 
 from tests.helpers import SHARED, requires_shared, run_cli, run_dirs, run_main, tracking_uri
 
-pytestmark = requires_shared
+pytestmark = [requires_shared, pytest.mark.slow]
 
 COCO_TINY = SHARED / "datasets" / "coco_tiny"
 COCO_FILES = [f"data.train.images={COCO_TINY / 'train2017'}",

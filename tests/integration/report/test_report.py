@@ -13,6 +13,8 @@ from PIL import Image
 
 from tests.helpers import TINY, free_port, mlflow_server, project_dir, run_cli, run_main, tracking_uri
 
+pytestmark = pytest.mark.slow
+
 LRS = ("0.001", "0.01")
 
 

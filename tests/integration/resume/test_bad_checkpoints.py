@@ -18,6 +18,8 @@ from pipeline.training.checkpoint import CheckpointError, argv_for_resume, check
 from pipeline.training.loading import load_task
 from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
+pytestmark = pytest.mark.slow
+
 # Three epochs of 4 steps; best.ckpt is only considered every second epoch, so it stays at epoch 1 (step 8) while
 # last.ckpt goes on to epoch 2 (step 12): the run dir a user has after a run whose best epoch was not its last.
 EPOCHS = ["trainer.max_epochs=3", "+callbacks.best_checkpoint.every_n_epochs=2"]

@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers import TINY, run_cli, run_dirs, tracking_uri
 
+pytestmark = pytest.mark.slow
+
 # 32 training images, batch 4: 8 steps per epoch; every random draw seeded; no loader workers unless said.
 EXACT = [*TINY, "data.spec.num_train=32", "deterministic=true", "trainer.max_epochs=2"]
 STEPS_PER_EPOCH = 8
@@ -146,6 +148,7 @@ def test_a_non_finite_loss_stops_the_run_before_it_reaches_the_weights(workdir: 
     assert "Non-finite training loss at step 1" in run.data.tags["pipeline.error"]
 
 
+@pytest.mark.distributed
 def test_two_process_ddp_sigterm_mid_epoch_then_resume_equals_uninterrupted_and_its_miou_one_process_eval(
     workdir: Path, tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path
 ):

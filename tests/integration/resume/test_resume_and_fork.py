@@ -9,6 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers import TINY, run_cli, run_dirs, tracking_uri
 
+pytestmark = pytest.mark.slow
+
 STEPS_PER_EPOCH = 4  # 16 images / batch 4
 
 

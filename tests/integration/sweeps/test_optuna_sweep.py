@@ -9,11 +9,14 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from tests.helpers import TINY, run_cli, tracking_uri
+
+pytestmark = pytest.mark.slow
 
 
 def _sweep_dir(workdir: Path) -> Path:

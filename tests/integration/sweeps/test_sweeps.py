@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import TINY, long_project_root, run_cli, run_main, tracking_uri
+
+pytestmark = pytest.mark.slow
 
 
 def _sweep(workdir: Path) -> tuple[Path, MlflowClient, object, list]:
@@ -27,6 +30,7 @@ def _sweep(workdir: Path) -> tuple[Path, MlflowClient, object, list]:
     return sweep_dir, client, parent, children
 
 
+@pytest.mark.distributed
 def test_a_2x2_joblib_sweep_two_at_a_time_is_one_parent_with_four_named_children_and_a_summary(
     tmp_path: Path, _migrated_store: Path
 ):
@@ -90,6 +94,7 @@ def test_a_failing_job_is_a_failed_child_with_its_reason_and_the_sweep_goes_on(w
     assert "sweep job 1 (lr-1-j1) failed" in proc.stderr
 
 
+@pytest.mark.distributed
 def test_ddp_jobs_inside_a_sweep_each_train_once_in_their_own_dir(workdir: Path):
     run_cli("train", "-m", "seed=1,2", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *TINY,
             cwd=workdir, timeout=600)  # fmt: skip

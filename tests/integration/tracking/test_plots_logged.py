@@ -20,6 +20,8 @@ from PIL import Image
 from pipeline.training.loading import load_task
 from tests.helpers import ROOT, TINY, cocoeval_confusion, run_cli, run_dirs, tracking_uri
 
+pytestmark = pytest.mark.slow
+
 FAMILIES = {
     "segmentation": [*TINY, "trainer.max_epochs=2"],
     "detection": ["experiment=shapes_yolo", *TINY, "model.net.neck_width=32"],
@@ -98,6 +100,7 @@ class KeepConfusion(pl.Callback):
             torch.save(pl_module.confusion, os.environ["CONFUSION_FILE"])
 
 
+@pytest.mark.distributed
 def test_two_ddp_processes_sum_their_confusion_matrices(workdir: Path) -> None:
     # 7 validation images: the ranks hold 4 and 3; the matrix logged must be the one of all 7.
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.spec.num_val=7"]

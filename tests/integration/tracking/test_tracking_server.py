@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import ROOT, TINY, MlflowServer, free_port, mlflow_server, run_cli, run_dirs, tracking_uri
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def server(workdir: Path) -> Iterator[MlflowServer]:

@@ -13,6 +13,8 @@ from PIL import Image
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
 from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
+pytestmark = pytest.mark.slow
+
 # The shapes smoke run as a detector: 64 px inputs (a multiple of 32), a narrow neck, a few epochs.
 DETECTION = ["experiment=shapes_yolo", *TINY, "model.net.neck_width=32", "trainer.max_epochs=3"]
 

@@ -15,6 +15,8 @@ from pycocotools import mask as mask_utils
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
 from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
 
+pytestmark = pytest.mark.slow
+
 INSTANCE = ["experiment=shapes_instance", *TINY, "model.net.neck_width=32", "model.net.mask_width=16",
             "trainer.max_epochs=3"]  # fmt: skip
 

@@ -23,6 +23,8 @@ from omegaconf import open_dict
 from pipeline.cli import CONF_DIR
 from tests.helpers import ROOT, TINY, long_dir, long_project_root, run_cli, tracking_uri
 
+pytestmark = pytest.mark.slow
+
 WORKERS = [o for o in TINY if not o.startswith("data.num_workers=")] + ["data.num_workers=2"]
 
 

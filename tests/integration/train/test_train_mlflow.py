@@ -15,6 +15,8 @@ from PIL import Image
 from pipeline.data.coco import CocoSemanticSource
 from tests.helpers import TINY, run_cli, run_dirs, run_main, tracking_uri
 
+pytestmark = pytest.mark.slow
+
 
 def _only_run(workdir: Path):
     client = MlflowClient(tracking_uri(workdir))
