@@ -23,3 +23,13 @@ def workdir(tmp_path: Path, _migrated_store: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_state():
+    """Each test starts without the HydraConfig a composing test or an in-process entry point left behind (its
+    choices would name runs and fill defaults in the next test)."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None

@@ -103,6 +103,15 @@ def run_dirs(workdir: Path, task: str = "train") -> list[Path]:
     return sorted((workdir / "outputs" / task / "runs").iterdir())
 
 
+def assert_checkpoints_uploaded(client, run_id: str, run_dir: Path, dest: Path) -> None:
+    """`last/last.ckpt` and `best/best.ckpt` in the run's artifacts are byte-equal to the run dir's checkpoints, and
+    every staged copy was uploaded and removed."""
+    for name in ("last", "best"):
+        local = client.download_artifacts(run_id, f"{name}/{name}.ckpt", str(dest))
+        assert Path(local).read_bytes() == (run_dir / "checkpoints" / f"{name}.ckpt").read_bytes(), name
+    assert not (run_dir / "mlflow-uploads").exists()  # every staged copy was uploaded and removed
+
+
 def conf_options(group: str) -> list[str]:
     """The options of a config group: the names of conf/<group>/*.yaml, sorted."""
     from pipeline.cli import CONF_DIR
@@ -176,12 +185,14 @@ def run_main(entry: str, *overrides: str, cwd: Path, check: bool = False) -> sub
     return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 
-def train_project(path: Path, store: Path, family: str, *overrides: str, **run: object) -> Path:
+def train_project(path: Path, store: Path, *overrides: str) -> Path:
     """The trained-checkpoint factory: `path` made a project dir (its own copy of the migrated `store`) in which
-    `pipeline-train` trained `family`'s tiny shapes run (FAMILIES) with `overrides` added; returns `path`, whose
-    run dir is `run_dirs(path)[0]`. `run` goes to run_cli (tracking_uri, env, timeout)."""
+    `pipeline-train overrides…` trained once (a family's tiny shapes run: FAMILIES[family] plus what the test needs),
+    in this process: a module-scoped fixture's training that many tests read. Returns `path`; the run dir is
+    `run_dirs(path)[0]`, the stdout of the training `path / "train.out"`."""
     project_dir(path, store)
-    run_cli("train", *FAMILIES[family], *overrides, cwd=path, **run)
+    proc = run_main("train", *overrides, cwd=path, check=True)
+    (path / "train.out").write_text(proc.stdout)
     return path
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import TINY, run_cli, run_dirs, tracking_uri
+from tests.helpers import TINY, run_cli, run_dirs, run_main, tracking_uri
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -30,7 +30,7 @@ def test_two_process_ddp_detector_map_equals_single_process_eval(workdir: Path, 
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     assert run.info.status == "FINISHED" and len(run.data.params["anchors"].split()) == 9
 
-    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "trainer.devices=1", cwd=workdir)
+    run_main("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "trainer.devices=1", cwd=workdir, check=True)
     (eval_dir,) = run_dirs(workdir, "eval")
     single = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     for key in keys:

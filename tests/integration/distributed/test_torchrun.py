@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import TINY, free_port, run_cli, run_dirs, tracking_uri
+from tests.helpers import TINY, free_port, run_dirs, run_main, tracking_uri
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -55,7 +55,7 @@ def test_torchrun_two_processes_give_one_run_whose_miou_equals_single_process_ev
     _finish(_torchrun(workdir, ["--standalone", "--nproc-per-node", "2"], ["trainer.devices=2"]))
     run_dir, run = _one_run(workdir)
 
-    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "trainer.devices=1", cwd=workdir)
+    run_main("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "trainer.devices=1", cwd=workdir, check=True)
     (eval_dir,) = run_dirs(workdir, "eval")
     single = json.loads((eval_dir / "metrics.json").read_text())["metrics"]["val/mIoU"]
     assert run.data.metrics["val/mIoU"] == pytest.approx(single, abs=1e-6)

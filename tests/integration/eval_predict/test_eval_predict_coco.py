@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.helpers import SHARED, project_dir, requires_shared, run_cli, run_dirs, run_main
+from tests.helpers import SHARED, project_dir, requires_shared, run_dirs, run_main
 
 pytestmark = [requires_shared, pytest.mark.slow]
 
@@ -31,7 +31,7 @@ def detector(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) ->
     """One detector trained a step on coco_tiny's 80 val images (its own project dir and store); its run dir."""
     workdir = tmp_path_factory.mktemp("eval-predict")
     project_dir(workdir, _migrated_store)
-    run_cli("train", *TRAIN, cwd=workdir)
+    run_main("train", *TRAIN, cwd=workdir, check=True)
     (run_dir,) = run_dirs(workdir)
     return run_dir
 

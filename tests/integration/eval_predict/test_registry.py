@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,17 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.tracking.registry import checkpoint_from_model_uri, register_checkpoint
-from tests.helpers import TINY, mlflow_server, project_dir, run_cli, run_dirs, run_main, tracking_uri
+from tests.helpers import (
+    FAMILIES,
+    TINY,
+    assert_checkpoints_uploaded,
+    mlflow_server,
+    run_cli,
+    run_dirs,
+    run_main,
+    tracking_uri,
+    train_project,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +37,12 @@ NAME = "shapes-fcn"
 def trained(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Path:
     """One two-epoch FCN training with its own project dir and SQLite store, its best.ckpt registered as version 1
     of NAME by `register=` (shared by this module's tests)."""
-    workdir = tmp_path_factory.mktemp("registry")
-    project_dir(workdir, _migrated_store)
-    proc = run_cli("train", *TINY, "trainer.max_epochs=2", f"register={NAME}", cwd=workdir)
+    workdir = train_project(tmp_path_factory.mktemp("registry"), _migrated_store, *FAMILIES["fcn"],
+                            "trainer.max_epochs=2", f"register={NAME}")  # fmt: skip
     (run_dir,) = run_dirs(workdir)
-    assert f"Registered {run_dir / 'checkpoints' / 'best.ckpt'} as models:/{NAME}/1" in proc.stdout
+    assert (
+        f"Registered {run_dir / 'checkpoints' / 'best.ckpt'} as models:/{NAME}/1" in (workdir / "train.out").read_text()
+    )
     return workdir
 
 
@@ -161,10 +173,28 @@ def test_eval_and_predict_need_exactly_one_of_ckpt_path_and_model_uri(tmp_path: 
 
 
 def test_train_with_register_on_a_tracking_server_then_eval_by_model_uri(workdir: Path, tmp_path: Path, cache: Path):
-    """`pipeline-train … register=<name>` against a real `mlflow server` (artifacts proxied over HTTP)."""
+    """`pipeline-train … register=<name>` against a real `mlflow server` (artifacts proxied over HTTP): the server's
+    REST API lists the run with its metrics, config and checkpoints (merged from test_tracking_server.py's
+    test_training_logs_to_a_tracking_server_that_lists_the_run, which trained the same run without register=)."""
     with mlflow_server(workdir) as server:
         proc = run_cli("train", *TINY, "register=served", cwd=workdir, tracking_uri=server.uri)
         (run_dir,) = run_dirs(workdir)
+        uri = server.uri
+        request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=pipeline")
+        experiment_id = json.load(urllib.request.urlopen(request))["experiment"]["experiment_id"]
+        body = json.dumps({"experiment_ids": [experiment_id]}).encode()
+        search = urllib.request.Request(
+            f"{uri}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+        )
+        (run,) = json.load(urllib.request.urlopen(search))["runs"]
+        assert run["info"]["status"] == "FINISHED"
+        assert any(m["key"] == "val/mIoU" for m in run["data"]["metrics"])
+        client = MlflowClient(uri)
+        artifacts = {a.path for a in client.list_artifacts(run["info"]["run_id"])}
+        assert {"config.yaml", "last", "best"} <= artifacts
+        assert not (workdir / "outputs" / "mlartifacts").exists()  # the server decides where artifacts go
+        assert_checkpoints_uploaded(client, run["info"]["run_id"], run_dir, workdir / "downloaded")
+
         best = run_dir / "checkpoints" / "best.ckpt"
         assert f"Registered {best} as models:/served/1" in proc.stdout
         client = MlflowClient(server.uri)

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from pycocotools.coco import COCO
 
-from tests.helpers import SHARED, requires_shared, run_cli, run_dirs, run_main, tracking_uri
+from tests.helpers import SHARED, requires_shared, run_dirs, run_main, tracking_uri
 
 pytestmark = [requires_shared, pytest.mark.slow]
 
@@ -36,8 +36,8 @@ def test_check_data_summarises_coco_tiny_and_shows_instances(tmp_path: Path) -> 
 
 def test_yolo_trains_and_evaluates_on_coco_tiny_with_the_files_ids(workdir: Path) -> None:
     # Nearly untrained: keep every detection (the checkpoint carries it to eval) so predictions.json is not empty.
-    run_cli("train", "model=yolo", "data=coco", *COCO_FILES, *SMALL, "model.net.neck_width=32",
-            "model.postprocess.score_threshold=0.0", cwd=workdir)  # fmt: skip
+    run_main("train", "model=yolo", "data=coco", *COCO_FILES, *SMALL, "model.net.neck_width=32",
+             "model.postprocess.score_threshold=0.0", cwd=workdir, check=True)  # fmt: skip
     client = MlflowClient(tracking_uri(workdir))
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
@@ -47,7 +47,7 @@ def test_yolo_trains_and_evaluates_on_coco_tiny_with_the_files_ids(workdir: Path
     assert summary["train"]["images"] == 80 and summary["val"]["instances_per_class"]["person"] == 209
 
     (run_dir,) = run_dirs(workdir)
-    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir)
+    run_main("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir, check=True)
     (eval_dir,) = run_dirs(workdir, "eval")
     predictions = json.loads((eval_dir / "predictions.json").read_text())
     gt = COCO(str(COCO_TINY / "annotations" / "instances_val2017.json"))
@@ -82,10 +82,12 @@ def test_check_data_reports_the_coco128_seg_quirks_as_warnings(tmp_path: Path) -
 
 
 def test_instance_model_trains_and_evaluates_on_yolo_polygons(workdir: Path) -> None:
-    run_cli("train", "experiment=shapes_instance", "data=yolo", *YOLO_FILES, *SMALL, "model.net.neck_width=32",
-            "model.postprocess.score_threshold=0.0", "trainer.limit_val_batches=2", cwd=workdir)  # fmt: skip
+    run_main("train", "experiment=shapes_instance", "data=yolo", *YOLO_FILES, *SMALL, "model.net.neck_width=32",
+             "model.postprocess.score_threshold=0.0", "trainer.limit_val_batches=2", cwd=workdir,
+             check=True)  # fmt: skip
     (run_dir,) = run_dirs(workdir)
-    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "+trainer.limit_val_batches=2", cwd=workdir)
+    run_main("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "+trainer.limit_val_batches=2", cwd=workdir,
+             check=True)  # fmt: skip
     (eval_dir,) = run_dirs(workdir, "eval")
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["val/segm_map"] <= 1.0
@@ -110,9 +112,9 @@ def test_fcn_trains_and_evaluates_on_isbi_mask_folders(workdir: Path) -> None:
     assert run_main("check_data", "data=masks", *MASK_FILES, *binary, cwd=workdir).returncode == 0
     (check,) = run_dirs(workdir, "check_data")
     assert json.loads((check / "summary.json").read_text())["train"]["images"] == 30
-    run_cli("train", "data=masks", *MASK_FILES, *binary, *SMALL, "data.val_size=128", cwd=workdir)
+    run_main("train", "data=masks", *MASK_FILES, *binary, *SMALL, "data.val_size=128", cwd=workdir, check=True)
     (run_dir,) = run_dirs(workdir)
-    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir)
+    run_main("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir, check=True)
     (eval_dir,) = run_dirs(workdir, "eval")
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["val/mIoU"] <= 1.0 and "val/IoU/cell" in metrics
@@ -132,10 +134,11 @@ def test_yolo_trains_and_evaluates_on_bccd_voc_boxes(workdir: Path) -> None:
     (check,) = run_dirs(workdir, "check_data")
     summary = json.loads((check / "summary.json").read_text())
     assert summary["train"]["images"] == 205 and summary["val"]["instances_per_class"]["WBC"] == 87
-    run_cli("train", "model=yolo", *voc, *SMALL, "model.net.neck_width=32", "model.postprocess.score_threshold=0.0",
-            "trainer.limit_val_batches=2", cwd=workdir)  # fmt: skip
+    run_main("train", "model=yolo", *voc, *SMALL, "model.net.neck_width=32", "model.postprocess.score_threshold=0.0",
+             "trainer.limit_val_batches=2", cwd=workdir, check=True)  # fmt: skip
     (run_dir,) = run_dirs(workdir)
-    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "+trainer.limit_val_batches=2", cwd=workdir)
+    run_main("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", "+trainer.limit_val_batches=2", cwd=workdir,
+             check=True)  # fmt: skip
     (eval_dir,) = run_dirs(workdir, "eval")
     predictions = json.loads((eval_dir / "predictions.json").read_text())
     assert predictions and {p["category_id"] for p in predictions} <= {1, 2, 3}
@@ -152,9 +155,9 @@ def test_fcn_trains_and_evaluates_on_voc_palette_masks(workdir: Path) -> None:
     (check,) = run_dirs(workdir, "check_data")
     summary = json.loads((check / "summary.json").read_text())["train"]
     assert summary["images"] == 3 and summary["instances_per_class"]["person"] == 2  # images containing a person
-    run_cli("train", "data=voc", f"data.root={LABELME_VOC}", *SMALL, cwd=workdir)
+    run_main("train", "data=voc", f"data.root={LABELME_VOC}", *SMALL, cwd=workdir, check=True)
     (run_dir,) = run_dirs(workdir)
-    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir)
+    run_main("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir, check=True)
     (eval_dir,) = run_dirs(workdir, "eval")
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["val/mIoU"] <= 1.0 and "val/IoU/person" in metrics

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.helpers import TINY, free_port, mlflow_server, project_dir, run_cli, run_main, tracking_uri
+from tests.helpers import TINY, free_port, mlflow_server, project_dir, run_main, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ LRS = ("0.001", "0.01")
 def sweep(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> dict:
     """A finished sweep of two 2-epoch jobs that differ only in the learning rate, and what MLflow holds of it."""
     root = project_dir(tmp_path_factory.mktemp("report"), _migrated_store)
-    run_cli("train", "-m", f"model.optimizer.lr={','.join(LRS)}", *TINY, "trainer.max_epochs=2", cwd=root)
+    run_main("train", "-m", f"model.optimizer.lr={','.join(LRS)}", *TINY, "trainer.max_epochs=2", cwd=root, check=True)
     client = MlflowClient(tracking_uri(root))
     (experiment,) = [e for e in client.search_experiments() if e.name == "pipeline"]
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.sweep.role` = 'parent'")
@@ -48,7 +48,7 @@ def test_the_table_ranks_the_sweep_by_its_monitor_and_shows_only_the_param_that_
     root, parent, expected = sweep["root"], sweep["parent"], sweep["expected"]
 
     # No --tracking-uri, no --metric: the project's store in ./outputs and the sweep's monitor (val/mIoU)
-    proc = run_cli("report", "--sweep", parent.info.run_name, cwd=root)
+    proc = run_main("report", "--sweep", parent.info.run_name, cwd=root, check=True)
 
     lines = _row_lines(proc.stdout, expected)
     for rank, (line, e) in enumerate(zip(lines, expected, strict=True), start=1):

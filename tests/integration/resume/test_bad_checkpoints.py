@@ -16,7 +16,7 @@ from omegaconf import DictConfig, open_dict
 from pipeline.cli import CONF_DIR
 from pipeline.training.checkpoint import CheckpointError, argv_for_resume, check_latest, check_model, load_checkpoint
 from pipeline.training.loading import load_task
-from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
+from tests.helpers import FAMILIES, TINY, run_dirs, run_main, tracking_uri, train_project
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +28,7 @@ EPOCHS = ["trainer.max_epochs=3", "+callbacks.best_checkpoint.every_n_epochs=2"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Path:
     """One tiny FCN training shared by this module's tests (its own project dir and store)."""
-    workdir = tmp_path_factory.mktemp("bad-checkpoints")
-    project_dir(workdir, _migrated_store)
-    run_cli("train", *TINY, *EPOCHS, cwd=workdir)
-    return workdir
+    return train_project(tmp_path_factory.mktemp("bad-checkpoints"), _migrated_store, *FAMILIES["fcn"], *EPOCHS)
 
 
 def _ckpt(workdir: Path, name: str = "last.ckpt") -> Path:
@@ -181,7 +178,7 @@ def test_eval_refuses_weights_that_no_longer_fit_the_model_their_own_config_buil
 def test_continue_from_best_ckpt_is_refused_before_anything_is_touched(trained: Path):
     best, last = _ckpt(trained, "best.ckpt"), _ckpt(trained)
     before, last_bytes = _store(trained), last.read_bytes()
-    proc = run_cli("train", *TINY, *EPOCHS, f"ckpt_path={best}", cwd=trained, check=False)
+    proc = run_main("train", *TINY, *EPOCHS, f"ckpt_path={best}", cwd=trained)
     _refused(proc, f"{best} is not the latest state", "global step 8 (epoch 1)", f"global step 12 (epoch 2) in {last}",
              f"pipeline-train ckpt_path={best} resume_mode=fork")  # fmt: skip
     assert _store(trained) == before and last.read_bytes() == last_bytes
@@ -193,10 +190,9 @@ def test_a_foreign_or_corrupt_checkpoint_is_refused_by_the_cli_with_the_store_un
     before = _store(trained)
     noise = tmp_path / "noise.ckpt"
     noise.write_bytes(os.urandom(4096))
-    _refused(run_cli("train", *TINY, f"ckpt_path={noise}", cwd=trained, check=False), f"{noise} is not a checkpoint")
+    _refused(run_main("train", *TINY, f"ckpt_path={noise}", cwd=trained), f"{noise} is not a checkpoint")
     # continuing the FCN's run as a detector: refused before the run is re-opened
-    proc = run_cli("train", *TINY, *EPOCHS, "model=yolo", f"ckpt_path={_ckpt(trained)}", cwd=trained,
-                   check=False)  # fmt: skip
+    proc = run_main("train", *TINY, *EPOCHS, "model=yolo", f"ckpt_path={_ckpt(trained)}", cwd=trained)  # fmt: skip
     _refused(proc, str(_ckpt(trained)), "another model family")
     # forking it into torchvision's Mask R-CNN, which shares no layer with it: refused before a new run is created
     tv = [o for o in TINY if not o.startswith("model.net.backbone")]  # its own backbone has no width
@@ -225,7 +221,7 @@ def test_continue_with_another_number_of_classes_leaves_the_run_as_it_was(traine
 def test_fork_from_best_ckpt_starts_a_new_run(trained: Path):  # last: the store then holds two runs
     best = _ckpt(trained, "best.ckpt")
     parent = load_checkpoint(best)["pipeline"]["mlflow_run_id"]
-    run_cli("train", *TINY, f"ckpt_path={best}", "resume_mode=fork", cwd=trained)
+    run_main("train", *TINY, f"ckpt_path={best}", "resume_mode=fork", cwd=trained, check=True)
     client = MlflowClient(tracking_uri(trained))
     runs = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import TINY, run_cli, run_dirs, tracking_uri
+from tests.helpers import TINY, run_cli, run_dirs, run_main, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -133,8 +133,8 @@ def test_sigterm_then_a_slurm_requeue_of_the_same_command_continues_the_run_and_
 
 def test_a_non_finite_loss_stops_the_run_before_it_reaches_the_weights(workdir: Path):
     # lr 1e10: step 1 leaves huge (finite) weights, the loss of step 2 is NaN; a checkpoint after every step
-    proc = run_cli("train", *TINY, "model.optimizer.lr=1e10", "callbacks.last_checkpoint.every_n_train_steps=1",
-                   cwd=workdir, check=False)  # fmt: skip
+    proc = run_main("train", *TINY, "model.optimizer.lr=1e10", "callbacks.last_checkpoint.every_n_train_steps=1",
+                    cwd=workdir)  # fmt: skip
 
     assert proc.returncode == 1
     assert "Non-finite training loss at step 1 (epoch 0, batch 1): train/loss=nan" in proc.stderr
@@ -163,7 +163,7 @@ def test_two_process_ddp_sigterm_mid_epoch_then_resume_equals_uninterrupted_and_
     assert run.info.status == "FINISHED"
     assert sorted(p.name for p in (reference_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [3, 7]
-    run_cli("eval", f"ckpt_path={reference_dir}", "trainer.accelerator=cpu", "trainer.devices=1", cwd=root)
+    run_main("eval", f"ckpt_path={reference_dir}", "trainer.accelerator=cpu", "trainer.devices=1", cwd=root, check=True)
     (eval_dir,) = run_dirs(root, "eval")
     single = json.loads((eval_dir / "metrics.json").read_text())["metrics"]["val/mIoU"]
     assert run.data.metrics["val/mIoU"] == pytest.approx(single, abs=1e-6)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import TINY, run_cli, run_dirs, tracking_uri
+from tests.helpers import TINY, run_dirs, run_main, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +25,9 @@ def _epoch_steps(client: MlflowClient, run_id: str) -> list[int]:
 
 
 def test_resume_with_more_epochs_continues_the_same_run_and_step_and_a_fork_starts_a_tagged_child(workdir: Path):
-    run_cli("train", *TINY, "trainer.max_epochs=1", cwd=workdir)
+    run_main("train", *TINY, "trainer.max_epochs=1", cwd=workdir, check=True)
     (run_dir,) = run_dirs(workdir)
-    run_cli("train", *TINY, "trainer.max_epochs=3", f"ckpt_path={run_dir}", cwd=workdir)
+    run_main("train", *TINY, "trainer.max_epochs=3", f"ckpt_path={run_dir}", cwd=workdir, check=True)
 
     assert run_dirs(workdir) == [run_dir]  # same run directory, no new one
     client, runs = _training_runs(workdir)
@@ -50,8 +50,8 @@ def test_resume_with_more_epochs_continues_the_same_run_and_step_and_a_fork_star
     assert lrs == [pytest.approx(v) for v in (3e-3, 1e-5, 1e-5)]
 
     # A fork of that run (sharing its training with the resume above: the suite's time is short)
-    run_cli("train", *TINY, "trainer.max_epochs=2", "model.optimizer.lr=0.01", f"ckpt_path={run_dir}",
-            "resume_mode=fork", cwd=workdir)  # fmt: skip
+    run_main("train", *TINY, "trainer.max_epochs=2", "model.optimizer.lr=0.01", f"ckpt_path={run_dir}",
+             "resume_mode=fork", cwd=workdir, check=True)  # fmt: skip
     client, runs = _training_runs(workdir)
     assert len(runs) == 2 and len(run_dirs(workdir)) == 2
     parent = next(r for r in runs if "pipeline.forked_from" not in r.data.tags)

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from tests.helpers import TINY, run_cli, tracking_uri
+from tests.helpers import TINY, run_main, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +48,8 @@ def _states(study: optuna.Study) -> list[TrialState]:
 
 def test_fcn_optuna_sweep_fills_the_study_and_writes_the_best_trial(workdir: Path):
     # pruning on, but every trial is a start-up trial: each reports its epochs to the study and none is stopped
-    proc = run_cli("train", "hparams_search=fcn_optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.pruner=median",
-                   "hydra.sweeper.pruner_startup_trials=4", *TINY, cwd=workdir)  # fmt: skip
+    proc = run_main("train", "hparams_search=fcn_optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.pruner=median",
+                    "hydra.sweeper.pruner_startup_trials=4", *TINY, cwd=workdir, check=True)  # fmt: skip
 
     sweep_dir = _sweep_dir(workdir)
     study = _study(sweep_dir)
@@ -99,7 +99,9 @@ def test_a_sweep_killed_after_two_trials_and_run_again_runs_only_the_missing_tri
     killed = _study(sweep_dir).trials[2]
     assert killed.state == TrialState.RUNNING
 
-    run_cli("train", *args[2:], f"hydra.sweep.dir={sweep_dir}", cwd=workdir)  # the same command, in its sweep dir
+    run_main(
+        "train", *args[2:], f"hydra.sweep.dir={sweep_dir}", cwd=workdir, check=True
+    )  # the same command, in its sweep dir
 
     study = _study(sweep_dir)
     assert _states(study) == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] + [TrialState.COMPLETE] * 2
@@ -118,9 +120,9 @@ def test_a_sweep_killed_after_two_trials_and_run_again_runs_only_the_missing_tri
 def test_a_failing_trial_is_failed_in_the_study_and_the_sweep_goes_on(workdir: Path):
     # Command-line overrides win over the search space: `x=a,b` is searched as a choice, `model=fcn32s` fixes it.
     # AdamW rejects lr=-1 when the job builds its optimizer.
-    run_cli(
+    run_main(
         "train", "hparams_search=fcn_optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler=random",
-        "model.optimizer.lr=0.01,-1", "model=fcn32s", *TINY, cwd=workdir,
+        "model.optimizer.lr=0.01,-1", "model=fcn32s", *TINY, cwd=workdir, check=True,
     )  # fmt: skip
 
     study = _study(_sweep_dir(workdir))

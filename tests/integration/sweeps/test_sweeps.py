@@ -79,7 +79,7 @@ def test_a_2x2_joblib_sweep_two_at_a_time_is_one_parent_with_four_named_children
 
 
 def test_a_failing_job_is_a_failed_child_with_its_reason_and_the_sweep_goes_on(workdir: Path):
-    proc = run_cli("train", "-m", "model.optimizer.lr=0.001,-1", *TINY, cwd=workdir)
+    proc = run_main("train", "-m", "model.optimizer.lr=0.001,-1", *TINY, cwd=workdir, check=True)
 
     assert proc.returncode == 0  # the sweep ran to its end; failures are in the summary
     sweep_dir, _, parent, children = _sweep(workdir)
@@ -124,7 +124,7 @@ def test_a_killed_sweep_run_again_in_its_dir_skips_finished_jobs_and_continues_t
     sweep_dir, client, parent, (first, second) = _sweep(workdir)
     assert (first.info.status, second.info.status) == ("FINISHED", "RUNNING")
 
-    proc = run_cli("train", *args, f"hydra.sweep.dir={sweep_dir}", cwd=workdir)
+    proc = run_main("train", *args, f"hydra.sweep.dir={sweep_dir}", cwd=workdir, check=True)
 
     assert "Sweep job 0 (s1-j0) finished before: skipped" in proc.stdout
     again, client, parent_again, children = _sweep(workdir)

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, MlflowServer, free_port, mlflow_server, run_cli, run_dirs, tracking_uri
+from tests.helpers import (
+    ROOT,
+    TINY,
+    MlflowServer,
+    assert_checkpoints_uploaded,
+    free_port,
+    mlflow_server,
+    run_cli,
+    run_dirs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,35 +40,6 @@ def _run_of(uri: str):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     return client, run
-
-
-def _assert_checkpoints_uploaded(client, run_id: str, run_dir: Path, dest: Path) -> None:
-    """`last/last.ckpt` and `best/best.ckpt` in the run's artifacts are byte-equal to the run dir's checkpoints."""
-    for name in ("last", "best"):
-        local = client.download_artifacts(run_id, f"{name}/{name}.ckpt", str(dest))
-        assert Path(local).read_bytes() == (run_dir / "checkpoints" / f"{name}.ckpt").read_bytes(), name
-    assert not (run_dir / "mlflow-uploads").exists()  # every staged copy was uploaded and removed
-
-
-def test_training_logs_to_a_tracking_server_that_lists_the_run(workdir: Path, server: MlflowServer):
-    run_cli("train", *TINY, cwd=workdir, tracking_uri=server.uri)
-    uri = server.uri
-    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=pipeline")
-    experiment_id = json.load(urllib.request.urlopen(request))["experiment"]["experiment_id"]
-    body = json.dumps({"experiment_ids": [experiment_id]}).encode()
-    search = urllib.request.Request(
-        f"{uri}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
-    )
-    (run,) = json.load(urllib.request.urlopen(search))["runs"]
-    assert run["info"]["status"] == "FINISHED"
-    assert any(m["key"] == "val/mIoU" for m in run["data"]["metrics"])
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    artifacts = {a.path for a in client.list_artifacts(run["info"]["run_id"])}
-    assert {"config.yaml", "last", "best"} <= artifacts
-    assert not (workdir / "outputs" / "mlartifacts").exists()  # the server decides where artifacts go
-    _assert_checkpoints_uploaded(client, run["info"]["run_id"], run_dirs(workdir)[0], workdir / "downloaded")
 
 
 def _rest(uri: str, endpoint: str, body: dict | None = None) -> dict:
@@ -131,13 +111,6 @@ def test_unreachable_server_fails_in_seconds_before_training(workdir: Path):
     assert time.time() - start < 60
 
 
-def test_final_checkpoints_are_in_the_sqlite_store_when_the_run_ends(workdir: Path):
-    run_cli("train", *TINY, "trainer.max_epochs=2", cwd=workdir)
-    client, run = _run_of(tracking_uri(workdir))
-    assert run.info.status == "FINISHED"
-    _assert_checkpoints_uploaded(client, run.info.run_id, run_dirs(workdir)[0], workdir / "downloaded")
-
-
 def _wait_for(what: str, ready, proc: subprocess.Popen, timeout: float = 180) -> None:
     """Poll `ready()` until true; fail if the training process ends first or `timeout` s pass."""
     deadline = time.time() + timeout
@@ -194,6 +167,6 @@ def test_a_server_killed_and_restarted_mid_training_loses_no_metric_and_no_check
         assert {m.step for m in train_loss} == set(range(epochs * steps_per_epoch))
         images = {a.path for a in client.list_artifacts(run_id, "val_images")}
         assert images == {f"val_images/epoch_{e:03d}.png" for e in range(epochs)}
-        _assert_checkpoints_uploaded(client, run_id, run_dirs(workdir)[0], workdir / "downloaded")
+        assert_checkpoints_uploaded(client, run_id, run_dirs(workdir)[0], workdir / "downloaded")
     finally:
         server.stop()

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
+from tests.helpers import TINY, run_cli, run_dirs, run_main, tracking_uri, train_project
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +22,7 @@ DETECTION = ["experiment=shapes_yolo", *TINY, "model.net.neck_width=32", "traine
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Path:
     """One small detector training shared by the tests of this module (its own project dir and store)."""
-    workdir = tmp_path_factory.mktemp("detector")
-    project_dir(workdir, _migrated_store)
-    run_cli("train", *DETECTION, cwd=workdir)
-    return workdir
+    return train_project(tmp_path_factory.mktemp("detector"), _migrated_store, *DETECTION)
 
 
 def test_training_logs_anchors_map_and_pictures(trained: Path) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main, tracking_uri
+from tests.helpers import TINY, run_cli, run_dirs, run_main, tracking_uri, train_project
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,7 @@ INSTANCE = ["experiment=shapes_instance", *TINY, "model.net.neck_width=32", "mod
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Path:
     """One small instance-segmentation training shared by the tests of this module."""
-    workdir = tmp_path_factory.mktemp("instance")
-    project_dir(workdir, _migrated_store)
-    run_cli("train", *INSTANCE, cwd=workdir)
-    return workdir
+    return train_project(tmp_path_factory.mktemp("instance"), _migrated_store, *INSTANCE)
 
 
 def test_training_logs_box_and_mask_map_and_pictures(trained: Path) -> None:

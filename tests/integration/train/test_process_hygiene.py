@@ -88,9 +88,3 @@ def test_importing_the_pipeline_keeps_a_users_own_resolvers():
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["mine", "my-cwd"]
-
-
-@pytest.fixture(autouse=True)
-def _no_hydra_state():
-    yield
-    HydraConfig.instance().cfg = None

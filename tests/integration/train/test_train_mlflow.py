@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.data.coco import CocoSemanticSource
-from tests.helpers import TINY, run_cli, run_dirs, run_main, tracking_uri
+from tests.helpers import TINY, assert_checkpoints_uploaded, run_dirs, run_main, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,9 @@ def _only_run(workdir: Path):
 
 
 def test_one_epoch_writes_run_params_metrics_config_and_checkpoints(workdir: Path):
-    proc = run_cli("train", *TINY, "trainer.max_epochs=2", "tags=[mine]", cwd=workdir)
+    """Also the final checkpoints in the SQLite store when the run ends (merged from test_tracking_server.py's
+    test_final_checkpoints_are_in_the_sqlite_store_when_the_run_ends, which trained the same 2 epochs)."""
+    proc = run_main("train", *TINY, "trainer.max_epochs=2", "tags=[mine]", cwd=workdir, check=True)
     assert "mlflow ui --backend-store-uri" in proc.stdout
     # The runs-table link sorts by the monitored metric's best value, best first (MLflow's UI reads it from the URL).
     assert "/runs?orderByKey=metrics.%60best%2Fval%2FmIoU%60&orderByAsc=false)" in proc.stdout
@@ -70,6 +72,8 @@ def test_one_epoch_writes_run_params_metrics_config_and_checkpoints(workdir: Pat
     assert (workdir / "data" / "shapes" / "annotations" / "instances_train.json").is_file()
     # artifacts live next to the database, not in ./mlruns of whatever directory the command ran in
     assert list((workdir / "outputs" / "mlartifacts").rglob("last.ckpt")) and not (workdir / "mlruns").exists()
+    # the final checkpoints are in the SQLite store when the run ends
+    assert_checkpoints_uploaded(client, run.info.run_id, run_dir, workdir / "downloaded")
 
 
 def _miou(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int = 255) -> float:
@@ -83,11 +87,12 @@ def _miou(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int = 255)
 
 def test_eval_and_predict_from_a_checkpoint(workdir: Path):
     # Validation letterboxes the 64 px images to 96 px and scores at 64 px, as predict outputs them
-    run_cli("train", *[o for o in TINY if not o.startswith("data.val_size")], "data.val_size=96", cwd=workdir)
+    run_main("train", *[o for o in TINY if not o.startswith("data.val_size")], "data.val_size=96", cwd=workdir,
+             check=True)  # fmt: skip
     (run_dir,) = run_dirs(workdir)
     _, _, train_run = _only_run(workdir)
 
-    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir)
+    run_main("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=workdir, check=True)
     (eval_dir,) = run_dirs(workdir, "eval")
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["val/mIoU"] <= 1.0
