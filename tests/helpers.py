@@ -153,12 +153,19 @@ def run_cli(
     return proc
 
 
-def run_main(entry: str, *overrides: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
+def run_main(
+    entry: str,
+    *overrides: str,
+    cwd: Path,
+    check: bool = False,
+    tracking_uri: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """`pipeline-<entry> overrides…` through the console script's own main(), in this process, in cwd.
 
     For commands that do not need a process of their own (a check, an error, predict, a one-process training): a
     subprocess would spend ~10 s importing torch. Returns what `run_cli(..., check=False)` returns (status, stdout,
-    stderr); `check` fails on a non-zero status.
+    stderr); `check` fails on a non-zero status. `tracking_uri` and `env` as for run_cli, for this call only.
     """
     module = importlib.import_module(f"pipeline.cli.{entry}")
     out, err = io.StringIO(), io.StringIO()
@@ -166,6 +173,9 @@ def run_main(entry: str, *overrides: str, cwd: Path, check: bool = False) -> sub
     sys.argv = [f"pipeline-{entry}", *overrides]
     os.environ["HYDRA_FULL_ERROR"] = "0"
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.update(env or {})
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     os.chdir(cwd)
     code = 0
     try:

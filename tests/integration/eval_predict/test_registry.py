@@ -21,7 +21,6 @@ from tests.helpers import (
     TINY,
     assert_checkpoints_uploaded,
     mlflow_server,
-    run_cli,
     run_dirs,
     run_main,
     tracking_uri,
@@ -177,7 +176,7 @@ def test_train_with_register_on_a_tracking_server_then_eval_by_model_uri(workdir
     REST API lists the run with its metrics, config and checkpoints (merged from test_tracking_server.py's
     test_training_logs_to_a_tracking_server_that_lists_the_run, which trained the same run without register=)."""
     with mlflow_server(workdir) as server:
-        proc = run_cli("train", *TINY, "register=served", cwd=workdir, tracking_uri=server.uri)
+        proc = run_main("train", *TINY, "register=served", cwd=workdir, tracking_uri=server.uri, check=True)
         (run_dir,) = run_dirs(workdir)
         uri = server.uri
         request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=pipeline")
@@ -207,6 +206,6 @@ def test_train_with_register_on_a_tracking_server_then_eval_by_model_uri(workdir
 
         evals = []
         for source in (f"ckpt_path={best}", "model_uri=models:/served/1"):
-            run_cli("eval", source, "trainer.accelerator=cpu", cwd=workdir, tracking_uri=server.uri)
+            run_main("eval", source, "trainer.accelerator=cpu", cwd=workdir, tracking_uri=server.uri, check=True)
             evals.append(json.loads((run_dirs(workdir, "eval")[-1] / "metrics.json").read_text())["metrics"])
         assert evals[0] == evals[1]

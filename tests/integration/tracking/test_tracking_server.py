@@ -20,8 +20,8 @@ from tests.helpers import (
     assert_checkpoints_uploaded,
     free_port,
     mlflow_server,
-    run_cli,
     run_dirs,
+    run_main,
 )
 
 pytestmark = pytest.mark.slow
@@ -58,8 +58,8 @@ def test_a_sweep_on_a_server_gives_every_run_summary_and_system_metrics_a_datase
     workdir: Path, server: MlflowServer
 ):
     """Issue 15.1, read back over REST: what the runs table can show without opening a run."""
-    proc = run_cli("train", "-m", "model.optimizer.lr=0.001,0.003", *TINY, "trainer.max_epochs=2",
-                   "logger.system_metrics_s=1", cwd=workdir, tracking_uri=server.uri)  # fmt: skip
+    proc = run_main("train", "-m", "model.optimizer.lr=0.001,0.003", *TINY, "trainer.max_epochs=2",
+                    "logger.system_metrics_s=1", cwd=workdir, tracking_uri=server.uri, check=True)  # fmt: skip
     # The parent's runs-table link sorts by the monitored metric, best first.
     assert "/runs?orderByKey=metrics.%60best%2Fval%2FmIoU%60&orderByAsc=false)" in proc.stdout
     uri = server.uri
@@ -105,7 +105,7 @@ def test_a_sweep_on_a_server_gives_every_run_summary_and_system_metrics_a_datase
 
 def test_unreachable_server_fails_in_seconds_before_training(workdir: Path):
     start = time.time()
-    proc = run_cli("train", *TINY, cwd=workdir, check=False, tracking_uri=f"http://127.0.0.1:{free_port()}")
+    proc = run_main("train", *TINY, cwd=workdir, tracking_uri=f"http://127.0.0.1:{free_port()}")
     assert proc.returncode == 1
     assert "is not reachable" in proc.stderr
     assert time.time() - start < 60
