@@ -126,7 +126,7 @@ def test_the_installed_wheel_trains_from_an_empty_directory_with_a_config_dir_of
     empty = tmp_path / "empty"
     empty.mkdir()
 
-    # python -m: the help lists the packaged groups and options, and the user's experiment among them
+    # python -m with --config-dir: the help lists the packaged groups and options, and the user's experiment
     text = _run([venv / "bin" / "python", "-m", "pipeline.cli.train", "--config-dir", mine, "--help"], cwd=empty).stdout
     shipped = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
     assert f"experiment: {', '.join(sorted(shipped | {'mine'}))}\n" in text
@@ -134,8 +134,9 @@ def test_the_installed_wheel_trains_from_an_empty_directory_with_a_config_dir_of
     assert f"model: {', '.join(models)}\n" in text
     assert list(empty.iterdir()) == []  # --help writes nothing
 
-    # the console script: a smoke training composed of the packaged configs and the user's experiment
-    proc = _run([venv / "bin" / "pipeline-train", "--config-dir", mine, "experiment=mine", "debug=fast",
+    # the console script with the folder on Hydra's search path (the other way to add one; Hydra's help lists
+    # only --config-dir's options): a smoke training of the packaged configs and the user's experiment
+    proc = _run([venv / "bin" / "pipeline-train", f"hydra.searchpath=[file://{mine}]", "experiment=mine", "debug=fast",
                  "trainer.accelerator=cpu", "model.net.backbone.width=8"], cwd=empty)  # fmt: skip
     (run_dir,) = (empty / "outputs" / "train" / "runs").iterdir()
     assert f"run directory:   {run_dir}" in proc.stdout
