@@ -17,7 +17,7 @@ from pipeline.ops.assign import Assignment
 from pipeline.ops.boxes import SlotGrid, decode, paired_box_iou
 from pipeline.ops.masks import encode_rle, mask_targets, masks_to_original
 from pipeline.ops.roi import roi_generator, sample_rois
-from pipeline.tasks.common import to_primitive
+from pipeline.tasks.common import schedule_from_config, to_primitive
 from pipeline.tasks.detection import LOSS_KEYS, DetectionTask
 
 MASK_KEYS = {"threshold", "rois_per_image", "positive_iou"}
@@ -232,7 +232,8 @@ class TorchvisionInstanceTask(InstanceTask):
         """Nothing to prepare: torchvision's anchors are fixed."""
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """No anchors to restore."""
+        """No anchors to restore; a continued schedule takes its settings from this run's config."""
+        schedule_from_config(checkpoint, self.hparams.scheduler)
 
     def _training_losses(self, batch: dict) -> dict[str, Tensor]:
         targets = [
