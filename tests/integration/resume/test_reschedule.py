@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli, run_dirs, tracking_uri
+from tests.helpers import run_cli, run_dirs, tracking_uri
 
 pytestmark = pytest.mark.slow
 
