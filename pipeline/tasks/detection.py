@@ -25,8 +25,14 @@ from pipeline.ops.assign import Assignment, assign_batch, ignored
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels, paired_box_iou, unletterbox
 from pipeline.ops.confusion import detection_confusion
 from pipeline.ops.nms import select_detections
-from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, schedule_from_config, to_primitive
-from pipeline.tracking.runs import log_image
+from pipeline.tasks.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Outbox,
+    build_optimizers,
+    schedule_from_config,
+    to_primitive,
+)
 from pipeline.viz import confusion_matrix_figure, detection_panel
 
 LOSS_KEYS = {"box", "obj", "cls", "anchor_iou", "ignore_iou", "obj_balance"}
@@ -96,6 +102,7 @@ class DetectionTask(pl.LightningModule):
         self._vis: dict[str, Any] | None = None
         self.results: list[dict] = []  # the last validation's detections (original pixels), for predictions.json
         self.confusion: Tensor | None = None  # the last validation's detection confusion matrix
+        self.outbox = Outbox()  # figures, params and metrics for the run's record (pipeline.tracking logs them)
 
     def _check_anchors(self, anchors: list[list[float]]) -> Tensor:
         """[3A] [w, h] pairs -> [3, A, 2] sorted by area: the smallest go to stride 8, the largest to stride 32."""
@@ -154,14 +161,10 @@ class DetectionTask(pl.LightningModule):
         fit, recall = anchor_fit(sizes, anchors), best_possible_recall(sizes, anchors)
         text = " ".join(f"{w:g}x{h:g}" for w, h in anchors.tolist())
         print(f"Anchors at {self.hparams.input_size}px: {text} (fit: mean best IoU {fit:.3f}, recall {recall:.3f})")
-        logger = self.logger
-        if logger is None or not hasattr(logger, "run_id"):
-            return
-        logger.experiment.log_param(logger.run_id, "anchors", text)
-        logger.experiment.log_metric(logger.run_id, "anchors/fit", fit)
-        logger.experiment.log_metric(logger.run_id, "anchors/best_possible_recall", recall)
+        self.outbox.params["anchors"] = text
+        self.outbox.metrics.update({"anchors/fit": fit, "anchors/best_possible_recall": recall})
         title = f"{len(sizes)} training boxes at {self.hparams.input_size}px"
-        log_image(logger, anchor_plot(sizes, anchors, title), "anchors.png")
+        self.outbox.figures["anchors.png"] = anchor_plot(sizes, anchors, title)
 
     def level_anchors(self, size: tuple[int, int]) -> Tensor:
         """Anchors [3, A, 2] (w, h) in pixels of an input of `size` (H, W): widths scale with W, heights with H."""
@@ -343,14 +346,14 @@ class DetectionTask(pl.LightningModule):
         # Rendered on rank 0 only: the logger keeps rank 0's pictures, the other ranks would draw them for nothing.
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             epoch = self.current_epoch
+            figures = self.outbox.figures
             if self._vis is not None:
-                log_image(self.logger, self._panel(**self._vis), f"val_images/epoch_{epoch:03d}.png")
-            log_image(self.logger, pr_curve_figure(stats["pr_curves"], names), f"pr_curves/epoch_{epoch:03d}.png")
+                figures[f"val_images/epoch_{epoch:03d}.png"] = self._panel(**self._vis)
+            figures[f"pr_curves/epoch_{epoch:03d}.png"] = pr_curve_figure(stats["pr_curves"], names)
             title = f"Detections scoring >= {self.SHOWN_SCORE:g} at IoU 0.5, epoch {epoch}"
             # Drawn with true classes as rows, as the segmentation matrix: each row reads "where this class went";
             # the background row holds the false alarms, the background column the missed objects.
-            figure = confusion_matrix_figure(self.confusion.T, names, title, unit="boxes")
-            log_image(self.logger, figure, "plots/confusion_matrix.png")
+            figures["plots/confusion_matrix.png"] = confusion_matrix_figure(self.confusion.T, names, title, unit="boxes")
         self._vis = None
 
     def _log_stats(self, stats: dict, prefix: str) -> None:

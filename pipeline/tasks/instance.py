@@ -17,7 +17,7 @@ from pipeline.ops.assign import Assignment
 from pipeline.ops.boxes import SlotGrid, decode, paired_box_iou
 from pipeline.ops.masks import encode_rle, mask_targets, masks_to_original
 from pipeline.ops.roi import roi_generator, sample_rois
-from pipeline.tasks.common import to_primitive
+from pipeline.tasks.common import Outbox, to_primitive
 from pipeline.tasks.detection import LOSS_KEYS, DetectionTask
 
 MASK_KEYS = {"threshold", "rois_per_image", "positive_iou"}
@@ -227,6 +227,7 @@ class TorchvisionInstanceTask(InstanceTask):
         self._vis: dict[str, Any] | None = None
         self.results: list[dict] = []
         self.confusion: Tensor | None = None
+        self.outbox = Outbox()
 
     def setup(self, stage: str) -> None:
         """Nothing to prepare: torchvision's anchors are fixed."""
