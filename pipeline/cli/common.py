@@ -24,7 +24,6 @@ from pipeline.training.checkpoint import CheckpointError, resolve_checkpoint
 T = TypeVar("T")
 
 
-
 def _register(name: str, resolver: Callable[..., object]) -> None:
     """Register `${pipeline.<name>:…}` once; the prefix keeps a user's own resolvers in the same process intact."""
     if not OmegaConf.has_resolver(f"pipeline.{name}"):

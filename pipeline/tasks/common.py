@@ -1,4 +1,4 @@
-"""What every task shares: input normalisation, primitive hyper-parameters, optimizers built from config, and the
+"""What every task shares: primitive hyper-parameters, optimizers built from config, and the
 outbox through which it hands figures, params and metrics to the tracking layer."""
 
 from __future__ import annotations
@@ -10,10 +10,6 @@ import numpy as np
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-# Backbones expect ImageNet-normalised input (so pretrained weights work); batches carry RGB in 0..1.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_primitive(value: Any) -> Any:

@@ -12,15 +12,9 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from pipeline.metrics.segmentation import ConfusionMatrixIoU, iou_from_confmat
+from pipeline.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.ops.boxes import unletterbox_map
-from pipeline.tasks.common import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Outbox,
-    build_optimizers,
-    schedule_from_config,
-    to_primitive,
-)
+from pipeline.tasks.common import Outbox, build_optimizers, schedule_from_config, to_primitive
 from pipeline.viz import comparison_panel, confusion_matrix_figure, iou_bar_figure
 
 
