@@ -18,11 +18,11 @@ from torchvision.ops import box_convert
 
 from pipeline.data.anchor_cache import cached_kmeans_anchors
 from pipeline.errors import ConfigError
-from pipeline.metrics.detection import COCO_STATS, CocoMAP, pr_curve_figure
+from pipeline.metrics.coco_evaluator import CocoEvaluator
+from pipeline.metrics.detection import COCO_STATS, pr_curve_figure
 from pipeline.models.slots import Slots
 from pipeline.ops.anchors import anchor_fit, anchor_plot, best_possible_recall
 from pipeline.ops.boxes import unletterbox
-from pipeline.ops.confusion import detection_confusion
 from pipeline.tasks.common import Outbox, build_optimizers, schedule_from_config, to_primitive
 from pipeline.viz import confusion_matrix_figure, detection_panel
 
@@ -43,8 +43,8 @@ class DetectionTask(pl.LightningModule):
 
     Each validation hands over (`outbox`, logged by pipeline.tracking) `val_images/epoch_<n>.png`,
     `pr_curves/epoch_<n>.png` and `plots/confusion_matrix.png`: `ops.confusion.detection_confusion` of the detections
-    scoring >= SHOWN_SCORE at IoU 0.5 in original pixels, summed over the epoch and the DDP ranks; `confusion` keeps
-    it (int64 [C, C], rows predicted, columns true, index 0 background).
+    scoring >= SHOWN_SCORE at IoU 0.5 in original pixels, summed over the epoch and the DDP ranks; `evaluator`
+    (`metrics.coco_evaluator.CocoEvaluator`) keeps it, and in pipeline-eval every detection's record.
     """
 
     TARGETS = "boxes"
@@ -87,10 +87,9 @@ class DetectionTask(pl.LightningModule):
             if self.slots is None:
                 raise ValueError(f"model.anchors: {type(self.net).__name__} has fixed anchors; leave it out")
             self.slots.set_anchors(anchors)
-        self.val_map = CocoMAP(iou_types=self.IOU_TYPES)
+        # The last validation's mAP, confusion matrix and (pipeline-eval) prediction records for predictions.json.
+        self.evaluator = CocoEvaluator(num_classes, self.IOU_TYPES, self.SHOWN_SCORE)
         self._vis: dict[str, Any] | None = None
-        self.results: list[dict] = []  # the last validation's detections (original pixels), for predictions.json
-        self.confusion: Tensor | None = None  # the last validation's detection confusion matrix
         self.outbox = Outbox()  # figures, params and metrics for the run's record (pipeline.tracking logs them)
 
     # ---- anchors -------------------------------------------------------------------------------------------
@@ -172,34 +171,17 @@ class DetectionTask(pl.LightningModule):
     # ---- validation ----------------------------------------------------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
-        self.results = []
-        n = self.hparams.num_classes
-        self._confusion = torch.zeros(n, n, dtype=torch.long)  # this epoch's counts on this rank
-
-    @property
-    def _collecting(self) -> bool:
-        """Detections are kept for predictions.json only in `trainer.validate` (pipeline-eval), not while fitting."""
-        return self.trainer.state.fn == TrainerFn.VALIDATING
+        # Detections are kept for predictions.json only in `trainer.validate` (pipeline-eval), not while fitting.
+        self.evaluator.reset(collect=self.trainer.state.fn == TrainerFn.VALIDATING)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         losses, detections = self.net(batch["image"], self._targets(batch))
         if "loss" in losses:  # torchvision's nets compute losses only in training mode
             self.log("val/loss", losses["loss"], on_epoch=True, sync_dist=True, batch_size=len(detections))
-        preds, targets = [], []
-        for det, image_id, scale, (h, w), gt in zip(
-            detections, batch["image_id"], batch["scale"], batch["orig_size"], batch["gt"], strict=True
-        ):
-            pred = self._to_original(det, scale, h, w)
-            preds.append(pred)
-            targets.append({k: v.to(self.device) for k, v in gt.items()})
-            self._confusion += detection_confusion(
-                box_convert(pred["boxes"], "xywh", "xyxy"), pred["scores"], pred["labels"],
-                box_convert(targets[-1]["boxes"], "xywh", "xyxy"), targets[-1]["labels"], targets[-1]["iscrowd"],
-                self.hparams.num_classes, self.SHOWN_SCORE,
-            )  # fmt: skip
-            if self._collecting:
-                self.results += self._records(image_id, pred)
-        self.val_map.update(preds, targets)
+        per_image = zip(detections, batch["scale"], batch["orig_size"], strict=True)
+        preds = [self._to_original(det, scale, h, w) for det, scale, (h, w) in per_image]
+        targets = [{k: v.to(self.device) for k, v in gt.items()} for gt in batch["gt"]]
+        self.evaluator.update(preds, targets, list(batch["image_id"]))
         if batch_idx == 0:
             k = self.hparams.num_vis_images
             shown = {key: batch[key][:k] for key in ("image", "boxes", "labels", "masks") if key in batch}
@@ -210,25 +192,15 @@ class DetectionTask(pl.LightningModule):
         xywh = box_convert(unletterbox(det["boxes"], scale, height, width), "xyxy", "xywh")
         return {"boxes": xywh, "scores": det["scores"], "labels": det["labels"]}
 
-    def _records(self, image_id: int, pred: dict[str, Tensor]) -> list[dict]:
-        """One image's detections as plain records for predictions.json (labels, not yet category ids)."""
-        return [
-            {"image_id": image_id, "label": int(label), "bbox": box, "score": float(score)}
-            for box, score, label in zip(
-                pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist(), strict=True
-            )
-        ]
-
     def on_validation_epoch_end(self) -> None:
-        stats = self.val_map.summary("bbox")  # synced across DDP ranks
-        if self._collecting and self.trainer.world_size > 1:  # every rank holds its shard: gather them all
-            shards: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
-            torch.distributed.all_gather_object(shards, self.results)
-            self.results = sorted((r for shard in shards for r in shard), key=lambda r: r["image_id"])
-        self.val_map.reset()
-        # Summed over the ranks (a collective: every rank takes part); rank 0 draws it.
-        self.confusion = self.trainer.strategy.reduce(self._confusion.to(self.device), reduce_op="sum").cpu()
-        self._log_stats(stats, "val/")
+        # Every rank takes part (collectives); rank 0 draws.
+        every = self.evaluator.compute(
+            self.trainer.world_size,
+            lambda counts: self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum"),
+        )
+        for iou_type, type_stats in every.items():
+            self._log_stats(type_stats, "val/" if iou_type == "bbox" else f"val/{iou_type}_")
+        stats = every["bbox"]
         self.log("val/nonfinite_detections", float(stats["nonfinite"]), sync_dist=True)
         names = self.hparams.class_names
         # Rendered on rank 0 only: the logger keeps rank 0's pictures, the other ranks would draw them for nothing.
@@ -241,7 +213,7 @@ class DetectionTask(pl.LightningModule):
             title = f"Detections scoring >= {self.SHOWN_SCORE:g} at IoU 0.5, epoch {epoch}"
             # Drawn with true classes as rows, as the segmentation matrix: each row reads "where this class went";
             # the background row holds the false alarms, the background column the missed objects.
-            confusion = confusion_matrix_figure(self.confusion.T, names, title, unit="boxes")
+            confusion = confusion_matrix_figure(self.evaluator.confusion.T, names, title, unit="boxes")
             figures["plots/confusion_matrix.png"] = confusion
         self._vis = None
 

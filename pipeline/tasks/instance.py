@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.ops.masks import encode_rle
 from pipeline.ops.roi import roi_generator
 from pipeline.tasks.common import to_primitive
 from pipeline.tasks.detection import DetectionTask
@@ -75,17 +74,6 @@ class InstanceTask(DetectionTask):
     def _to_original(self, det: dict[str, Tensor], scale: tuple[float, float], height: int, width: int) -> dict:
         masks = self.masks_to_original(det, scale, height, width)
         return {**super()._to_original(det, scale, height, width), "masks": masks}
-
-    def _records(self, image_id: int, pred: dict[str, Tensor]) -> list[dict]:
-        records = super()._records(image_id, pred)
-        for record, mask in zip(records, pred["masks"], strict=True):
-            record["segmentation"] = encode_rle(mask)
-        return records
-
-    def on_validation_epoch_end(self) -> None:
-        # Computed once: the box numbers in super() come from the same (cached) evaluation.
-        self._log_stats(self.val_map.summary("segm"), "val/segm_")
-        super().on_validation_epoch_end()
 
     def _panel(self, batch: dict, detections: list[dict[str, Tensor]]) -> np.ndarray:
         """Validation picture: ground-truth masks and boxes | detections with their masks pasted, per image."""

@@ -150,12 +150,13 @@ def test_an_image_without_detections_yields_empty_outputs_and_scores_zero() -> N
         assert det["boxes"].shape == (0, 4) and det["masks"].shape == (0, 28, 28) and det["labels"].shape == (0,)
     original = task._to_original(detections[0], (0.5, 0.5), 128, 128)
     assert original["masks"].shape == (0, 128, 128) and original["masks"].dtype == torch.bool
-    assert task._records(7, original) == []
     gt = {"boxes": torch.tensor([[8.0, 8.0, 32.0, 28.0]]), "labels": torch.tensor([2]),
           "iscrowd": torch.tensor([0]), "area": torch.tensor([672.0]),
           "masks": torch.zeros(1, 128, 128, dtype=torch.bool).index_fill_(1, torch.arange(8, 36), True)}  # fmt: skip
-    task.val_map.update([original], [gt])
-    stats = task.val_map.summary("segm")
+    task.evaluator.reset(collect=True)
+    task.evaluator.update([original], [gt], [7])
+    assert task.evaluator.records == []
+    stats = task.evaluator.map.summary("segm")
     assert stats["map"] == 0.0 and stats["mar_100"] == 0.0
 
 
