@@ -119,7 +119,7 @@ def build(cfg: Any, anchors: Any, device: Any, channels_last: bool, compiled: bo
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     task = instantiate(cfg.model)
     if anchors is not None:
-        task.anchors = task._check_anchors(anchors)
+        task.slots.set_anchors(anchors)
     task.to(device)
     if channels_last:
         task.to(memory_format=torch.channels_last)

@@ -229,7 +229,6 @@ def raw_loop(cfg: Any, stamps: Stamps) -> None:
 
     from pipeline.data.anchor_cache import cached_kmeans_anchors
     from pipeline.tasks.detection import DetectionTask
-    from pipeline.tasks.instance import InstanceTask
 
     pl.seed_everything(cfg.seed, workers=True)
     task = instantiate(cfg.model)
@@ -240,7 +239,7 @@ def raw_loop(cfg: Any, stamps: Stamps) -> None:
     if detector:  # DetectionTask.setup without a trainer: k-means anchors (cached, as the pipeline reads them)
         sizes = torch.from_numpy(data.train_box_sizes(task.hparams.input_size))
         found = cached_kmeans_anchors(sizes, 3 * task.net.num_anchors, task.hparams.seed, task.hparams.anchor_cache)
-        task.anchors = task._check_anchors([[round(float(v), 1) for v in wh] for wh in found])
+        task.slots.set_anchors([[round(float(v), 1) for v in wh] for wh in found])
     optimizers = task.configure_optimizers()  # the experiments' epoch-interval schedule, or none
     optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
     scheduler = optimizers["lr_scheduler"]["scheduler"] if isinstance(optimizers, dict) else None
@@ -266,17 +265,14 @@ def raw_loop(cfg: Any, stamps: Stamps) -> None:
         task.eval()
         with torch.inference_mode():
             if detector:
-                task.results = []
+                task.evaluator.reset()
                 for batch in val_loader:
-                    _, detections = task._validation_outputs(batch)
+                    _, detections = task(batch["image"], task._targets(batch))
                     preds = [task._to_original(det, scale, h, w) for det, scale, (h, w)
                              in zip(detections, batch["scale"], batch["orig_size"], strict=True)]  # fmt: skip
                     targets = [{k: v.to(task.device) for k, v in gt.items()} for gt in batch["gt"]]
-                    task.val_map.update(preds, targets)
-                if isinstance(task, InstanceTask):
-                    task.val_map.summary("segm")
-                task.val_map.summary("bbox")
-                task.val_map.reset()
+                    task.evaluator.update(preds, targets, list(batch["image_id"]))
+                task.evaluator.compute(1, lambda counts: counts)
             else:
                 for index, batch in enumerate(val_loader):
                     task.validation_step(batch, index)
