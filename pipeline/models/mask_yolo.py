@@ -63,6 +63,7 @@ class MaskYOLO(YOLO):
     def forward(
         self, images: Tensor, targets: list[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]] | tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        """As YOLO's, the detections with their masks; the loss reads the levels along boxes via `mask_logits`."""
         outputs, levels = self.outputs(images)
         grid = self.slots.grid(outputs, tuple(images.shape[-2:]))
         pred = flatten_levels(outputs)

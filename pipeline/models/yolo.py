@@ -120,6 +120,7 @@ class YOLO(nn.Module):
     def forward(
         self, images: Tensor, targets: list[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]] | tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        """Losses in training mode, detections in eval mode (with targets: the losses too); see the class."""
         outputs, _ = self.outputs(images)
         grid = self.slots.grid(outputs, tuple(images.shape[-2:]))
         pred = flatten_levels(outputs)
@@ -130,6 +131,7 @@ class YOLO(nn.Module):
 
 
 def training_targets(targets: list[dict[str, Tensor]] | None) -> list[dict[str, Tensor]]:
+    """The targets a net needs in training mode (it returns their losses); a clear error where there are none."""
     if targets is None:
         raise ValueError("in training mode the net needs targets (it returns their losses)")
     return targets
