@@ -50,6 +50,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         worktree = Path(tmp) / "other"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), args.other], cwd=ROOT, check=True)
+        # An editable install maps the package `pipeline.conf` to this checkout's conf/, whatever PYTHONPATH says:
+        # without a `pipeline/conf` of its own the other commit would run with this checkout's configs.
+        if (worktree / "conf" / "__init__.py").is_file() and not (worktree / "pipeline" / "conf").exists():
+            (worktree / "pipeline" / "conf").symlink_to("../conf")
         try:
             sides = {"this checkout": ROOT, args.other: worktree}
             walls: dict[str, list[float]] = {name: [] for name in sides}
