@@ -75,7 +75,7 @@ def prepare(cfg: Any, count: int) -> tuple[list[dict], Any]:
     from pipeline.tasks.detection import DetectionTask
 
     task, data = harness.task_and_data(cfg)
-    anchors = task.anchors.reshape(-1, 2).tolist() if isinstance(task, DetectionTask) else None
+    anchors = task.slots.anchors.reshape(-1, 2).tolist() if isinstance(task, DetectionTask) else None
     batches = []
     for batch in data.train_dataloader():
         batches.append(batch)
@@ -95,7 +95,7 @@ def build(cfg: Any, anchors: Any, device: Any, channels_last: bool, compiled: bo
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     task = instantiate(cfg.model)
     if anchors is not None:
-        task.anchors = task._check_anchors(anchors)
+        task.slots.set_anchors(anchors)
     task.to(device)
     if channels_last:
         task.to(memory_format=torch.channels_last)

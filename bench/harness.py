@@ -194,7 +194,7 @@ def task_and_data(cfg: Any) -> tuple[Any, Any]:
     if isinstance(task, DetectionTask):  # k-means over the training boxes, cached on disk as the pipeline caches them
         sizes = torch.from_numpy(data.train_box_sizes(task.hparams.input_size))
         found = cached_kmeans_anchors(sizes, 3 * task.net.num_anchors, task.hparams.seed, task.hparams.anchor_cache)
-        task.anchors = task._check_anchors([[round(float(v), 1) for v in wh] for wh in found])
+        task.slots.set_anchors([[round(float(v), 1) for v in wh] for wh in found])
     return task, data
 
 

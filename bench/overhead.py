@@ -221,7 +221,6 @@ def raw_loop(cfg: Any, stamps: Stamps) -> None:
     from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 
     from pipeline.tasks.detection import DetectionTask
-    from pipeline.tasks.instance import InstanceTask
 
     task, data = harness.task_and_data(cfg)
     detector = isinstance(task, DetectionTask)
@@ -250,17 +249,14 @@ def raw_loop(cfg: Any, stamps: Stamps) -> None:
         task.eval()
         with torch.inference_mode():
             if detector:
-                task.results = []
+                task.evaluator.reset()
                 for batch in val_loader:
-                    _, detections = task._validation_outputs(batch)
+                    _, detections = task(batch["image"], task._targets(batch))
                     preds = [task._to_original(det, scale, h, w) for det, scale, (h, w)
                              in zip(detections, batch["scale"], batch["orig_size"], strict=True)]  # fmt: skip
                     targets = [{k: v.to(task.device) for k, v in gt.items()} for gt in batch["gt"]]
-                    task.val_map.update(preds, targets)
-                if isinstance(task, InstanceTask):
-                    task.val_map.summary("segm")
-                task.val_map.summary("bbox")
-                task.val_map.reset()
+                    task.evaluator.update(preds, targets, list(batch["image_id"]))
+                task.evaluator.compute(1, lambda counts: counts)
             else:
                 for index, batch in enumerate(val_loader):
                     task.validation_step(batch, index)

@@ -6,11 +6,11 @@ computes them), in eval mode under `torch.inference_mode`, and fed one validatio
 (`data.batch_size` images letterboxed to `data.val_size`, generated into a scratch directory). Timed separately
 in the order validation and `detect` run them, one warm-up round then `--repeats` rounds through all steps (so
 load that drifts touches every step alike), each step the median of its rounds:
-- forward: `task(images)` (normalise, net, flatten the slot outputs and build their grid), with the net alone
-  shown as a sub-row;
-- decode + NMS: `task._select(pred, grid)` (box decoding, objectness x class scores, score threshold, top-k,
-  torchvision's class-aware `batched_nms`, keep `max_detections`);
-- instance model only: the mask head `task._with_masks(detections, levels)` (1x1 projections of the neck levels,
+- forward: `net.outputs(images)` (normalise, backbone, neck, heads), then flatten the slot outputs and build their
+  grid (`net.slots.grid`), with the net alone shown as a sub-row;
+- decode + NMS: `pipeline.models.slots.detections(pred, grid, postprocess)` (box decoding, objectness x class
+  scores, score threshold, top-k, torchvision's class-aware `batched_nms`, keep `max_detections`);
+- instance model only: the mask head `net._with_masks(detections, levels)` (1x1 projections of the neck levels,
   multiscale RoIAlign along the detections, mask FCN over all classes, the own class's probabilities; the three
   parts are also timed alone as sub-rows) and the paste into each image's original resolution
   `task.masks_to_original(...)` (thresholded bool masks).
@@ -62,18 +62,25 @@ def candidates(task: Any, pred: torch.Tensor) -> tuple[float, float]:
 
 def inference_steps(task: Any, batch: dict, images: torch.Tensor, instance: bool) -> dict[str, Callable[[dict], Any]]:
     """The timed steps of one batch's inference, in the order `detect` and validation run them."""
+    from pipeline.models.slots import detections
+    from pipeline.ops.boxes import flatten_levels
     from pipeline.ops.roi import multiscale_roi_align
 
     net = task.net
+
+    def forward(state: dict) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+        outputs, levels = net.outputs(images)
+        return flatten_levels(outputs), net.slots.grid(outputs, tuple(images.shape[-2:])), levels
+
     steps: dict[str, Callable[[dict], Any]] = {
-        "net": lambda s: net((images - task.mean) / task.std),
-        "forward": lambda s: task(images),
-        "select": lambda s: task._select(s["forward"][0], s["forward"][1]),
+        "net": lambda s: net.outputs(images),
+        "forward": forward,
+        "select": lambda s: detections(s["forward"][0], s["forward"][1], net.postprocess),
     }
     if instance:
         places = list(zip(batch["scale"], batch["orig_size"], strict=True))
         steps.update({
-            "masks": lambda s: task._with_masks(s["select"], s["forward"][2]),
+            "masks": lambda s: net._with_masks(s["select"], s["forward"][2]),
             "lateral": lambda s: [lateral(level) for lateral, level in zip(net.mask_lateral, s["forward"][2],
                                                                             strict=True)],
             "roi_align": lambda s: multiscale_roi_align(s["lateral"], [d["boxes"] for d in s["masks"]], net.strides,
@@ -117,9 +124,9 @@ def bench_family(family: str, args: argparse.Namespace, root: Path) -> dict[str,
 
 
 LABELS = {
-    "forward": "forward: task(images)",
+    "forward": "forward: net.outputs, slot grid",
     "net": "  of which the net",
-    "select": "decode + NMS: _select",
+    "select": "decode + NMS: slots.detections",
     "masks": "mask head: _with_masks",
     "lateral": "  of which 1x1 projections of the levels",
     "roi_align": "  of which multiscale RoIAlign",

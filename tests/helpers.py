@@ -59,7 +59,8 @@ FAMILIES = {
 
 # A tiny detector task's settings (unit tests of the detection and instance tasks): 9 anchors for 64 px inputs.
 ANCHORS = [[8, 8], [12, 10], [10, 14], [16, 16], [24, 20], [20, 28], [32, 32], [48, 40], [40, 56]]
-LOSS = {"box": 1.0, "obj": 1.0, "cls": 0.5, "anchor_iou": 0.5, "ignore_iou": 0.5, "obj_balance": [4.0, 1.0, 0.4]}
+LOSS = {"_target_": "pipeline.losses.yolo.YOLOLoss", "box": 1.0, "obj": 1.0, "cls": 0.5, "anchor_iou": 0.5,
+        "ignore_iou": 0.5, "obj_balance": [4.0, 1.0, 0.4]}  # fmt: skip
 POST = {"score_threshold": 0.001, "iou_threshold": 0.6, "max_detections": 100, "pre_nms_top_k": 1000}
 
 

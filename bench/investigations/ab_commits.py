@@ -48,6 +48,10 @@ def main() -> None:
         worktree = Path(tmp) / "other"
         root = harness.ROOT
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), args.other], cwd=root, check=True)
+        # An editable install maps the package `pipeline.conf` to this checkout's conf/, whatever PYTHONPATH says:
+        # without a `pipeline/conf` of its own the other commit would run with this checkout's configs.
+        if (worktree / "conf" / "__init__.py").is_file() and not (worktree / "pipeline" / "conf").exists():
+            (worktree / "pipeline" / "conf").symlink_to("../conf")
         try:
             sides = {"this checkout": root, args.other: worktree}
             runs = harness.alternate({name: partial(run_once, name, code, args.overrides, args.metric)

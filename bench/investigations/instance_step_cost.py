@@ -34,14 +34,14 @@ def measure(experiment: str, root: str, repeats: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW(task.parameters())
 
     def train_step() -> None:
-        loss = task._training_losses(train)["loss"]
+        loss = task(train["image"], task._targets(train))["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
     def val_batch() -> None:
         with torch.no_grad():
-            _, detections = task._validation_outputs(val)
+            _, detections = task(val["image"], task._targets(val))
             for det, scale, (h, w) in zip(detections, val["scale"], val["orig_size"], strict=True):
                 task._to_original(det, scale, h, w)
 

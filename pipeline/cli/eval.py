@@ -117,7 +117,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     runs.write_json(out_dir / "metrics.json", record)
     artifacts = [out_dir / "metrics.json"]
     if task.TARGETS != "semantic":
-        results = coco_results(task.results, datamodule.category_ids)
+        results = coco_results(task.evaluator.records, datamodule.category_ids)
         runs.write_json(out_dir / "predictions.json", results)
         artifacts.append(out_dir / "predictions.json")
     _print_table(metrics, ckpt)

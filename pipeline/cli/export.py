@@ -7,8 +7,9 @@ does (longest side to `input_size`, padded bottom/right with 0) for the numbers 
 - FCN: `logits` [B, K, H, W] (K classes with background; argmax is the mask).
 - Detector: `boxes` [B, P, 4] (x1, y1, x2, y2 input pixels, decoded with the checkpoint's anchors scaled to H, W)
   and `scores` [B, P, K-1] (objectness probability x class probability, class j = label j + 1) for each of the
-  P = 3 x (H/8 x W/8 + H/16 x W/16 + H/32 x W/32) slots: before NMS, which is the caller's step, as the task does
-  it (`pipeline.ops.nms.select_detections`) with the thresholds in the sidecar JSON's `postprocess`:
+  P = 3 x (H/8 x W/8 + H/16 x W/16 + H/32 x W/32) slots (`pipeline.models.slots.boxes_and_scores`): before NMS,
+  which is the caller's step, as the net does it (`pipeline.models.slots.detections`: `ops.nms.select_detections`)
+  with the thresholds in the sidecar JSON's `postprocess`:
 
       slot, label = torch.nonzero(scores[b] > score_threshold, as_tuple=True)  # image b's candidates
       if len(slot) > pre_nms_top_k:  # only the best go through NMS
@@ -50,7 +51,7 @@ from pipeline.cli import CONF_DIR
 from pipeline.cli.common import exit_on_user_error
 from pipeline.errors import ConfigError
 from pipeline.models.mask_yolo import MaskYOLO
-from pipeline.ops.boxes import SlotGrid, decode, flatten_levels
+from pipeline.models.slots import boxes_and_scores
 from pipeline.ops.roi import fpn_levels
 from pipeline.tracking import runs, store
 from pipeline.training.checkpoint import resolve_checkpoint
@@ -93,49 +94,21 @@ def _multiple_of_32(images: Tensor) -> Tensor:
     return images
 
 
-class DetectionExport(Normalised):
+class DetectionExport(nn.Module):
     """images [B, 3, H, W] in 0..1 (H, W multiples of 32) -> boxes [B, P, 4] xyxy input pixels, scores [B, P, K-1].
 
-    The slot grid is built from the outputs' shapes with tensor ops (SlotGrid.build reads them as Python ints,
-    which an export would fix at the example's size); anchors scale with W and H as the task's `level_anchors`.
+    The net's own normalisation and decoding (`pipeline.models.slots`), on a grid built with tensor ops
+    (`Slots.traceable_grid`), so the export takes any input size; anchors scale with W and H as the net's.
     """
 
     def __init__(self, task: nn.Module) -> None:
-        super().__init__(task)
-        self.register_buffer("anchors", task.anchors.detach().clone())  # [3, A, 2] (w, h) pixels at input_size
-        self.input_size = int(task.hparams.input_size)
+        super().__init__()
+        self.net = task.net
 
-    def decode(self, outputs: list[Tensor], images: Tensor) -> tuple[Tensor, Tensor]:
-        """Per stride outputs [B, A, H_s, W_s, 5 + K-1] -> (boxes [B, P, 4], scores [B, P, K-1])."""
-        height, width = images.shape[-2:]
-        one = images.new_ones(())
-        scale = torch.stack([one * width, one * height]) / self.input_size
-        cells, strides, anchors = [], [], []
-        for level, (out, stride) in enumerate(zip(outputs, self.net.strides, strict=True)):
-            count, rows, cols = out.shape[1:4]
-            ys, xs = torch.meshgrid(torch.arange(rows, device=out.device), torch.arange(cols, device=out.device),
-                                    indexing="ij")  # fmt: skip
-            cell = torch.stack([xs, ys], dim=-1).reshape(1, -1, 2).expand(count, -1, -1).reshape(-1, 2)
-            cells.append(cell)
-            strides.append(torch.full_like(cell[:, 0], stride))
-            level_anchors = self.anchors[level] * scale  # [A, 2] at this input's size
-            anchors.append(level_anchors[:, None, :].expand(-1, rows * cols, -1).reshape(-1, 2))
-        # `decode` reads cells, strides and anchors; the Python-int bookkeeping fields stay empty.
-        grid = SlotGrid(
-            cells=torch.cat(cells).float(),
-            strides=torch.cat(strides).float(),
-            anchors=torch.cat(anchors),
-            offsets=(),
-            shapes=(),
-            level_strides=tuple(self.net.strides),
-            level_anchors=self.anchors,
-        )
-        pred = flatten_levels(outputs)
-        return decode(pred[..., :4], grid), torch.sigmoid(pred[..., 4:5]) * torch.sigmoid(pred[..., 5:])
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         images = _multiple_of_32(images)
-        return self.decode(self.net(self.normalise(images)), images)
+        outputs, _ = self.net.outputs(images)
+        return boxes_and_scores(outputs, self.net.slots.traceable_grid(outputs, images))
 
 
 class InstanceExport(DetectionExport):
@@ -143,15 +116,15 @@ class InstanceExport(DetectionExport):
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         images = _multiple_of_32(images)
-        outputs, levels = self.net(self.normalise(images))
+        outputs, levels = self.net.outputs(images)
         features = [lateral(level) for lateral, level in zip(self.net.mask_lateral, levels, strict=True)]
-        return (*self.decode(outputs, images), *features)
+        return (*boxes_and_scores(outputs, self.net.slots.traceable_grid(outputs, images)), *features)
 
 
 class MaskHeadExport(nn.Module):
     """(mask features at strides 8/16/32, rois [R, 5], labels [R] 1..K-1) -> masks [R, 2S, 2S] probabilities.
 
-    As `ops.roi.multiscale_roi_align` + the mask head + the own class's sigmoid (`InstanceTask._with_masks`), but
+    As `ops.roi.multiscale_roi_align` + the mask head + the own class's sigmoid (`MaskYOLO._with_masks`), but
     each level's RoIAlign runs over every RoI and `torch.where` keeps the level FPN's rule picks: the same values
     without the data-dependent indexing an export cannot size.
     """
@@ -239,7 +212,7 @@ def graphs(task: nn.Module, size: int) -> dict[str, Graph]:
     for (example,) in images:
         with torch.no_grad():
             features = main(example)[2:]
-        mask_examples.append((*features, *_example_rois(example, task.net.num_classes, generator)))
+        mask_examples.append((*features, *_example_rois(example, task.net.num_classes - 1, generator)))
     rois = Dim("rois")
     mask_dims = tuple({0: batch, 2: Dim(f"height_{s}"), 3: Dim(f"width_{s}")} for s in (8, 16, 32))
     side = 2 * heads.roi_size

@@ -14,6 +14,10 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 TAPS = ("c3", "c4", "c5")
 
+# Backbones expect ImageNet-normalised input (so pretrained weights work); batches carry RGB in 0..1.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class Backbone(nn.Module):
     """A feature extractor `[B, 3, H, W] -> {"c3", "c4", "c5"}` that declares each tap's channels and stride.

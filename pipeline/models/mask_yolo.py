@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
-from pipeline.models.yolo import YOLO
+from pipeline.models.slots import detections
+from pipeline.models.yolo import YOLO, training_targets
+from pipeline.ops.boxes import flatten_levels
+from pipeline.ops.masks import masks_to_original
 from pipeline.ops.roi import multiscale_roi_align
 
 
@@ -32,10 +38,11 @@ class MaskHead(nn.Module):
 class MaskYOLO(YOLO):
     """YOLO plus a mask branch: per box, RoIAlign of the neck (level chosen by box size, as FPN) -> MaskHead.
 
-    `forward` gives the detector's slot predictions and the neck levels; `mask_logits` reads the levels along
-    boxes (ground truth in training, detections at inference) with `ops.roi.multiscale_roi_align`, which samples
-    at pixel centres as the mask targets do. `mask_width` is the channel count the levels are projected to and
-    the head's width; `roi_size` the RoIAlign output (masks come out at twice that).
+    Same contract as YOLO, with "masks" [D, 2S, 2S] in each detection (box-relative probabilities of its own class)
+    and targets carrying "masks" uint8 [N, H, W] and "generator" (the mask RoIs' draw); the loss (`model.loss`,
+    e.g. `pipeline.losses.mask.MaskYOLOLoss`) reads the levels along boxes through `mask_logits`, which samples
+    at pixel centres as the mask targets do (`ops.roi.multiscale_roi_align`). `mask_width` is the channel count
+    the levels are projected to and the head's width; `roi_size` the RoIAlign output (masks come out at twice that).
     """
 
     def __init__(
@@ -46,18 +53,48 @@ class MaskYOLO(YOLO):
         neck_width: int = 128,
         mask_width: int = 32,
         roi_size: int = 14,
+        **detector: Any,
     ) -> None:
-        super().__init__(num_classes, backbone, num_anchors, neck_width)
+        super().__init__(num_classes, backbone, num_anchors, neck_width, **detector)
         self.mask_lateral = nn.ModuleList(nn.Conv2d(w, mask_width, 1) for w in self.widths)
         self.roi_size = roi_size
-        self.mask_head = MaskHead(mask_width, num_classes, mask_width)
+        self.mask_head = MaskHead(mask_width, num_classes - 1, mask_width)
 
-    def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """x: [B, 3, H, W] -> (per stride slot predictions [B, A, H_s, W_s, 5 + K], neck levels)."""
-        levels = self.neck(x)
-        return self.head(levels), levels
+    def forward(
+        self, images: Tensor, targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]] | tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        """As YOLO's, the detections with their masks; the loss reads the levels along boxes via `mask_logits`."""
+        outputs, levels = self.outputs(images)
+        grid = self.slots.grid(outputs, tuple(images.shape[-2:]))
+        pred = flatten_levels(outputs)
+
+        def mask_logits(rois: list[Tensor]) -> Tensor:
+            return self.mask_logits(levels, rois)
+
+        if self.training:
+            return self.loss(pred, grid, training_targets(targets), mask_logits)
+        losses = None if targets is None else self.loss(pred, grid, targets, mask_logits)
+        found = self._with_masks(detections(pred, grid, self.postprocess), levels)
+        return found if losses is None else (losses, found)
 
     def mask_logits(self, levels: list[Tensor], boxes: list[Tensor]) -> Tensor:
         """Per-class mask logits [R, K, 2S, 2S] for each image's boxes [R_b, 4] (x1, y1, x2, y2 input pixels)."""
         features = [lateral(level) for lateral, level in zip(self.mask_lateral, levels, strict=True)]
         return self.mask_head(multiscale_roi_align(features, boxes, self.strides, self.roi_size))
+
+    def _with_masks(self, found: list[dict[str, Tensor]], levels: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Add "masks" [D, 2S, 2S]: each detection's box-relative mask probabilities for its own class."""
+        logits = self.mask_logits(levels, [d["boxes"] for d in found])
+        labels = torch.cat([d["labels"] for d in found])
+        probs = logits[torch.arange(len(logits), device=logits.device), labels - 1].sigmoid()
+        for det, masks in zip(found, probs.split([len(d["boxes"]) for d in found]), strict=True):
+            det["masks"] = masks
+        return found
+
+    @staticmethod
+    def masks_to_original(
+        det: dict[str, Tensor], scale: tuple[float, float], height: int, width: int, threshold: float
+    ) -> Tensor:
+        """det["masks"] [D, M, M] box-relative, det["boxes"] [D, 4] letterboxed -> bool [D, height, width] in the
+        original image, by our pixel-centre convention (`ops.masks.masks_to_original`)."""
+        return masks_to_original(det, scale, height, width, threshold)

@@ -66,13 +66,29 @@ class TorchvisionMaskRCNN(nn.Module):
               f"{' …' if len(fresh) > 6 else ''}")  # fmt: skip
         return fresh
 
-    def losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """images [B, 3, S, S] in 0..1; targets {"boxes" [N, 4] xyxy, "labels" 1..K, "masks" uint8 [N, S, S]}."""
-        return self.model(list(images), targets)
+    def forward(
+        self, images: Tensor, targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]] | tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        """images [B, 3, S, S] in 0..1; targets per image {"boxes" [N, 4] xyxy, "labels" 1..K, "iscrowd" [N], "masks"
+        uint8 [N, S, S]} (crowd regions left out: torchvision has no ignore regions).
 
-    def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
-        """images [B, 3, S, S] in 0..1 -> per image {"boxes" [D, 4] input pixels, "scores", "labels" 1..K,
-        "masks" [D, 28, 28] box-relative probabilities} (torchvision's detections before pasting)."""
+        Training mode: {"loss": the sum of torchvision's losses, <name>: each detached, `loss_` prefix dropped}. Eval
+        mode: per image {"boxes" [D, 4] input pixels, "scores", "labels" 1..K, "masks" [D, 28, 28] box-relative
+        probabilities} (torchvision's detections before pasting); with targets ({}, detections): torchvision
+        computes losses only in training mode.
+        """
+        if self.training:
+            if targets is None:
+                raise ValueError("in training mode the net needs targets (it returns their losses)")
+            kept = [{k: t[k][~t["iscrowd"]] for k in ("boxes", "labels", "masks")} for t in targets]
+            losses = self.model(list(images), kept)
+            total = sum(losses.values())
+            return {"loss": total, **{k.removeprefix("loss_"): v.detach() for k, v in losses.items()}}
+        found = self.detections(images)
+        return found if targets is None else ({}, found)
+
+    def detections(self, images: Tensor) -> list[dict[str, Tensor]]:
+        """Eval mode's detections (see `forward`), with the boxes back in the input's pixels."""
         model = self.model
         batch, _ = model.transform(list(images))
         features = model.backbone(batch.tensors)

@@ -1,14 +1,18 @@
-"""A YOLOv3-style detector: backbone taps at strides 8/16/32, a top-down neck, one head per stride."""
+"""A YOLOv3-style detector: backbone taps at strides 8/16/32, a top-down neck, one head per stride; losses in
+training, detections in eval (torchvision's detection model contract)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.backbones import build_backbone
+from pipeline.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from pipeline.models.slots import Slots, detections
+from pipeline.ops.boxes import flatten_levels
 
 TAPS = ("c3", "c4", "c5")
 # Initial objectness probability: most slots hold no object, so start near "no object" (as RetinaNet's prior).
@@ -25,21 +29,42 @@ def conv_bn_act(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn
 
 
 class YOLO(nn.Module):
-    """[B, 3, H, W] (ImageNet-normalised; H, W multiples of 32) -> per stride 8/16/32 [B, A, H_s, W_s, 5 + K].
+    """images [B, 3, H, W] RGB in 0..1 (H, W multiples of 32) -> in training mode, given targets, the loss dict
+    (`loss`: built from `model.loss`, e.g. `pipeline.losses.yolo.YOLOLoss`); in eval mode per image detections
+    {"boxes" [D, 4] x1, y1, x2, y2 input pixels, "scores" [D], "labels" [D] 1..K}, and with targets (the loss dict,
+    the detections) of one pass.
 
-    The last dimension holds tx, ty, tw, th, objectness logit and K class logits for each of A anchors; anchor
-    sizes and decoding live outside the net (`pipeline.ops.boxes`), so the net is independent of the data.
-    `backbone` holds `build_backbone`'s arguments; `neck_width` is the channel count of the coarsest neck level
-    (finer levels halve it, as YOLOv3's 512/256/128).
+    `num_classes` counts the background (labels 1..K, as torchvision's). The heads give, per stride 8/16/32, slot
+    predictions [B, A, H_s, W_s, 5 + K]: tx, ty, tw, th, objectness logit and K class logits for each of A anchors
+    (`outputs`); `slots` holds the anchors (set by the task: given or k-means, at `input_size` pixels), the grids
+    and the decoding; `postprocess` the keyword arguments of `ops.nms.select_detections`. `backbone` holds
+    `build_backbone`'s arguments; `neck_width` is the channel count of the coarsest neck level (finer levels halve
+    it, as YOLOv3's 512/256/128). Targets: per image {"boxes" [N, 4], "labels" [N], "iscrowd" [N]}.
     """
 
-    def __init__(self, num_classes: int, backbone: dict, num_anchors: int = 3, neck_width: int = 128) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: dict,
+        num_anchors: int = 3,
+        neck_width: int = 128,
+        *,
+        input_size: int,
+        loss: nn.Module | None = None,
+        postprocess: Mapping[str, float] | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = build_backbone(**backbone)
         self.strides = [self.backbone.strides[tap] for tap in TAPS]
         if self.strides != [8, 16, 32]:
             raise ValueError(f"the detector needs backbone taps at strides 8/16/32, got {self.strides} (dilate_last?)")
         self.num_classes, self.num_anchors = num_classes, num_anchors
+        self.slots = Slots(self.strides, num_anchors, input_size)
+        self.loss = loss
+        self.postprocess = dict(postprocess or {})
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        foreground = num_classes - 1  # class logits for labels 1..K only
         self.widths = widths = [neck_width // 4, neck_width // 2, neck_width]  # strides 8, 16, 32
         channels = [self.backbone.channels[tap] for tap in TAPS]
         self.lateral = nn.ModuleList()
@@ -55,11 +80,10 @@ class YOLO(nn.Module):
             # What the level passes up to the next finer one (YOLOv3's 1x1 conv before upsampling).
             self.reduce.append(conv_bn_act(widths[level], widths[level] // 2, 1) if level > 0 else nn.Identity())
         self.heads = nn.ModuleList(
-            nn.Sequential(conv_bn_act(w, 2 * w, 3), nn.Conv2d(2 * w, num_anchors * (5 + num_classes), 1))
-            for w in widths
+            nn.Sequential(conv_bn_act(w, 2 * w, 3), nn.Conv2d(2 * w, num_anchors * (5 + foreground), 1)) for w in widths
         )
         for head in self.heads:
-            bias = head[-1].bias.view(num_anchors, 5 + num_classes)
+            bias = head[-1].bias.view(num_anchors, 5 + foreground)
             with torch.no_grad():
                 bias.zero_()
                 bias[:, 4] = math.log(OBJECTNESS_PRIOR / (1 - OBJECTNESS_PRIOR))
@@ -85,9 +109,29 @@ class YOLO(nn.Module):
         for level, head in zip(levels, self.heads, strict=True):
             out = head(level)
             b, _, h, w = out.shape
-            outputs.append(out.view(b, self.num_anchors, 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2))
+            outputs.append(out.view(b, self.num_anchors, -1, h, w).permute(0, 1, 3, 4, 2))
         return outputs
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """x: [B, 3, H, W] -> [[B, A, H/8, W/8, 5+K], [B, A, H/16, W/16, 5+K], [B, A, H/32, W/32, 5+K]]."""
-        return self.head(self.neck(x))
+    def outputs(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """images [B, 3, H, W] in 0..1 -> (per stride slot predictions [B, A, H_s, W_s, 5 + K], the neck levels)."""
+        levels = self.neck((images - self.mean) / self.std)
+        return self.head(levels), levels
+
+    def forward(
+        self, images: Tensor, targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]] | tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        """Losses in training mode, detections in eval mode (with targets: the losses too); see the class."""
+        outputs, _ = self.outputs(images)
+        grid = self.slots.grid(outputs, tuple(images.shape[-2:]))
+        pred = flatten_levels(outputs)
+        if self.training:
+            return self.loss(pred, grid, training_targets(targets))
+        found = detections(pred, grid, self.postprocess)
+        return found if targets is None else (self.loss(pred, grid, targets), found)
+
+
+def training_targets(targets: list[dict[str, Tensor]] | None) -> list[dict[str, Tensor]]:
+    """The targets a net needs in training mode (it returns their losses); a clear error where there are none."""
+    if targets is None:
+        raise ValueError("in training mode the net needs targets (it returns their losses)")
+    return targets

@@ -1,16 +1,15 @@
-"""What every task shares: input normalisation, primitive hyper-parameters, optimizers built from config."""
+"""What every task shares: primitive hyper-parameters, optimizers built from config, and the
+outbox through which it hands figures, params and metrics to the tracking layer."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-# Backbones expect ImageNet-normalised input (so pretrained weights work); batches carry RGB in 0..1.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_primitive(value: Any) -> Any:
@@ -40,3 +39,22 @@ def schedule_from_config(checkpoint: dict, scheduler: dict | None) -> None:
     settings = {k: v for k, v in (scheduler or {}).items() if not k.startswith("_")}
     for state in checkpoint.get("lr_schedulers", []):
         state.update({k: v for k, v in settings.items() if k in state})
+
+
+@dataclass
+class Outbox:
+    """What a task hands over for the run's record, for a tracking callback to log (`pipeline.tracking.plots.
+    TaskOutbox`): figures (artifact path -> RGB uint8 [H, W, 3]), params (name -> text) and metrics (name -> value).
+
+    Tasks fill it on global rank zero only. Tasks stay free of the tracking layer: they never see the logger.
+    """
+
+    figures: dict[str, np.ndarray] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def take(self) -> Outbox:
+        """Everything handed over so far, leaving the outbox empty."""
+        taken = Outbox(self.figures, self.params, self.metrics)
+        self.figures, self.params, self.metrics = {}, {}, {}
+        return taken

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from pipeline.metrics.segmentation import ConfusionMatrixIoU, iou_from_confmat
+from pipeline.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.ops.boxes import unletterbox_map
-from pipeline.tasks.common import IMAGENET_MEAN, IMAGENET_STD, build_optimizers, schedule_from_config, to_primitive
-from pipeline.tracking.runs import log_image
+from pipeline.tasks.common import Outbox, build_optimizers, schedule_from_config, to_primitive
 from pipeline.viz import comparison_panel, confusion_matrix_figure, iou_bar_figure
 
 
@@ -61,6 +61,7 @@ class SegmentationTask(pl.LightningModule):
         # The last validation's confusion matrix [C, C] (rows: true class; void excluded) and per-class IoU [C].
         self.confmat: torch.Tensor | None = None
         self.per_class_iou: torch.Tensor | None = None
+        self.outbox = Outbox()  # figures for the run's record (pipeline.tracking logs them)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: [B, 3, H, W] RGB in 0..1 -> logits [B, C, H, W]."""
@@ -112,17 +113,16 @@ class SegmentationTask(pl.LightningModule):
             if self._vis is not None:
                 vis, num_classes = self._vis, self.hparams.num_classes
                 panel = comparison_panel(vis["image"], vis["mask"], vis["pred"], num_classes)
-                log_image(self.logger, panel, f"val_images/epoch_{self.current_epoch:03d}.png")
+                self.outbox.figures[f"val_images/epoch_{self.current_epoch:03d}.png"] = panel
             self._log_plots()
         self._vis = None
 
     def _log_plots(self) -> None:
         """The last validation's confusion matrix and per-class IoU as `plots/…` images (replaced each epoch)."""
-        names, epoch = self.hparams.class_names, self.current_epoch
+        names, epoch, figures = self.hparams.class_names, self.current_epoch, self.outbox.figures
         title = f"Confusion matrix, epoch {epoch} (mIoU {float(self.per_class_iou.nanmean()):.3f})"
-        log_image(self.logger, confusion_matrix_figure(self.confmat, names, title), "plots/confusion_matrix.png")
-        iou = iou_bar_figure(self.per_class_iou, names, f"IoU per class, epoch {epoch}")
-        log_image(self.logger, iou, "plots/iou_per_class.png")
+        figures["plots/confusion_matrix.png"] = confusion_matrix_figure(self.confmat, names, title)
+        figures["plots/iou_per_class.png"] = iou_bar_figure(self.per_class_iou, names, f"IoU per class, epoch {epoch}")
 
     def predict_masks(self, images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """Letterboxed images [B, 3, S, S] in 0..1 and each one's original (H, W) -> labels [H, W] per image."""

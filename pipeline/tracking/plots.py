@@ -1,11 +1,14 @@
-"""Figures a training run keeps in MLflow: the loss and learning-rate curves of the whole run."""
+"""Figures a training run keeps in MLflow: the loss and learning-rate curves of the whole run, and what the task
+hands over through its outbox (validation pictures, PR curves, confusion matrices, anchors)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import MLFlowLogger
 
+from pipeline.tasks.common import Outbox
 from pipeline.tracking.runs import log_image
 from pipeline.viz import training_curves_figure
 
@@ -76,3 +79,32 @@ class LossCurves(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {int(e): dict(v) for e, v in state_dict["history"].items()}
+
+
+class TaskOutbox(pl.Callback):
+    """Logs what the task put in its `outbox` (`pipeline.tasks.common.Outbox`) to the run: each figure as an image
+    artifact at its path, params and metrics by name; then empties the outbox.
+
+    Drained when fitting starts (a task's `setup` runs before `on_fit_start`: the detector's anchors) and after each
+    validation: in `on_validation_end`, since Lightning calls callbacks' `on_validation_epoch_end` before the
+    module's, where the task renders its figures.
+    """
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drain(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drain(trainer, pl_module)
+
+    def _drain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        outbox: Outbox | None = getattr(pl_module, "outbox", None)
+        if outbox is None:
+            return
+        taken, logger = outbox.take(), trainer.logger
+        for artifact_file, image in taken.figures.items():
+            log_image(logger, image, artifact_file)
+        if isinstance(logger, MLFlowLogger) and logger.run_id is not None:
+            for key, value in taken.params.items():
+                logger.experiment.log_param(logger.run_id, key, value)
+            for key, value in taken.metrics.items():
+                logger.experiment.log_metric(logger.run_id, key, value)

@@ -10,6 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.training.checkpoint import check_model, load_checkpoint
 
+# Task classes merged into another since a checkpoint was written: its config still names the old one.
+MERGED_TASKS = {"pipeline.tasks.instance.TorchvisionInstanceTask": "pipeline.tasks.instance.InstanceTask"}
+
 
 def load_task(ckpt: Path) -> tuple[pl.LightningModule, DictConfig, dict]:
     """The trained LightningModule (weights-only load), the training config and the checkpoint's metadata.
@@ -20,6 +23,7 @@ def load_task(ckpt: Path) -> tuple[pl.LightningModule, DictConfig, dict]:
     state = load_checkpoint(ckpt)
     meta = state["pipeline"]
     train_cfg = OmegaConf.create(meta["config"])
+    train_cfg.model._target_ = MERGED_TASKS.get(train_cfg.model._target_, train_cfg.model._target_)
     try:
         task = get_class(train_cfg.model._target_).load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     except RuntimeError as err:

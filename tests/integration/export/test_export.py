@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.cli import CONF_DIR
 from pipeline.cli.export import graphs
 from pipeline.errors import ConfigError
-from pipeline.ops.boxes import decode
+from pipeline.ops.boxes import decode, flatten_levels
 from pipeline.training.loading import load_task
 from tests.helpers import TINY, project_dir, run_cli, run_dirs, run_main
 
@@ -77,15 +77,17 @@ def _run(path: Path, fmt: str, inputs: dict[str, torch.Tensor]) -> list[torch.Te
 
 
 def _reference(task: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """What the exported model should output, by the task's own code: its forward, SlotGrid.build and decode."""
+    """What the exported model should output, by the task's own code: its net's heads, SlotGrid.build and decode."""
     with torch.no_grad():
         if task.TARGETS == "semantic":
             return [task(images)]
-        pred, grid, *levels = task(images)
+        outputs, levels = task.net.outputs(images)
+        grid = task.net.slots.grid(outputs, tuple(images.shape[-2:]))
+        pred = flatten_levels(outputs)
         scores = torch.sigmoid(pred[..., 4:5]) * torch.sigmoid(pred[..., 5:])
         out = [decode(pred[..., :4], grid), scores]
-        if levels:
-            out += [lateral(level) for lateral, level in zip(task.net.mask_lateral, levels[0], strict=True)]
+        if task.TARGETS == "instances":
+            out += [lateral(level) for lateral, level in zip(task.net.mask_lateral, levels, strict=True)]
         return out
 
 

@@ -68,7 +68,7 @@ def _check_confusion(checkpoint: Path, workdir: Path, val_size: int) -> torch.Te
     score threshold is tested in tests/unit/test_confusion.py) and compare its matrix with COCOeval's, from the
     detections the validation kept and the annotation file; returns the matrix."""
     task, cfg, _ = load_task(checkpoint)
-    task.SHOWN_SCORE = 0.0
+    task.evaluator.shown_score = 0.0
     cfg.data.val_size = val_size  # above 64, the letterbox scales: the matrix must be counted in original pixels
     datamodule = instantiate(cfg.data, targets=task.TARGETS)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -79,25 +79,25 @@ def _check_confusion(checkpoint: Path, workdir: Path, val_size: int) -> torch.Te
     for image in annotations["images"]:
         gts = [[x, y, x + w, y + h, label[a["category_id"]], a["iscrowd"]] for a in annotations["annotations"]
                if a["image_id"] == image["id"] for x, y, w, h in [a["bbox"]]]  # fmt: skip
-        dets = [[x, y, x + w, y + h, r["score"], r["label"]] for r in task.results if r["image_id"] == image["id"]
-                for x, y, w, h in [r["bbox"]]]  # fmt: skip
+        dets = [[x, y, x + w, y + h, r["score"], r["label"]] for r in task.evaluator.records
+                if r["image_id"] == image["id"] for x, y, w, h in [r["bbox"]]]  # fmt: skip
         gts = sorted(gts, key=lambda g: g[4])  # COCOeval lists them class by class: equal IoUs go alike
         images.append((np.array(dets, dtype=np.float64).reshape(-1, 6), np.array(gts, dtype=np.float64).reshape(-1, 6)))
-    reference = cocoeval_confusion(images, task.SHOWN_SCORE, classes=len(label) + 1)
+    reference = cocoeval_confusion(images, task.evaluator.shown_score, classes=len(label) + 1)
     assert reference[1:].sum() > 0  # some detections count
-    np.testing.assert_array_equal(task.confusion.numpy(), reference)
-    return task.confusion
+    np.testing.assert_array_equal(task.evaluator.confusion.numpy(), reference)
+    return task.evaluator.confusion
 
 
 class KeepConfusion(pl.Callback):
     """For the DDP run: count every detection, and save rank 0's matrix of each validation to $CONFUSION_FILE."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.SHOWN_SCORE = 0.0
+        pl_module.evaluator.shown_score = 0.0
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:
-            torch.save(pl_module.confusion, os.environ["CONFUSION_FILE"])
+            torch.save(pl_module.evaluator.confusion, os.environ["CONFUSION_FILE"])
 
 
 @pytest.mark.distributed

@@ -33,7 +33,7 @@ def _bin_centres(box: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_pooled_features_read_the_coordinates_of_the_bin_centres_at_every_level() -> None:
-    net = MaskYOLO(3, {"name": "vgg_tiny", "width": 4}, neck_width=16, mask_width=8, roi_size=ROI)
+    net = MaskYOLO(4, {"name": "vgg_tiny", "width": 4}, neck_width=16, mask_width=8, roi_size=ROI, input_size=64)
     with torch.no_grad():
         for lateral in net.mask_lateral:  # 1x1 convs passing channels 0..2 through unchanged
             lateral.weight.zero_()

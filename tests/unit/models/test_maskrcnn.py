@@ -30,7 +30,9 @@ def _record_backbone_inputs(net: TorchvisionMaskRCNN) -> tuple[list[Tensor], tor
 def _targets(size: int, count: int) -> list[dict[str, Tensor]]:
     masks = torch.zeros(1, size, size, dtype=torch.uint8)
     masks[0, 8:40, 8:40] = 1
-    return [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]), "masks": masks}] * count
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]), "masks": masks,
+              "iscrowd": torch.tensor([False])}  # fmt: skip
+    return [target] * count
 
 
 def test_each_multi_scale_training_batch_reaches_the_backbone_at_its_own_size(net: TorchvisionMaskRCNN) -> None:
@@ -38,7 +40,7 @@ def test_each_multi_scale_training_batch_reaches_the_backbone_at_its_own_size(ne
     try:
         net.train()
         for size in (64, 96):  # input_size is 64: torchvision's resize used to scale the 96 batch back to 64
-            losses = net.losses(torch.rand(2, 3, size, size), _targets(size, 2))
+            losses = net(torch.rand(2, 3, size, size), _targets(size, 2))
             assert all(torch.isfinite(v) for v in losses.values())
             batch, targets = net.model.transform(list(torch.rand(2, 3, size, size)), _targets(size, 2))
             assert batch.image_sizes == [(size, size)] * 2

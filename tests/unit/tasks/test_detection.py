@@ -1,14 +1,17 @@
-"""The detector's loss: finite with or without objects, objectness-only on empty images; anchors from config."""
+"""The detector's loss: finite with or without objects, objectness-only on empty images; anchors from config; the
+net's contract (losses in training, detections in eval) and its loss built from `model.loss`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from pipeline.ops.assign import assign, ignored
-from pipeline.ops.boxes import SlotGrid, decode
+from pipeline.ops.boxes import SlotGrid, decode, flatten_levels
+from pipeline.ops.nms import select_detections
 from pipeline.tasks.detection import DetectionTask
 from tests.helpers import ANCHORS, LOSS, POST
 
@@ -29,11 +32,21 @@ def _batch(boxes: list[list[list[float]]]) -> dict:
     }
 
 
+def _slots(task: DetectionTask, images: torch.Tensor) -> tuple[torch.Tensor, SlotGrid]:
+    """The net's raw slot predictions [B, P, 5 + K] and their grid, as its forward computes them."""
+    outputs, _ = task.net.outputs(images)
+    return flatten_levels(outputs), task.net.slots.grid(outputs, tuple(images.shape[-2:]))
+
+
+def _loss(task: DetectionTask, pred: torch.Tensor, grid: SlotGrid, batch: dict) -> dict[str, torch.Tensor]:
+    return task.net.loss(pred, grid, task._targets(batch))
+
+
 def test_images_without_objects_train_objectness_only() -> None:
     task = _task()
     batch = _batch([[], []])
-    pred, grid = task(batch["image"])
-    losses = task._loss(pred, grid, batch)
+    pred, grid = _slots(task, batch["image"])
+    losses = _loss(task, pred, grid, batch)
     assert losses["box"] == 0 and losses["cls"] == 0 and torch.isfinite(losses["loss"]) and losses["obj"] > 0
     losses["loss"].backward()
     head = task.net.heads[0][-1]
@@ -44,30 +57,30 @@ def test_images_without_objects_train_objectness_only() -> None:
 def test_a_batch_with_objects_trains_every_term() -> None:
     task = _task()
     batch = _batch([[[4.0, 4.0, 20.0, 18.0], [30.0, 30.0, 62.0, 60.0]], []])
-    pred, grid = task(batch["image"])
-    losses = task._loss(pred, grid, batch)
+    pred, grid = _slots(task, batch["image"])
+    losses = _loss(task, pred, grid, batch)
     assert all(torch.isfinite(losses[k]) and losses[k] > 0 for k in ("box", "obj", "cls"))
 
 
 def test_anchors_from_config_are_sorted_by_area_and_checked() -> None:
     task = _task(anchors=list(reversed(ANCHORS)))
-    areas = task.anchors.reshape(-1, 2).prod(1)
-    assert task.anchors.shape == (3, 3, 2) and torch.equal(areas, areas.sort().values)
+    areas = task.slots.anchors.reshape(-1, 2).prod(1)
+    assert task.slots.anchors.shape == (3, 3, 2) and torch.equal(areas, areas.sort().values)
     with pytest.raises(ValueError, match="needs 9 positive"):
         _task(anchors=ANCHORS[:4])
-    with pytest.raises(ValueError, match="model.loss needs exactly the keys"):
+    with pytest.raises(InstantiationException, match="typo"):  # the loss class's signature refuses it
         _task(loss={**LOSS, "typo": 1.0})
     with pytest.raises(RuntimeError, match="no anchors yet"):
-        _task(anchors=None).level_anchors((64, 64))
-    assert _task(anchors="kmeans").anchors is None  # k-means when fitting starts
+        _task(anchors=None).slots.level_anchors((64, 64))
+    assert _task(anchors="kmeans").slots.anchors is None  # k-means when fitting starts
     with pytest.raises(ValueError, match="give \\[w, h\\] pairs, null or kmeans"):
         _task(anchors="auto")
 
 
 def test_anchors_scale_per_axis_with_the_input() -> None:
     task = _task()  # anchors in pixels of a 64 x 64 input
-    anchors = task.anchors
-    scaled = task.level_anchors((32, 128))  # half the height, twice the width
+    anchors = task.slots.anchors
+    scaled = task.slots.level_anchors((32, 128))  # half the height, twice the width
     assert torch.equal(scaled[..., 0], anchors[..., 0] * 2) and torch.equal(scaled[..., 1], anchors[..., 1] / 2)
 
 
@@ -97,7 +110,7 @@ def test_a_fork_at_another_input_size_rescales_the_checkpoint_anchors():
 
 
 def _per_image_loss(task: DetectionTask, pred: torch.Tensor, grid: SlotGrid, batch: dict) -> dict[str, torch.Tensor]:
-    """The YOLOv3 loss written image by image from the ops (the loop the batched `_loss` replaced)."""
+    """The YOLOv3 loss written image by image from the ops (the loop the batched `YOLOLoss` replaced)."""
     cfg = task.hparams.loss
     boxes = decode(pred[..., :4], grid)
     obj_target = torch.zeros_like(pred[..., 4])
@@ -134,8 +147,8 @@ def test_the_batched_loss_equals_the_loss_computed_image_by_image() -> None:
     batch = _batch(boxes)
     batch["labels"] = [torch.randint(1, 4, (len(b),), generator=generator) for b in boxes]
     batch["iscrowd"][3][[2, 7]] = True  # crowd regions only ignore
-    pred, grid = task(batch["image"])
-    ours, reference = task._loss(pred, grid, batch), _per_image_loss(task, pred, grid, batch)
+    pred, grid = _slots(task, batch["image"])
+    ours, reference = _loss(task, pred, grid, batch), _per_image_loss(task, pred, grid, batch)
     assert ours["box"] > 0 and ours["cls"] > 0  # positives in the batch, not only objectness
     for key in ("loss", "box", "obj", "cls"):
         torch.testing.assert_close(ours[key], reference[key], rtol=1e-6, atol=1e-7)
@@ -147,7 +160,7 @@ def test_the_loss_runs_in_double_precision() -> None:
     task = _task().double()  # what trainer.precision=64-true does to the model and the batch
     batch = _batch([[[4.0, 4.0, 20.0, 18.0]], []])
     batch = {**batch, "image": batch["image"].double(), "boxes": [b.double() for b in batch["boxes"]]}
-    losses = task._loss(*task(batch["image"]), batch)
+    losses = _loss(task, *_slots(task, batch["image"]), batch)
     assert losses["loss"].dtype == torch.float64 and torch.isfinite(losses["loss"])
 
 
@@ -155,8 +168,45 @@ def test_the_loss_runs_in_double_precision() -> None:
 def test_the_loss_runs_under_mixed_precision_autocast(dtype: torch.dtype) -> None:
     task = _task()
     batch = _batch([[[4.0, 4.0, 20.0, 18.0], [30.0, 30.0, 62.0, 60.0]], [[10.0, 12.0, 40.0, 50.0]]])
-    full = task._loss(*task(batch["image"]), batch)
+    full = _loss(task, *_slots(task, batch["image"]), batch)
     with torch.autocast("cpu", dtype=dtype):  # what trainer.precision=bf16-mixed / 16-mixed run the step under
-        mixed = task._loss(*task(batch["image"]), batch)
+        mixed = _loss(task, *_slots(task, batch["image"]), batch)
     mixed["loss"].backward()
     torch.testing.assert_close(mixed["loss"].float(), full["loss"], rtol=0.05, atol=0.01)
+
+
+def test_the_net_returns_losses_in_training_and_the_ops_detections_in_eval() -> None:
+    task = _task()
+    batch = _batch([[[4.0, 4.0, 20.0, 18.0]], [[30.0, 30.0, 62.0, 60.0]]])
+    losses = task.train()(batch["image"], task._targets(batch))
+    assert set(losses) == {"loss", "box", "obj", "cls"} and losses["loss"].requires_grad
+    task.eval()
+    with torch.no_grad():
+        detections = task.detect(batch["image"])
+        with_losses, same = task(batch["image"], task._targets(batch))
+        # Reference: the ops by hand, on the raw head outputs and the anchors scaled to the input.
+        outputs, _ = task.net.outputs(batch["image"])
+        pred = flatten_levels(outputs)
+        grid = SlotGrid.build([tuple(o.shape[2:4]) for o in outputs], [8, 16, 32], task.slots.anchors)
+        boxes = decode(pred[..., :4], grid)
+    assert set(with_losses) == {"loss", "box", "obj", "cls"}
+    for b, det in enumerate(detections):
+        kept, scores, labels = select_detections(boxes[b], pred[b, :, 4], pred[b, :, 5:], **POST)
+        assert (
+            len(kept) > 0 and torch.equal(det["labels"], labels + 1) and torch.equal(same[b]["labels"], det["labels"])
+        )
+        assert torch.equal(det["boxes"], kept) and torch.equal(det["scores"], scores)
+    with pytest.raises(ValueError, match="needs targets"):
+        task.train()(batch["image"])
+
+
+def test_an_unknown_model_loss_key_fails_naming_it_before_training() -> None:
+    from omegaconf import OmegaConf
+
+    from pipeline.errors import ConfigError
+    from pipeline.training.config import validate_config
+
+    cfg = OmegaConf.create({"model": {"_target_": "pipeline.tasks.detection.DetectionTask", "_recursive_": False,
+                                      "loss": {**LOSS, "ignore_ioo": 0.5}}})  # fmt: skip
+    with pytest.raises(ConfigError, match="'model.loss.ignore_ioo'.*Did you mean 'ignore_iou'"):
+        validate_config(cfg, {"model"})

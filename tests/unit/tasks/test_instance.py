@@ -12,13 +12,17 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from pipeline.cli import CONF_DIR
+from pipeline.cli import common as _resolvers  # noqa: F401 (registers the ${pipeline.…} resolvers of the configs)
 from pipeline.data.datamodule import ShapesDataModule
 from pipeline.models.maskrcnn import TorchvisionMaskRCNN
+from pipeline.ops.boxes import SlotGrid, flatten_levels
 from pipeline.ops.masks import masks_to_original
 from pipeline.tasks.instance import InstanceTask
 from tests.helpers import ANCHORS, LOSS, POST
 
-MASKS = {"threshold": 0.5, "rois_per_image": 8, "positive_iou": 0.5}
+MASKS = {"threshold": 0.5}
+MASK_LOSS = {**LOSS, "_target_": "pipeline.losses.mask.MaskYOLOLoss", "mask": 1.0, "rois_per_image": 8,
+             "positive_iou": 0.5}  # fmt: skip
 
 
 def _task(**post: float) -> InstanceTask:
@@ -26,7 +30,7 @@ def _task(**post: float) -> InstanceTask:
            "neck_width": 16, "mask_width": 8}  # fmt: skip
     return InstanceTask(
         masks=MASKS, net=net, optimizer={"_target_": "torch.optim.SGD", "lr": 0.1}, scheduler=None, num_classes=4,
-        class_names=["background", "a", "b", "c"], input_size=64, anchors=ANCHORS, loss={**LOSS, "mask": 1.0},
+        class_names=["background", "a", "b", "c"], input_size=64, anchors=ANCHORS, loss=MASK_LOSS,
         postprocess={**POST, **post},
     )  # fmt: skip
 
@@ -47,11 +51,24 @@ def _batch(boxes: list[list[list[float]]]) -> dict:
     }
 
 
+def _raw(task: InstanceTask, images: torch.Tensor) -> tuple[torch.Tensor, SlotGrid, list[torch.Tensor]]:
+    """The net's slot predictions [B, P, 5 + K], their grid and the neck levels, as its forward computes them."""
+    outputs, levels = task.net.outputs(images)
+    return flatten_levels(outputs), task.net.slots.grid(outputs, tuple(images.shape[-2:])), levels
+
+
+def _mask_loss(task: InstanceTask, batch: dict) -> torch.Tensor:
+    """The mask term alone of the net's loss (`MaskYOLOLoss.mask_loss`) on the batch's targets."""
+    pred, grid, levels = _raw(task, batch["image"])
+    targets, loss = task._targets(batch), task.net.loss
+    assignment = loss.assign(grid, targets, pred.device)
+    return loss.mask_loss(pred, grid, targets, assignment, lambda rois: task.net.mask_logits(levels, rois))
+
+
 def test_mask_loss_trains_only_the_ground_truth_class_channel() -> None:
     task = _task()
     batch = _batch([[[4.0, 4.0, 20.0, 18.0], [30.0, 30.0, 62.0, 60.0]], []])
-    pred, grid, levels = task(batch["image"])
-    loss = task._mask_loss(levels, pred, grid, batch)
+    loss = _mask_loss(task, batch)
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     last = task.net.mask_head.layers[-1]  # 1x1 conv to one channel per class: label 2 is channel 1
@@ -68,8 +85,11 @@ def _crowded(images: int, image_ids: list[int]) -> dict:
 def _chosen(task: InstanceTask, batch: dict) -> list[list[int]]:
     """Per image, the instances (rows of its boxes) that got a mask RoI, checking each RoI is its owner's box."""
     with torch.no_grad():
-        pred, grid, _ = task(batch["image"])
-        rois, owners, labels, _ = task._mask_rois(pred, grid, batch, task._assignments(grid, batch))
+        pred, grid, _ = _raw(task, batch["image"])
+        targets = task._targets(batch)
+        rois, owners, labels, _ = task.net.loss.mask_rois(
+            pred, grid, targets, task.net.loss.assign(grid, targets, "cpu")
+        )
     chosen, start = [], 0
     for image_rois, image_owners, gt in zip(rois, owners.split([len(r) for r in rois]), batch["boxes"], strict=True):
         rows = (image_owners - start).tolist()
@@ -115,8 +135,7 @@ def test_the_mask_rois_drawn_follow_seed_step_rank_and_image_index(monkeypatch: 
 def test_a_batch_without_objects_gives_a_zero_mask_loss_that_keeps_the_head_in_the_graph() -> None:
     task = _task()
     batch = _batch([[], []])
-    pred, grid, levels = task(batch["image"])
-    loss = task._mask_loss(levels, pred, grid, batch)
+    loss = _mask_loss(task, batch)
     assert loss == 0
     loss.backward()
     assert task.net.mask_head.layers[-1].weight.grad is not None
@@ -131,12 +150,13 @@ def test_an_image_without_detections_yields_empty_outputs_and_scores_zero() -> N
         assert det["boxes"].shape == (0, 4) and det["masks"].shape == (0, 28, 28) and det["labels"].shape == (0,)
     original = task._to_original(detections[0], (0.5, 0.5), 128, 128)
     assert original["masks"].shape == (0, 128, 128) and original["masks"].dtype == torch.bool
-    assert task._records(7, original) == []
     gt = {"boxes": torch.tensor([[8.0, 8.0, 32.0, 28.0]]), "labels": torch.tensor([2]),
           "iscrowd": torch.tensor([0]), "area": torch.tensor([672.0]),
           "masks": torch.zeros(1, 128, 128, dtype=torch.bool).index_fill_(1, torch.arange(8, 36), True)}  # fmt: skip
-    task.val_map.update([original], [gt])
-    stats = task.val_map.summary("segm")
+    task.evaluator.reset(collect=True)
+    task.evaluator.update([original], [gt], [7])
+    assert task.evaluator.records == []
+    stats = task.evaluator.map.summary("segm")
     assert stats["map"] == 0.0 and stats["mar_100"] == 0.0
 
 
@@ -167,6 +187,11 @@ def test_torchvision_maskrcnn_runs_a_training_and_a_validation_step_in_the_insta
     assert not torch.equal(pasted, masks_to_original(det, (0.5, 0.5), 96, 128, 0.5))
     assert torch.equal(_task()._to_original(det, (0.5, 0.5), 96, 128)["masks"],
                        masks_to_original(det, (0.5, 0.5), 96, 128, 0.5))  # fmt: skip
+    # A resume continues the schedule with this run's settings (a cosine's length), as the other tasks do.
+    checkpoint = {"hyper_parameters": dict(task.hparams), "lr_schedulers": [{"T_max": 1, "last_epoch": 1}]}
+    task.on_load_checkpoint(checkpoint)
+    assert checkpoint["lr_schedulers"] == [{"T_max": cfg.trainer.max_epochs, "last_epoch": 1}]
+    assert task.hparams.loss is None and task.slots is None  # torchvision's own losses and fixed anchors
 
 
 def test_torchvision_maskrcnn_loads_a_local_weights_file_leaving_mismatched_heads_fresh(tmp_path: Path) -> None:
@@ -190,6 +215,6 @@ def test_the_instance_losses_run_under_mixed_precision_autocast(dtype: torch.dty
     task = _task()
     batch = _batch([[[4.0, 4.0, 40.0, 36.0], [30.0, 30.0, 62.0, 60.0]], [[10.0, 12.0, 40.0, 50.0]]])
     with torch.autocast("cpu", dtype=dtype):  # trainer.precision=bf16-mixed / 16-mixed
-        losses = task._training_losses(batch)
+        losses = task(batch["image"], task._targets(batch))
     losses["loss"].backward()
     assert torch.isfinite(losses["loss"]) and losses["mask"] > 0

@@ -1,5 +1,6 @@
 """The figures: each is an RGB uint8 picture; the segmentation confusion matrix is row-normalised by true pixels;
-LossCurves keeps the whole run's history across a resume and logs its figure to MLflow."""
+LossCurves keeps the whole run's history across a resume and logs its figure to MLflow; TaskOutbox logs what a task
+hands over (figures from setup and from its own on_validation_epoch_end, params, metrics)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 
 from pipeline.metrics.segmentation import ConfusionMatrixIoU, iou_from_confmat
-from pipeline.tracking.plots import LossCurves
+from pipeline.tasks.common import Outbox
+from pipeline.tracking.plots import LossCurves, TaskOutbox
 from pipeline.viz import confusion_matrix_figure, iou_bar_figure, row_normalised, training_curves_figure
 from tests.helpers import tracking_uri
 
@@ -127,3 +129,40 @@ def test_loss_curves_cover_the_whole_run_after_a_resume_and_reach_mlflow(workdir
 def test_loss_curves_refuse_a_non_positive_interval() -> None:
     with pytest.raises(ValueError, match="every_n_epochs=0"):
         LossCurves(every_n_epochs=0)
+
+
+class _Reporting(_Regression):
+    """A task that hands a figure, a param and a metric over in setup, and a figure per validation in its own
+    on_validation_epoch_end (which Lightning runs after the callbacks')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outbox = Outbox()
+        self.picture = np.full((120, 130, 3), 200, dtype=np.uint8)
+
+    def setup(self, stage: str) -> None:
+        self.outbox.figures["anchors.png"] = self.picture
+        self.outbox.params["anchors"] = "8x8 16x16"
+        self.outbox.metrics["anchors/fit"] = 0.75
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.outbox.figures[f"val_images/epoch_{self.current_epoch:03d}.png"] = self.picture
+
+
+def test_the_task_outbox_reaches_mlflow_and_is_emptied(workdir: Path) -> None:
+    x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)).split([2, 1], dim=1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    module = _Reporting()
+    logger = MLFlowLogger(experiment_name="outbox", tracking_uri=tracking_uri(workdir),
+                          artifact_location=str(workdir / "artifacts"))  # fmt: skip
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=logger, callbacks=[TaskOutbox()],
+                         default_root_dir=workdir, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, loader, loader)
+    client = MlflowClient(tracking_uri(workdir))
+    run = client.get_run(logger.run_id)
+    assert run.data.params["anchors"] == "8x8 16x16" and run.data.metrics["anchors/fit"] == 0.75
+    assert [a.path for a in client.list_artifacts(logger.run_id) if not a.is_dir] == ["anchors.png"]
+    logged = [a.path for a in client.list_artifacts(logger.run_id, "val_images")]
+    assert logged == ["val_images/epoch_000.png", "val_images/epoch_001.png"]
+    assert module.outbox == Outbox()  # drained: nothing left behind
