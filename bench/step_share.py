@@ -4,9 +4,9 @@ step.
 One training batch of `--batch` shapes images at `--size` px (the experiments' nets and loss settings, fixed
 anchors), timed with the task's own code: the full step (forward, loss, backward, optimizer step) against the
 part that is not the network: target assignment and the loss computed on the net's outputs taken as a leaf
-(`_assignments` + `_loss`, forward and backward down to those outputs), and for the instance model also the
-choice of mask RoIs (`_mask_rois`, not the mask head, which is network). Each timed call follows an untimed one
-of the same part; every repeat times both parts, in an order turned each repeat; the share is the median of the
+(the loss module's `assign` + its YOLO terms, forward and backward down to those outputs), and for the
+instance model also the choice of mask RoIs (`mask_rois`, not the mask head, which is network). Each timed call
+follows an untimed one of the same part; every repeat times both parts, in an order turned each repeat; the share is the median of the
 part over the median of the full step, target <= 5 %. Logging (`self.log`) is not in it: it needs a Trainer;
 bench/overhead.py covers it.
 
@@ -27,6 +27,8 @@ import torch
 from hydra.utils import instantiate
 
 import pipeline
+from pipeline.losses.yolo import YOLOLoss
+from pipeline.ops.boxes import flatten_levels
 
 FAMILIES = {"detector": "shapes_yolo", "instance": "shapes_instance"}
 ANCHORS = "[" + ",".join(f"[{4 * i},{3 * i}]" for i in range(1, 10)) + "]"
@@ -49,21 +51,25 @@ def bench(family: str, batch_size: int, size: int, repeats: int) -> dict[str, fl
     task.train()
     instance = family == "instance"
 
+    targets = task._targets(batch)  # the ground truth as the net takes it (instance: masks, RoI generator)
+
     def full() -> None:
-        loss = task._training_losses(batch)["loss"]
+        loss = task.net(batch["image"], targets)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    outputs = task(batch["image"])
-    pred, grid = outputs[0].detach(), outputs[1]
+    net, loss_fn = task.net, task.net.loss
+    outputs, _ = net.outputs(batch["image"])
+    grid = net.slots.grid(outputs, tuple(batch["image"].shape[-2:]))
+    pred = flatten_levels(outputs).detach()
 
     def loss_part() -> None:
         leaf = pred.clone().requires_grad_()
-        assignment = task._assignments(grid, batch)
-        task._loss(leaf, grid, batch, assignment)["loss"].backward()
+        assignment = loss_fn.assign(grid, targets, leaf.device)
+        YOLOLoss.forward(loss_fn, leaf, grid, targets, assignment)["loss"].backward()
         if instance:
-            task._mask_rois(leaf.detach(), grid, batch, assignment)
+            loss_fn.mask_rois(leaf.detach(), grid, targets, assignment)
 
     parts = {"full": full, "assignment + loss (+ mask RoIs)": loss_part}
     times = harness.alternate({name: partial(harness.seconds_after_warmup, part, 1) for name, part in parts.items()},
