@@ -7,8 +7,8 @@ part that is not the network: target assignment and the loss computed on the net
 (the loss module's `assign` + its YOLO terms, forward and backward down to those outputs), and for the
 instance model also the choice of mask RoIs (`mask_rois`, not the mask head, which is network). Each timed call
 follows an untimed one of the same part; every repeat times both parts, in an order turned each repeat; the share
-is the median of the part over the median of the full step, target <= 5 %. Logging (`self.log`) is not in it: it needs a Trainer;
-bench/overhead.py covers it.
+is the median of the part over the median of the full step, target <= 5 %. Logging (`self.log`) is not in it: it
+needs a Trainer; bench/overhead.py covers it.
 
 To compare two versions of the code side by side, run the same script against each checkout (it prints which
 `pipeline` it imported):
