@@ -9,7 +9,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from pipeline.metrics.coco_evaluator import CocoEvaluator
-from tests.unit.test_confusion import cocoeval_confusion
+from tests.helpers import cocoeval_confusion
 
 
 def _image(generator: torch.Generator, count: int, masks: bool) -> dict[str, torch.Tensor]:
