@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import pipeline.training.resolvers  # noqa: F401  (a checkpoint's config names the ${pipeline.*} resolvers)
 from pipeline.training.checkpoint import check_model, load_checkpoint
 
 # Task classes merged into another since a checkpoint was written: its config still names the old one.

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import pipeline.cli.common
+import pipeline.training.resolvers
 
 
 def _write(path: Path, names: list[str]) -> None:
@@ -18,8 +18,8 @@ def _write(path: Path, names: list[str]) -> None:
 
 def test_coco_class_names_are_parsed_once_per_file_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[Path] = []
-    real = pipeline.cli.common.read_json
-    monkeypatch.setattr(pipeline.cli.common, "read_json", lambda path: reads.append(path) or real(path))
+    real = pipeline.training.resolvers.read_json
+    monkeypatch.setattr(pipeline.training.resolvers, "read_json", lambda path: reads.append(path) or real(path))
     annotations = tmp_path / "instances.json"
     _write(annotations, ["cat", "dog"])
     cfg = OmegaConf.create({"names": f"${{pipeline.coco_class_names:{annotations}}}", "n": "${pipeline.len:${names}}"})
@@ -40,6 +40,9 @@ def test_the_cached_resolvers_pickle_with_the_config(tmp_path: Path) -> None:
     _write(annotations, ["cat"])
     cfg = OmegaConf.create({"names": f"${{pipeline.coco_class_names:{annotations}}}"})
     # submitit and joblib pickle the config and the resolvers registered with it
-    for resolver in (pipeline.cli.common.cached_coco_class_names, pipeline.cli.common.cached_yolo_class_names):
+    for resolver in (
+        pipeline.training.resolvers.cached_coco_class_names,
+        pipeline.training.resolvers.cached_yolo_class_names,
+    ):
         assert pickle.loads(pickle.dumps(resolver)) is resolver
     assert list(pickle.loads(pickle.dumps(cfg)).names) == ["background", "cat"]
