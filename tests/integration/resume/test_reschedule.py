@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import run_cli, run_dirs, tracking_uri
+from tests.helpers import run_dirs, run_main, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def _last(run_dir: Path) -> dict:
 @pytest.mark.parametrize("model", list(MODELS))
 def test_training_longer_continues_the_cosine_without_climbing_back(model: str, workdir: Path):
     overrides = [*MODELS[model], *COMMON]
-    run_cli("train", *overrides, "trainer.max_epochs=2", cwd=workdir)
+    run_main("train", *overrides, "trainer.max_epochs=2", cwd=workdir, check=True)
     (run_dir,) = run_dirs(workdir)
     first = _last(run_dir)
     assert first["epoch"] == 1 and first["global_step"] == 2 * STEPS_PER_EPOCH
@@ -84,7 +84,7 @@ def test_training_longer_continues_the_cosine_without_climbing_back(model: str, 
     reached = cosine(2, t_max=2)
     assert [g["lr"] for g in first["optimizer_states"][0]["param_groups"]] == [pytest.approx(reached)]
 
-    run_cli("train", *overrides, f"ckpt_path={run_dir}", "trainer.max_epochs=4", cwd=workdir)
+    run_main("train", *overrides, f"ckpt_path={run_dir}", "trainer.max_epochs=4", cwd=workdir, check=True)
     assert run_dirs(workdir) == [run_dir]
     last = _last(run_dir)
     assert last["epoch"] == 3 and last["global_step"] == 4 * STEPS_PER_EPOCH
