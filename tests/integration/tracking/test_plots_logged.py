@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.training.loading import load_task
-from tests.helpers import ROOT, TINY, cocoeval_confusion, run_cli, run_dirs, tracking_uri
+from tests.helpers import ROOT, TINY, cocoeval_confusion, run_cli, run_dirs, run_main, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ PLOTS = {
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_training_logs_its_plots(workdir: Path, family: str) -> None:
-    run_cli("train", *FAMILIES[family], cwd=workdir)
+    run_main("train", *FAMILIES[family], cwd=workdir, check=True)
     client = MlflowClient(tracking_uri(workdir))
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.helpers import TINY, run_cli, run_dirs, run_main, tracking_uri, train_project
+from tests.helpers import TINY, run_dirs, run_main, tracking_uri, train_project
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_training_logs_anchors_map_and_pictures(trained: Path) -> None:
 
 def test_eval_map_equals_pycocotools_on_its_own_predictions_json(trained: Path) -> None:
     (run_dir,) = run_dirs(trained)
-    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=trained)
+    run_main("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=trained, check=True)
     (eval_dir,) = run_dirs(trained, "eval")
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     predictions = json.loads((eval_dir / "predictions.json").read_text())
@@ -81,7 +81,7 @@ def test_predict_draws_boxes_and_writes_coco_results(trained: Path) -> None:
 
 def test_resume_continues_the_run_with_its_anchors_and_weight_average(trained: Path) -> None:
     (run_dir,) = run_dirs(trained)
-    run_cli("train", *DETECTION, f"ckpt_path={run_dir}", "trainer.max_epochs=4", cwd=trained)
+    run_main("train", *DETECTION, f"ckpt_path={run_dir}", "trainer.max_epochs=4", cwd=trained, check=True)
     assert run_dirs(trained) == [run_dir]
     client = MlflowClient(tracking_uri(trained))
     runs = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
@@ -105,8 +105,8 @@ def test_a_fork_into_the_instance_model_takes_the_detector_weights_and_anchors_e
 ) -> None:
     (parent_dir,) = run_dirs(trained)
     instance = ["experiment=shapes_instance", *TINY, "model.net.neck_width=32", "model.net.mask_width=16"]
-    proc = run_cli("train", *instance, f"ckpt_path={parent_dir}", "resume_mode=fork", "seed=7",
-                   "trainer.max_epochs=1", cwd=trained)  # fmt: skip
+    proc = run_main("train", *instance, f"ckpt_path={parent_dir}", "resume_mode=fork", "seed=7",
+                    "trainer.max_epochs=1", cwd=trained, check=True)  # fmt: skip
     parent_ckpt = torch.load(parent_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     shared = len(parent_ckpt["state_dict"])  # every detector tensor: the instance model adds its mask branch
     assert f"Fork: {shared} of " in proc.stdout and "left fresh: net.mask_lateral.0.weight (not in the checkpoint)" in (

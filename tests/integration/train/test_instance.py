@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.metrics.detection import COCO_STATS, pycocotools_stats
-from tests.helpers import TINY, run_cli, run_dirs, run_main, tracking_uri, train_project
+from tests.helpers import TINY, run_dirs, run_main, tracking_uri, train_project
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_training_logs_box_and_mask_map_and_pictures(trained: Path) -> None:
 
 def test_eval_mask_map_equals_pycocotools_on_its_own_predictions_json(trained: Path) -> None:
     (run_dir,) = run_dirs(trained)
-    run_cli("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=trained)
+    run_main("eval", f"ckpt_path={run_dir}", "trainer.accelerator=cpu", cwd=trained, check=True)
     (eval_dir,) = run_dirs(trained, "eval")
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     predictions = json.loads((eval_dir / "predictions.json").read_text())
