@@ -168,7 +168,7 @@ def train_config(*overrides: str) -> Any:
     """The training config composed from the packaged conf/ as `pipeline-train` would (no Hydra run)."""
     from hydra import compose, initialize_config_dir
 
-    import pipeline.cli.common  # noqa: F401 (registers the `${pipeline.cwd:}`-style resolvers the configs use)
+    import pipeline.training.resolvers  # noqa: F401 (registers the ${pipeline.*} resolvers the configs use)
     from pipeline.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

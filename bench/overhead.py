@@ -292,7 +292,7 @@ def bare_lightning(cfg: Any, workdir: Path) -> Stamps:
 
 
 def in_process_pipeline(cfg: Any) -> None:
-    """`pipeline.train.train(cfg)`: what `pipeline-train` runs after Hydra composed the config (stamps by the
+    """`pipeline.cli.train.train(cfg)`: what `pipeline-train` runs after Hydra composed the config (stamps by the
     config's `bench_timer` callback)."""
     from pipeline.cli.train import train
 

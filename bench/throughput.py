@@ -54,7 +54,7 @@ from typing import Any
 import harness
 
 FAMILIES = {"fcn": "shapes_fcn", "detector": "shapes_yolo", "instance": "shapes_instance"}
-# Runs `pipeline.train` in this very process (as `python -m` would), then writes its peak RSS figures (KiB) as JSON.
+# Runs `pipeline.cli.train` in this very process (as `python -m` would), then writes its peak RSS figures (KiB) as JSON.
 LAUNCHER = """
 import gc, json, resource, runpy, sys
 out, sys.argv = sys.argv[1], ["pipeline.cli.train", *sys.argv[2:]]
@@ -198,7 +198,7 @@ def descendants_private_kib(pid: int) -> int:
 
 
 def peak_memory(family: str, args: argparse.Namespace, workdir: Path, env: dict) -> dict[str, Any]:
-    """Peak memory figures (KiB) of a 1-epoch `pipeline.train` run of `family` (run by `LAUNCHER`; its loader
+    """Peak memory figures (KiB) of a 1-epoch `pipeline.cli.train` run of `family` (run by `LAUNCHER`; its loader
     workers' private memory sampled every `args.sample` s from here); its wall seconds."""
     out = workdir / "outputs" / f"rss-{family}.json"
     command = [sys.executable, "-c", LAUNCHER, str(out), f"experiment={FAMILIES[family]}", *data_overrides(args, 1),
@@ -243,7 +243,8 @@ def report(family: str, m: dict[str, Any], rss: dict[str, Any] | None) -> list[d
     if rss is not None:
         mib = {k: v / 1024 for k, v in rss.items() if k.endswith("_kib")}
         total = mib["vmhwm_kib"] + mib["workers_kib"]
-        print(f"peak memory of a 1-epoch pipeline.train run ({rss['wall']:.1f} s, batch sizes {m['memory_sizes']}): "
+        print(f"peak memory of a 1-epoch pipeline.cli.train run ({rss['wall']:.1f} s, "
+              f"batch sizes {m['memory_sizes']}): "
               f"{total:.0f} MiB = training process VmHWM {mib['vmhwm_kib']:.0f} + loader workers' private peak "
               f"{mib['workers_kib']:.0f}; getrusage, misleading: RUSAGE_SELF {mib['self_kib']:.0f} (spawned from a "
               f"process at VmHWM {mib['spawner_kib']:.0f}), RUSAGE_CHILDREN {mib['children_kib']:.0f} (largest "
@@ -266,7 +267,7 @@ def main() -> None:
     parser.add_argument("--size-every", type=int, help="data.size_every (default: the experiment's)")
     parser.add_argument("--train-batches", type=int, default=3, help="batches per epoch the training runs (0: all)")
     parser.add_argument("--sample", type=float, default=0.1, help="seconds between samples of the workers' memory")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs of pipeline.train")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs of pipeline.cli.train")
     args = harness.parse(parser)
     harness.quiet_lightning()
     begun, rows = time.time(), []

@@ -11,7 +11,6 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-import pipeline.training.resolvers  # noqa: F401  (registers the ${pipeline.*} resolvers the configs use)
 from pipeline.errors import ConfigError
 from pipeline.tracking.registry import checkpoint_from_model_uri
 from pipeline.training.callbacks import NonFiniteLossError

@@ -21,7 +21,7 @@ class TorchvisionMaskRCNN(nn.Module):
     min_size = max_size = `input_size` makes that the identity for our letterboxed [S, S] inputs at S =
     `input_size` (scale factor 1). Without the flag the transform scaled every training batch back to
     `input_size`, and multi-scale training did nothing. The flag is torchvision's private keyword (0.29):
-    tests/models/test_maskrcnn.py records the backbone's input sizes, so a change of it fails loudly.
+    tests/unit/models/test_maskrcnn.py records the backbone's input sizes, so a change of it fails loudly.
 
     `num_classes` counts the background (labels 1..K, as ours). `weights`: an optional local state_dict file
     (e.g. torchvision's COCO weights); tensors whose shape differs from this model's (the class-specific heads
