@@ -25,7 +25,8 @@ wall budget on the same cores, and every prediction scored by one evaluation her
 Each side runs alone, one after the other (the order turned at each run), in its own process pinned to the same
 cores (`--cores`, default this process's) with OMP_NUM_THREADS and torch's intra-op threads = that many cores.
 Ultralytics resets torch's threads to cpu_count - 1 when it selects the device: a callback sets them back at the
-start of training (its prediction afterwards runs on its own choice; prediction is not timed). Ultralytics
+start of training (its prediction afterwards runs on its own choice; prediction is not timed); its MLflow callback
+(on because mlflow is importable) is switched off in its scratch settings. Ultralytics
 always trains with 0 loader workers on CPU (it sets workers=0 itself); ours and the smp loop use the data config's
 workers ("auto": cores - 1). Ours runs on CPU too (`trainer.accelerator=cpu` first; overrides after `--` win).
 
@@ -33,7 +34,8 @@ Speed, each side by the same rules: training images/s = training images / second
 their data loading, validation excluded (ours: MLflow `summary/images_per_s`; Ultralytics: callbacks around its
 epoch loop; the smp loop: timed directly); s/epoch = wall seconds of the fit (validation included, start-up and
 final evaluation not) / epochs started. Wall = the side's whole process(es): start-up, training, final
-evaluation and prediction.
+evaluation and prediction. Under the tables each side's own validation figures are printed as a check of the
+scoring here (ours: best/<metric> of its run and pipeline-eval's mAP; the peers' own).
 
 Checkpoints: `--checkpoint best` (default) scores each side's best-on-val checkpoint (ours best.ckpt, Ultralytics
 best.pt by its fitness, the smp loop's best val mIoU), `last` the last ones. Both select on the val split that is
@@ -539,9 +541,13 @@ def main() -> None:
         for result in results:
             for side, r in result["sides"].items():
                 own = r.get("own_metrics") or r.get("own_val")
+                if r.get("torch_threads_in_training"):
+                    print(f"{result['dataset']} {result['budget_min']:g} min {side}: torch threads in training "
+                          f"{r['torch_threads_in_training']}")  # fmt: skip
                 if own:
                     print(
-                        f"{result['dataset']} {result['budget_min']:g} min {side}: its own validation says "
+                        f"{result['dataset']} {result['budget_min']:g} min {side}, "
+                        f"{r.get('own_note', 'its own validation')}: "
                         + ", ".join(f"{k} {v:.4f}" for k, v in sorted(own.items()) if isinstance(v, float))
                     )
         if args.table:
@@ -581,7 +587,7 @@ def worker_yolo(spec: dict) -> dict:
     def on_train_epoch_start(trainer) -> None:
         state["tic"], state["batches"] = clock(), 0
 
-    def on_train_batch_end(trainer) -> None:
+    def on_train_batch_start(trainer) -> None:  # the batch that meets the time limit ends the loop before its end
         state["batches"] += 1
 
     def on_train_epoch_end(trainer) -> None:  # before the epoch's validation
@@ -598,7 +604,7 @@ def worker_yolo(spec: dict) -> dict:
             stats["fit_end"] = clock()
 
     model = YOLO(spec["model"])
-    hooks = (on_pretrain_routine_start, on_train_start, on_train_epoch_start, on_train_batch_end, on_train_epoch_end,
+    hooks = (on_pretrain_routine_start, on_train_start, on_train_epoch_start, on_train_batch_start, on_train_epoch_end,
              on_fit_epoch_end)  # fmt: skip
     for hook in hooks:
         model.add_callback(hook.__name__, hook)
@@ -624,7 +630,8 @@ def worker_yolo(spec: dict) -> dict:
             "train_time_s": stats["train_time_s"], "images": stats["images"], "fit_wall_s": fit,
             "images_per_s": stats["images"] / stats["train_time_s"] if stats["train_time_s"] else None,
             "torch_threads_in_training": sorted(stats["threads"]),
-            "own_val": {f"its final val (max_det 300) {k}": float(v) for k, v in own.items()}}  # fmt: skip
+            "own_note": "its final validation of best.pt (max_det 300)",
+            "own_val": {k: float(v) for k, v in own.items()}}  # fmt: skip
 
 
 def worker_smp(spec: dict) -> dict:
