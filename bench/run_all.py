@@ -7,7 +7,8 @@ The full-size runs and their readings are in BENCHMARKS.md; this table is the qu
 move them. A bench that fails is reported as failed and the others still run.
 
 Not run here: the trainings to a quality target (fcn_shapes, yolo_shapes, instance_shapes, real_data: minutes
-to an hour each), gpu (needs a CUDA device), and the one-off investigations in bench/investigations/.
+to an hour each), peers (the trainings beside Ultralytics and smp: hours; needs the peers extra), gpu (needs a
+CUDA device), and the one-off investigations in bench/investigations/.
 
     python bench/run_all.py                          # all, ~15 min on 2 idle cores
     python bench/run_all.py --only startup,postprocess

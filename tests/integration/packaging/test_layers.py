@@ -1,4 +1,5 @@
-"""The import layers hold (import-linter's contracts in pyproject.toml), and an upward import breaks them."""
+"""The import layers hold (import-linter's contracts in pyproject.toml), and an upward import breaks them; the package
+never imports the peers of bench/peers.py."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _lint(package_parent: Path) -> subprocess.CompletedProcess:
 def test_the_checkout_keeps_its_layers() -> None:
     proc = _lint(ROOT)
     assert proc.returncode == 0, proc.stdout
-    assert "2 kept, 0 broken" in proc.stdout
+    assert "3 kept, 0 broken" in proc.stdout
 
 
 def test_an_op_importing_tracking_breaks_the_layers(tmp_path: Path) -> None:
@@ -34,3 +35,17 @@ def test_an_op_importing_tracking_breaks_the_layers(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "pipeline.ops is not allowed to import pipeline.tracking" in proc.stdout
     assert "pipeline.ops.boxes -> pipeline.tracking.store" in proc.stdout
+
+
+def test_a_peer_import_breaks_the_contract(tmp_path: Path) -> None:
+    """ultralytics (AGPL) and segmentation_models_pytorch are bench-only: an import anywhere in the package, even
+    inside a function, breaks the contract, whether or not the peers are installed."""
+    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    with (tmp_path / "pipeline" / "models" / "fcn.py").open("a") as fcn:
+        fcn.write("\n\ndef _peer():\n    from ultralytics import YOLO  # noqa: F401\n")
+    with (tmp_path / "pipeline" / "ops" / "boxes.py").open("a") as boxes:
+        boxes.write("import segmentation_models_pytorch  # noqa: E402, F401\n")
+    proc = _lint(tmp_path)
+    assert proc.returncode == 1
+    assert "pipeline.models.fcn -> ultralytics" in proc.stdout
+    assert "pipeline.ops.boxes -> segmentation_models_pytorch" in proc.stdout
