@@ -1,7 +1,7 @@
 """What the test modules share: the project's paths and the tiny training's overrides, a project dir with its own
 migrated MLflow store, the console entry points (in a subprocess or in this process), free ports, a real
-`mlflow server`, one trained project per model family, the callbacks a test's training process imports, and
-pycocotools' matching as an independent reference.
+`mlflow server`, one trained project per model family, a task built from the real configs and one training step
+of it, the callbacks a test's training process imports, and pycocotools' matching as an independent reference.
 
 Test modules and conftest.py import from here; no test module imports another test module or conftest.py.
 """
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,6 +206,40 @@ def train_project(path: Path, store: Path, *overrides: str) -> Path:
     proc = run_main("train", *overrides, cwd=path, check=True)
     (path / "train.out").write_text(proc.stdout)
     return path
+
+
+# --- a task from the real configs, one training step ---------------------------------------------------------
+
+
+def task_from_config(*overrides: str) -> pl.LightningModule:
+    """The task `pipeline-train overrides…` would train: conf/ composed with the overrides, `model` instantiated."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from pipeline.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", list(overrides))
+    return instantiate(cfg.model)
+
+
+def one_training_step(task: pl.LightningModule, batch: dict) -> tuple[float, set[str]]:
+    """One step of the task's own `training_step` and configured optimizer on `batch`, outside a Trainer: the loss
+    and the names of the parameters the step changed."""
+    import torch
+
+    configured = task.configure_optimizers()
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    before = {name: p.detach().clone() for name, p in task.named_parameters()}
+    task.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer to log to
+        loss = task.training_step(batch, 0)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    changed = {name for name, p in task.named_parameters() if not torch.equal(p.detach(), before[name])}
+    return float(loss.detach()), changed
 
 
 # --- processes on the network ----------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Backbones for dense prediction: an image `[B, 3, H, W]` in, features `c3`, `c4`, `c5` at strides 8, 16, 32 out."""
+"""Backbones for dense prediction: an image `[B, 3, H, W]` in, features `c1`..`c5` at strides 2, 4, 8, 16, 32 out.
+
+This package's own (vgg_tiny) and torchvision's (vgg16, resnet18/34/50) nets have all five taps; a timm model
+(`source="timm"`, any of `timm.list_models()`) has those of the five strides its family has (a ConvNeXt starts
+at c2, a ViT has c4 alone), read from timm's `feature_info`.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,10 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models._utils import IntermediateLayerGetter
 
-TAPS = ("c3", "c4", "c5")
+# Tap c<k> is the deepest feature at stride 2**k; a net's taps are those of these strides it has.
+TAPS = ("c1", "c2", "c3", "c4", "c5")
+TAP_STRIDES = {tap: 2**k for k, tap in enumerate(TAPS, start=1)}
+SOURCES = ("builtin", "timm")
 
 # Backbones expect ImageNet-normalised input (so pretrained weights work); batches carry RGB in 0..1.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,21 +28,56 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Backbone(nn.Module):
-    """A feature extractor `[B, 3, H, W] -> {"c3", "c4", "c5"}` that declares each tap's channels and stride.
+    """A feature extractor `[B, 3, H, W] -> {tap: [B, channels[tap], H / strides[tap], W / strides[tap]]}`.
 
-    `body` keeps the parameter names of the network it was cut from (torchvision's `layer1.0.conv1.weight`,
-    `features.0.weight`), so classifier state dicts load into it unchanged.
+    `channels` and `strides` declare the taps (keys in TAPS order, fine to coarse); `name` is the net's. `body`
+    returns the taps as a dict, or as a list in that order (timm's features_only nets), and keeps the parameter
+    names of the network it was cut from (torchvision's `layer1.0.conv1.weight`, timm's), so classifier state
+    dicts load into it. Input is ImageNet-normalised; a body trained on other statistics (`mean`, `std`, e.g.
+    timm's Inception-style 0.5) gets its own normalisation back by a fixed per-channel affine map first.
     """
 
-    def __init__(self, body: nn.Module, channels: dict[str, int], strides: dict[str, int]) -> None:
+    def __init__(
+        self,
+        body: nn.Module,
+        channels: dict[str, int],
+        strides: dict[str, int],
+        name: str = "",
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
         super().__init__()
         self.body = body
         self.channels = channels
         self.strides = strides
+        self.name = name
+        self.taps = tuple(channels)
+        self.renormalize = (
+            nn.Identity() if (tuple(mean), tuple(std)) == (IMAGENET_MEAN, IMAGENET_STD) else Renormalize(mean, std)
+        )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """x: [B, 3, H, W] -> {"c3": [B, C3, H/8, W/8], "c4": [B, C4, H/16, W/16], "c5": [B, C5, H/s5, W/s5]}."""
-        return self.body(x)
+        """x: [B, 3, H, W] -> {tap: [B, channels[tap], H / strides[tap], W / strides[tap]]} for each of `taps`."""
+        features = self.body(self.renormalize(x))
+        if isinstance(features, Mapping):
+            return dict(features)
+        return dict(zip(self.taps, features, strict=True))
+
+
+class Renormalize(nn.Module):
+    """[B, 3, H, W] ImageNet-normalised -> the same pixels normalised by `mean`, `std` (no parameters)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        source_mean, source_std, mean, std = (
+            torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD, mean, std)
+        )
+        # (x * s0 + m0 - m) / s as one multiply-add; buffers not persistent, so state dict keys stay the body's.
+        self.register_buffer("scale", source_std / std, persistent=False)
+        self.register_buffer("shift", (source_mean - mean) / std, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale + self.shift
 
 
 class DenseMaxPool2d(nn.Module):
@@ -49,10 +92,10 @@ class DenseMaxPool2d(nn.Module):
 
 
 class VGGFeatures(nn.Module):
-    """Runs a VGG `features` stack [B, 3, H, W] and returns the outputs of its 3rd, 4th and 5th stages.
+    """Runs a VGG `features` stack [B, 3, H, W] and returns the outputs of its five stages as c1..c5.
 
     A stage ends just before the first conv after a max-pool (torchvision's VGG: at the pool itself), or at the
-    end of the stack; every stage has one max-pool, so the taps are at strides 8, 16 and 32.
+    end of the stack; every stage has one max-pool, so the taps are at strides 2, 4, 8, 16 and 32.
     """
 
     def __init__(self, features: nn.Sequential) -> None:
@@ -68,7 +111,7 @@ class VGGFeatures(nn.Module):
         if len(ends) != 5:
             raise ValueError(f"a VGG features stack has 5 stages ending in a max-pool, got {len(ends)}")
         self.features = features
-        self.taps = dict(zip(ends[2:], TAPS, strict=True))
+        self.taps = dict(zip(ends, TAPS, strict=True))
         # Each tap has the channels of the last conv before it.
         self.channels = {
             tap: [m.out_channels for m in features[: i + 1] if isinstance(m, nn.Conv2d)][-1]
@@ -109,24 +152,29 @@ def vgg_tiny_features(width: int = 32) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _vgg(features: nn.Sequential, dilate_last: bool) -> Backbone:
+def _vgg(features: nn.Sequential, dilate_last: bool, name: str) -> Backbone:
     if dilate_last:
         last_pool = max(i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d))
         features[last_pool] = DenseMaxPool2d()
     body = VGGFeatures(features)
-    return Backbone(body, body.channels, strides={"c3": 8, "c4": 16, "c5": 16 if dilate_last else 32})
+    return Backbone(body, body.channels, _strides(dilate_last), name)
+
+
+def _strides(dilate_last: bool) -> dict[str, int]:
+    """A five-stage net's tap strides: 2..32, or c5 at 16 with the last stage dilated."""
+    return {**TAP_STRIDES, "c5": 16} if dilate_last else dict(TAP_STRIDES)
 
 
 def _build_vgg_tiny(pretrained: bool, dilate_last: bool, width: int) -> Backbone:
     if pretrained:
         raise ValueError("vgg_tiny has no pretrained weights; train it from scratch or pass weights=<file>")
-    return _vgg(vgg_tiny_features(width), dilate_last)
+    return _vgg(vgg_tiny_features(width), dilate_last, "vgg_tiny")
 
 
 def _build_vgg16(pretrained: bool, dilate_last: bool, width: int) -> Backbone:
     net = models.vgg16(weights=models.VGG16_Weights.IMAGENET1K_V1 if pretrained else None)
     # Wrapping `features` under the same name keeps torchvision's keys (features.0.weight, ...).
-    return _vgg(net.features, dilate_last)
+    return _vgg(net.features, dilate_last, "vgg16")
 
 
 def dilate_stage(stage: nn.Module) -> None:
@@ -151,13 +199,13 @@ def _resnet(ctor: Callable[..., models.ResNet], default: models.WeightsEnum) -> 
         net = ctor(weights=default if pretrained else None)
         if dilate_last:
             dilate_stage(net.layer4)
-        body = IntermediateLayerGetter(net, return_layers={"layer2": "c3", "layer3": "c4", "layer4": "c5"})
+        # c1 is the stem's ReLU before the max-pool (stride 2); the getter keeps every module up to layer4 under
+        # its own name, so the state dict's keys are those of the stride-8..32 getter before it.
+        layers = {"relu": "c1", "layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
+        body = IntermediateLayerGetter(net, return_layers=layers)
         expansion = net.layer1[0].expansion
-        return Backbone(
-            body,
-            channels={"c3": 128 * expansion, "c4": 256 * expansion, "c5": 512 * expansion},
-            strides={"c3": 8, "c4": 16, "c5": 16 if dilate_last else 32},
-        )
+        channels = {"c1": 64, "c2": 64 * expansion, "c3": 128 * expansion, "c4": 256 * expansion, "c5": 512 * expansion}
+        return Backbone(body, channels, _strides(dilate_last), ctor.__name__)
 
     return build
 
@@ -169,6 +217,58 @@ BACKBONES: dict[str, Callable[[bool, bool, int], Backbone]] = {
     "resnet34": _resnet(models.resnet34, models.ResNet34_Weights.DEFAULT),
     "resnet50": _resnet(models.resnet50, models.ResNet50_Weights.DEFAULT),
 }
+
+
+def _timm_taps(name: str) -> dict[str, int]:
+    """Tap -> index in timm's `feature_info` of model `name`: the deepest feature at each of the taps' strides.
+
+    Read from the model built on the meta device (no memory, no init, no download): every timm family builds
+    there, and its `feature_info` lists all features whatever `out_indices` selects.
+    """
+    import timm
+
+    with torch.device("meta"):
+        probe = timm.create_model(name, features_only=True)
+    deepest = {info["reduction"]: index for index, info in enumerate(probe.feature_info.info)}
+    taps = {tap: deepest[stride] for tap, stride in TAP_STRIDES.items() if stride in deepest}
+    if not taps:
+        strides = sorted(deepest)
+        raise ValueError(f"timm model {name!r} has no features at strides {list(TAP_STRIDES.values())}: {strides}")
+    return taps
+
+
+def _build_timm(name: str, pretrained: bool, dilate_last: bool) -> Backbone:
+    """timm's `features_only` net for `name` at the taps it has; `dilate_last`: timm's `output_stride=16`."""
+    # Imported here: timm adds half a second to every start, and most configs never need it.
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; timm.list_models('*<part of the name>*') lists them")
+    taps = _timm_taps(name)
+    stride = {"output_stride": 16} if dilate_last else {}
+    try:
+        net = timm.create_model(
+            name, features_only=True, out_indices=tuple(taps.values()), pretrained=pretrained, **stride
+        )
+    except (TypeError, AssertionError) as error:
+        if not dilate_last:
+            raise
+        # timm's nets without dilation refuse output_stride: an unknown keyword, or an assert (often without text).
+        why = f": {error}" if str(error) else f" ({type(error).__name__} in its constructor)"
+        raise ValueError(f"timm model {name!r} does not support output_stride=16 (dilate_last=true){why}") from error
+    except OSError as error:
+        if not pretrained:
+            raise
+        raise OSError(
+            f"timm's pretrained weights for {name!r} could not be fetched from the Hugging Face Hub ({error}); "
+            "without network access pass weights=<state dict file> instead of pretrained=true"
+        ) from error
+    strides = dict(zip(taps, net.feature_info.reduction(), strict=True))
+    if dilate_last and strides.get("c5") != 16:
+        raise ValueError(f"timm model {name!r} kept no stride-32 tap at 16 with output_stride=16: taps {strides}")
+    channels = dict(zip(taps, net.feature_info.channels(), strict=True))
+    config = net.pretrained_cfg
+    return Backbone(net, channels, strides, name, config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD))
 
 
 def load_weights(module: nn.Module, path: str | Path) -> None:
@@ -211,18 +311,27 @@ def build_backbone(
     weights: str | None = None,
     dilate_last: bool = False,
     width: int = 32,
+    source: str = "builtin",
 ) -> Backbone:
-    """Build backbone `name`: [B, 3, H, W] -> {"c3", "c4", "c5"} at strides 8, 16, 32 (c5 at 16 if dilate_last).
+    """Build backbone `name`: [B, 3, H, W] -> {"c1".."c5"} at strides 2..32 (c5 at 16 if dilate_last).
 
-    pretrained: torchvision's ImageNet weights (downloaded); weights: a local state dict file instead.
-    dilate_last: the last stage keeps stride 16 (dilated ResNet layer4, stride-1 VGG pool5) for finer c5.
-    width: vgg_tiny's first-stage channels; the torchvision nets have fixed widths and ignore it.
+    source: "builtin" (BACKBONES: vgg_tiny and torchvision's nets, all five taps) or "timm" (any timm model: the
+    taps at the strides it has, channels and strides from its `feature_info`).
+    pretrained: torchvision's ImageNet weights or timm's own (downloaded); weights: a local state dict file instead.
+    dilate_last: the last stage keeps stride 16 (dilated ResNet layer4, stride-1 VGG pool5, timm's
+    output_stride=16) for a finer c5.
+    width: vgg_tiny's first-stage channels; the other nets have fixed widths and ignore it.
     """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
+    if source not in SOURCES:
+        raise ValueError(f"unknown backbone source {source!r}; available: {', '.join(SOURCES)}")
+    if source == "builtin" and name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)} (or source=timm)")
     if pretrained and weights:
-        raise ValueError("pass either pretrained=True (torchvision's weights) or weights=<file>, not both")
-    backbone = BACKBONES[name](pretrained, dilate_last, width)
+        raise ValueError("pass either pretrained=True (the library's weights) or weights=<file>, not both")
+    if source == "timm":
+        backbone = _build_timm(name, pretrained, dilate_last)
+    else:
+        backbone = BACKBONES[name](pretrained, dilate_last, width)
     if weights:
         load_weights(backbone.body, weights)
     return backbone

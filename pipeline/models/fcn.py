@@ -1,4 +1,5 @@
-"""FCN-32s/16s/8s (Long, Shelhamer & Darrell, 2015): per-pixel class scores fused from coarse to fine taps."""
+"""FCN-32s/16s/8s (Long, Shelhamer & Darrell, 2015) and the skips continued to 4s and 2s: per-pixel class
+scores fused from coarse to fine taps."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ from torch import Tensor, nn
 
 from pipeline.models.backbones import build_backbone
 
-# Each variant scores c5 and then adds the skip taps, coarse to fine.
-VARIANTS = {"32s": ("c5",), "16s": ("c5", "c4"), "8s": ("c5", "c4", "c3")}
+# Each variant scores c5 and then adds the skip taps, coarse to fine; 4s and 2s carry the paper's idea on to the
+# stride-4 and stride-2 taps.
+VARIANTS = {
+    "32s": ("c5",),
+    "16s": ("c5", "c4"),
+    "8s": ("c5", "c4", "c3"),
+    "4s": ("c5", "c4", "c3", "c2"),
+    "2s": ("c5", "c4", "c3", "c2", "c1"),
+}
 UPSAMPLE_MODES = ("transposed", "bilinear", "nearest")
 
 
@@ -45,9 +53,10 @@ def transposed_upsampler(channels: int, factor: int) -> nn.Module:
 class FCN(nn.Module):
     """Fully convolutional net: [B, 3, H, W] (ImageNet-normalised, any H, W) -> logits [B, num_classes, H, W].
 
-    variant: "32s" scores c5 only; "16s" adds c4's scores, "8s" also c3's (the skip fusion of the paper).
+    variant: "32s" scores c5 only; "16s" adds c4's scores, "8s" also c3's (the skip fusion of the paper), "4s"
+    also c2's, "2s" also c1's (the backbone must have those taps).
     upsample: "transposed" (learnable, bilinear init, as in the paper), or a fixed "bilinear"/"nearest".
-    backbone: `build_backbone`'s arguments (name, pretrained, weights, dilate_last, width).
+    backbone: `build_backbone`'s arguments (name, source, pretrained, weights, dilate_last, width).
     """
 
     def __init__(
@@ -68,6 +77,12 @@ class FCN(nn.Module):
         self.taps = VARIANTS[variant]
         self.backbone = build_backbone(**backbone)
         strides = self.backbone.strides
+        missing = [tap for tap in self.taps if tap not in strides]
+        if missing:
+            raise ValueError(
+                f"FCN-{variant} needs backbone taps {', '.join(self.taps)}; backbone {self.backbone.name!r} has "
+                f"{', '.join(self.backbone.taps)} (no {', '.join(missing)}): use a coarser variant or another backbone"
+            )
         self.size_divisor = max(strides.values())
 
         self.score = nn.ModuleDict({tap: nn.Conv2d(self.backbone.channels[tap], num_classes, 1) for tap in self.taps})

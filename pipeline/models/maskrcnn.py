@@ -1,18 +1,79 @@
-"""torchvision's Mask R-CNN (ResNet-50-FPN v2) as an instance net: the reference architecture to compare with."""
+"""torchvision's Mask R-CNN as an instance net: the reference architecture to compare with, on its ResNet-50-FPN v2
+or on any of our backbones (timm's included) under torchvision's FPN."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from pipeline.models.backbones import TAP_STRIDES, Backbone, build_backbone
+
+# The taps under the FPN, fine to coarse (c2 where the backbone has it), and the FPN's width (torchvision's).
+FPN_TAPS = ("c2", "c3", "c4", "c5")
+FPN_WIDTH = 256
+
+
+class BackboneFPN(nn.Module):
+    """Our Backbone under torchvision's FPN, as torchvision's `BackboneWithFPN` puts one over a ResNet:
+    [B, 3, H, W] -> {tap: [B, 256, H/s, W/s] for each of `taps`, "pool": the coarsest level max-pooled by 2}.
+
+    `out_channels` is the attribute MaskRCNN reads to size its heads.
+    """
+
+    def __init__(self, backbone: Backbone, taps: tuple[str, ...]) -> None:
+        super().__init__()
+        self.body = backbone
+        self.taps = taps
+        channels = [backbone.channels[tap] for tap in taps]
+        self.fpn = FeaturePyramidNetwork(channels, FPN_WIDTH, extra_blocks=LastLevelMaxPool())
+        self.out_channels = FPN_WIDTH
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features = self.body(x)
+        return self.fpn(OrderedDict((tap, features[tap]) for tap in self.taps))
+
+
+def fpn_maskrcnn(backbone: Backbone, num_classes: int, **kwargs: Any) -> MaskRCNN:
+    """torchvision's MaskRCNN (its default heads) over `backbone`'s taps c2..c5 (c3..c5 where it has no c2) + FPN.
+
+    Anchors and RoI pooling follow the levels: one anchor size per level, 8x its stride (torchvision's 32..512 for
+    strides 4..64, the pooled level included), ratios 0.5/1/2; boxes and masks are pooled from the tap levels, by
+    FPN's box-size rule over the levels there are. `kwargs` go to MaskRCNN (sizes, thresholds, ...).
+    """
+    taps = tuple(tap for tap in FPN_TAPS if tap in backbone.strides)
+    strides = [backbone.strides[tap] for tap in taps]
+    if taps not in (FPN_TAPS, FPN_TAPS[1:]) or strides != [TAP_STRIDES[tap] for tap in taps]:
+        have = ", ".join(f"{tap} (stride {stride})" for tap, stride in backbone.strides.items())
+        raise ValueError(
+            f"Mask R-CNN needs backbone taps c3, c4, c5 (and c2) at strides 8, 16, 32 (and 4); backbone "
+            f"{backbone.name!r} has {have} (dilate_last?)"
+        )
+    levels = [*strides, 2 * strides[-1]]
+    anchors = AnchorGenerator(tuple((8 * stride,) for stride in levels), ((0.5, 1.0, 2.0),) * len(levels))
+    return MaskRCNN(
+        BackboneFPN(backbone, taps),
+        num_classes,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(list(taps), output_size=7, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(list(taps), output_size=14, sampling_ratio=2),
+        **kwargs,
+    )
 
 
 class TorchvisionMaskRCNN(nn.Module):
-    """`maskrcnn_resnet50_fpn_v2` without downloads, fed our letterboxed batches, with box-relative masks out.
+    """`maskrcnn_resnet50_fpn_v2` without downloads, fed our letterboxed batches, with box-relative masks out; or,
+    given `backbone` (`build_backbone`'s arguments: one of ours or any timm model), torchvision's MaskRCNN over
+    that backbone's taps under torchvision's FPN (`fpn_maskrcnn`).
 
     Sizes as torchvision's reference recipe for multi-scale training (references/detection/train.py passes
     `_skip_resize=True` with `--data-augmentation multiscale` or `lsj`): in training, GeneralizedRCNNTransform's
@@ -29,12 +90,17 @@ class TorchvisionMaskRCNN(nn.Module):
     (box_score_thresh, box_nms_thresh, box_detections_per_img, ...).
     """
 
-    def __init__(self, num_classes: int, input_size: int, weights: str | None = None, **kwargs) -> None:
+    def __init__(
+        self, num_classes: int, input_size: int, weights: str | None = None, backbone: dict | None = None, **kwargs
+    ) -> None:
         super().__init__()
-        self.model = maskrcnn_resnet50_fpn_v2(
-            weights=None, weights_backbone=None, num_classes=num_classes, min_size=input_size, max_size=input_size,
-            _skip_resize=True, **kwargs,
-        )  # fmt: skip
+        sizes = {"min_size": input_size, "max_size": input_size, "_skip_resize": True}
+        if backbone is None:
+            self.model = maskrcnn_resnet50_fpn_v2(
+                weights=None, weights_backbone=None, num_classes=num_classes, **sizes, **kwargs
+            )
+        else:
+            self.model = fpn_maskrcnn(build_backbone(**backbone), num_classes, **sizes, **kwargs)
         if weights:
             self.load_weights(Path(weights).expanduser())
 
@@ -57,7 +123,7 @@ class TorchvisionMaskRCNN(nn.Module):
             named = [k for k in state if k in own]
             why = f"; {len(named)} share a name but not the shape, e.g. {named[:3]}" if named else ""
             raise ValueError(
-                f"no tensor in model.net.weights={path} fits torchvision's maskrcnn_resnet50_fpn_v2: expected keys "
+                f"no tensor in model.net.weights={path} fits this Mask R-CNN: expected keys "
                 f"like {list(own)[:3]}, found {list(state)[:3]} ({len(state)} keys){why}"
             )
         self.model.load_state_dict(usable, strict=False)

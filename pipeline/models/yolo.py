@@ -39,7 +39,8 @@ class YOLO(nn.Module):
     (`outputs`); `slots` holds the anchors (set by the task: given or k-means, at `input_size` pixels), the grids
     and the decoding; `postprocess` the keyword arguments of `ops.nms.select_detections`. `backbone` holds
     `build_backbone`'s arguments; `neck_width` is the channel count of the coarsest neck level (finer levels halve
-    it, as YOLOv3's 512/256/128). Targets: per image {"boxes" [N, 4], "labels" [N], "iscrowd" [N]}.
+    it, as YOLOv3's 512/256/128); any backbone with taps c3/c4/c5 at strides 8/16/32 serves (timm's too).
+    Targets: per image {"boxes" [N, 4], "labels" [N], "iscrowd" [N]}.
     """
 
     def __init__(
@@ -55,9 +56,13 @@ class YOLO(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = build_backbone(**backbone)
-        self.strides = [self.backbone.strides[tap] for tap in TAPS]
+        self.strides = [self.backbone.strides.get(tap) for tap in TAPS]
         if self.strides != [8, 16, 32]:
-            raise ValueError(f"the detector needs backbone taps at strides 8/16/32, got {self.strides} (dilate_last?)")
+            taps = ", ".join(f"{tap} (stride {stride})" for tap, stride in self.backbone.strides.items())
+            raise ValueError(
+                f"the detector needs backbone taps c3, c4, c5 at strides 8/16/32; backbone {self.backbone.name!r} "
+                f"has {taps} (dilate_last?)"
+            )
         self.num_classes, self.num_anchors = num_classes, num_anchors
         self.slots = Slots(self.strides, num_anchors, input_size)
         self.loss = loss

@@ -56,18 +56,34 @@ def test_every_group_option_composes_and_validates(override: str):
     validate_config(_compose("train", [override, *REQUIRED.get(override, [])]), TRAIN_KEYS)
 
 
-@pytest.mark.parametrize("model", ["fcn8s", "yolo", "instance"])
+@pytest.mark.parametrize("model", ["fcn8s", "yolo", "instance", "torchvision_maskrcnn"])
 @pytest.mark.parametrize("backbone", _options("model/backbone"))
 def test_one_backbone_group_serves_every_model(model: str, backbone: str):
     cfg = _compose("train", [f"model={model}", f"model/backbone={backbone}"])
     validate_config(cfg, TRAIN_KEYS)
-    assert cfg.model.net.backbone.name == backbone
+    assert _tree(cfg.model.net.backbone) == _tree(
+        OmegaConf.load(Path(CONF_DIR) / "model" / "backbone" / f"{backbone}.yaml")
+    )
+
+
+def test_torchvision_maskrcnn_has_no_backbone_unless_one_is_chosen():
+    """Without model/backbone the net is torchvision's ResNet-50-FPN v2 (no `backbone` argument)."""
+    assert "backbone" not in _compose("train", ["model=torchvision_maskrcnn"]).model.net
 
 
 def test_every_conf_file_is_covered():
     assert {g for g in GROUPS} <= {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
-    assert _options("model") == ["fcn16s", "fcn32s", "fcn8s", "instance", "torchvision_maskrcnn", "yolo"]
-    assert _options("model/backbone") == ["resnet18", "resnet34", "resnet50", "vgg16", "vgg_tiny"]
+    assert _options("model") == [
+        "fcn16s",
+        "fcn2s",
+        "fcn32s",
+        "fcn4s",
+        "fcn8s",
+        "instance",
+        "torchvision_maskrcnn",
+        "yolo",
+    ]
+    assert _options("model/backbone") == ["resnet18", "resnet34", "resnet50", "timm", "vgg16", "vgg_tiny"]
     assert _options("model/optim") == ["adamw", "sgd"] and _options("model/sched") == ["cosine"]
     assert _options("callbacks") == ["default", "ema"]
     assert _options("data") == ["bccd", "coco", "coco128seg", "isbi", "masks", "shapes", "voc", "yolo"]
@@ -191,7 +207,7 @@ def _tree(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=False)
 
 
-@pytest.mark.parametrize("model", ["fcn16s", "fcn32s"])
+@pytest.mark.parametrize("model", ["fcn16s", "fcn32s", "fcn4s", "fcn2s"])
 def test_the_fcn_variants_are_fcn8s_with_another_variant(model: str):
     expected = _tree(_compose("train", ["model=fcn8s"]).model)
     expected["net"]["variant"] = model.removeprefix("fcn")

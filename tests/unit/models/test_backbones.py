@@ -1,15 +1,23 @@
-"""Backbones: declared strides/channels match the features, dilation, weights files, errors."""
+"""Backbones: declared strides/channels match the features (ours, torchvision's, timm's), dilation, weights files,
+errors."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+from timm.data import resolve_data_config
 from torchvision import models
 
-from pipeline.models.backbones import BACKBONES, build_backbone
+from pipeline.models.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone
+
+# One small model per timm family the tests cover: ResNet, ConvNeXt (no stride-2 feature), EfficientNet (trained on
+# 0.5/0.5 normalisation), MobileNetV3.
+TIMM = ["resnet10t", "convnext_atto", "tf_efficientnet_lite0", "mobilenetv3_small_050"]
 
 
 @pytest.fixture(autouse=True)
@@ -22,10 +30,10 @@ def _seed() -> None:
 def test_features_match_declared_strides_and_channels(name: str, dilate_last: bool) -> None:
     kwargs = {"width": 8} if name == "vgg_tiny" else {}
     backbone = build_backbone(name, dilate_last=dilate_last, **kwargs).eval()
-    assert backbone.strides == {"c3": 8, "c4": 16, "c5": 16 if dilate_last else 32}
+    assert backbone.strides == {"c1": 2, "c2": 4, "c3": 8, "c4": 16, "c5": 16 if dilate_last else 32}
     with torch.no_grad():
         features = backbone(torch.randn(1, 3, 64, 96))
-    assert set(features) == {"c3", "c4", "c5"}
+    assert list(features) == ["c1", "c2", "c3", "c4", "c5"]
     for tap, f in features.items():
         stride = backbone.strides[tap]
         assert f.shape == (1, backbone.channels[tap], 64 // stride, 96 // stride), tap
@@ -46,13 +54,48 @@ def test_dilated_c5_is_the_strided_c5_computed_densely(name: str) -> None:
 
 
 def test_vgg_tiny_widths() -> None:
-    assert build_backbone("vgg_tiny", width=16).channels == {"c3": 64, "c4": 128, "c5": 128}
+    assert build_backbone("vgg_tiny", width=16).channels == {"c1": 16, "c2": 32, "c3": 64, "c4": 128, "c5": 128}
 
 
 def test_vgg16_keeps_torchvision_parameter_names() -> None:
     with torch.device("meta"):  # names only: skip allocating and initialising 138M parameters twice
         tv_keys = {k for k in models.vgg16().state_dict() if k.startswith("features.")}
         assert set(build_backbone("vgg16").body.state_dict()) == tv_keys
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnets_keep_torchvision_parameter_names(name: str) -> None:
+    """The c1/c2 taps add no tensor: old checkpoints (and torchvision's classifier files) still load."""
+    with torch.device("meta"):
+        tv_keys = [k for k in getattr(models, name)().state_dict() if not k.startswith("fc.")]
+        assert list(build_backbone(name).body.state_dict()) == tv_keys
+
+
+def test_resnet_c1_is_the_stem_before_the_max_pool_and_c2_is_layer1() -> None:
+    backbone = build_backbone("resnet18").eval()
+    reference = models.resnet18().eval()
+    reference.load_state_dict(backbone.body.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features = backbone(x)
+        stem = reference.relu(reference.bn1(reference.conv1(x)))
+        layer1 = reference.layer1(reference.maxpool(stem))
+    torch.testing.assert_close(features["c1"], stem, rtol=0, atol=0)
+    torch.testing.assert_close(features["c2"], layer1, rtol=0, atol=0)
+
+
+def test_vgg_c1_and_c2_end_the_first_two_stages() -> None:
+    """vgg_tiny's stages: [conv, pool, BN, ReLU], then [conv, BN, ReLU, conv, pool, BN, ReLU]."""
+    backbone = build_backbone("vgg_tiny", width=8).eval()
+    layers = backbone.body.features
+    assert [type(m).__name__ for m in layers[:11]] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"] + [
+        "Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"
+    ]  # fmt: skip
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        features = backbone(x)
+        torch.testing.assert_close(features["c1"], layers[:4](x), rtol=0, atol=0)
+        torch.testing.assert_close(features["c2"], layers[:11](x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("wrap", [False, True], ids=["bare", "state_dict_key"])
@@ -119,3 +162,90 @@ def test_vgg_tiny_has_no_pretrained_weights() -> None:
 def test_unknown_name_lists_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown backbone 'resnet7'.*vgg_tiny, vgg16, resnet18, resnet34, resnet50"):
         build_backbone("resnet7")
+
+
+# --- timm ------------------------------------------------------------------------------------------------------
+
+
+def _timm_tap_names(name: str) -> list[str]:
+    """c<k> for each feature of timm's features_only `name` at stride 2**k (its default out_indices: all of them)."""
+    with torch.device("meta"):
+        strides = timm.create_model(name, features_only=True).feature_info.reduction()
+    return [f"c{int(math.log2(stride))}" for stride in strides]
+
+
+@pytest.mark.parametrize("dilate_last", [False, True], ids=["stride32", "dilated"])
+@pytest.mark.parametrize("name", TIMM)
+def test_timm_taps_are_timms_features(name: str, dilate_last: bool) -> None:
+    """Taps, channels and strides are timm's feature_info; the features are timm's own, on timm's normalisation."""
+    backbone = build_backbone(name, source="timm", dilate_last=dilate_last).eval()
+    reference = timm.create_model(name, features_only=True, **({"output_stride": 16} if dilate_last else {})).eval()
+    taps = _timm_tap_names(name)
+    assert backbone.taps == tuple(taps) and taps[-3:] == ["c3", "c4", "c5"]
+    assert backbone.channels == dict(zip(taps, reference.feature_info.channels(), strict=True))
+    assert backbone.strides == dict(zip(taps, reference.feature_info.reduction(), strict=True))
+    assert backbone.strides["c5"] == (16 if dilate_last else 32)
+
+    reference.load_state_dict(backbone.body.state_dict())
+    config = resolve_data_config({}, model=reference)  # the normalisation timm's transforms would apply
+    mean, std = (torch.tensor(config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    pixels = torch.rand(1, 3, 64, 96)
+    ours = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        features = backbone(ours)
+        expected = reference((pixels - mean) / std)
+    assert list(features) == taps
+    for tap, want in zip(taps, expected, strict=True):
+        stride = backbone.strides[tap]
+        assert features[tap].shape == (1, backbone.channels[tap], 64 // stride, 96 // stride), tap
+        torch.testing.assert_close(features[tap], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", TIMM)
+def test_timm_weights_file_round_trips(tmp_path: Path, name: str) -> None:
+    source = build_backbone(name, source="timm").eval()
+    path = tmp_path / f"{name}.pt"
+    torch.save(source.body.state_dict(), path)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every tensor is in the file
+        loaded = build_backbone(name, source="timm", weights=str(path)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for tap, feature in source(x).items():
+            torch.testing.assert_close(loaded(x)[tap], feature, rtol=0, atol=0)
+
+
+def test_a_timm_classifier_file_loads_where_timm_keeps_the_names(tmp_path: Path) -> None:
+    """A ResNet's features net keeps the classifier's parameter names: timm's weights saved offline load as they are."""
+    classifier = timm.create_model("resnet10t")
+    path = tmp_path / "resnet10t.pth"
+    torch.save(classifier.state_dict(), path)  # with the head (fc.*), which the backbone skips
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backbone = build_backbone("resnet10t", source="timm", weights=str(path))
+    torch.testing.assert_close(backbone.body.layer4[0].conv2.weight, classifier.layer4[0].conv2.weight, rtol=0, atol=0)
+
+
+def test_timm_dilation_where_the_family_has_none_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"timm model 'vgg11' does not support output_stride=16 \(dilate_last=true\)"):
+        build_backbone("vgg11", source="timm", dilate_last=True)
+
+
+def test_timm_pretrained_weights_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    # No network here: the Hub client in offline mode fails at once (online it retries for about a minute).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(OSError, match=r"pretrained weights for 'resnet10t' could not be fetched.*weights=<state dict"):
+        build_backbone("resnet10t", source="timm", pretrained=True)
+
+
+def test_timm_names_and_sources_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown timm model 'resnet7'"):
+        build_backbone("resnet7", source="timm")
+    with pytest.raises(ValueError, match=r"'convmixer_768_32' has no features at strides \[2, 4, 8, 16, 32\]: \[7\]"):
+        build_backbone("convmixer_768_32", source="timm")
+    with pytest.raises(ValueError, match="unknown backbone source 'hub'; available: builtin, timm"):
+        build_backbone("resnet18", source="hub")

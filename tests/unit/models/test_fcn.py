@@ -1,4 +1,5 @@
-"""FCN: input-sized logits for any image size, bilinear upsampling init, zero-initialised skips, errors."""
+"""FCN: input-sized logits for any image size (ours, torchvision's and timm's backbones), bilinear upsampling init,
+zero-initialised skips down to FCN-2s, errors."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+VARIANTS = ["32s", "16s", "8s", "4s", "2s"]
+
+
 @pytest.mark.parametrize("upsample", ["transposed", "bilinear", "nearest"])
-@pytest.mark.parametrize("variant", ["32s", "16s", "8s"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dilate_last", [False, True])
 def test_logits_have_the_input_size(dilate_last: bool, variant: str, upsample: str) -> None:
     net = FCN(5, _tiny(dilate_last=dilate_last), variant=variant, upsample=upsample).eval()
@@ -30,12 +34,24 @@ def test_logits_have_the_input_size(dilate_last: bool, variant: str, upsample: s
 
 
 @pytest.mark.parametrize("upsample", ["transposed", "bilinear", "nearest"])
-@pytest.mark.parametrize("variant", ["32s", "16s", "8s"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_have_the_input_size_resnet(variant: str, upsample: str) -> None:
     for dilate_last in (False, True):
         net = FCN(5, {"name": "resnet18", "dilate_last": dilate_last}, variant=variant, upsample=upsample).eval()
         with torch.no_grad():
             assert net(torch.randn(1, 3, 49, 38)).shape == (1, 5, 49, 38)
+
+
+@pytest.mark.parametrize(
+    ("name", "variant"), [("resnet10t", "2s"), ("mobilenetv3_small_050", "2s"), ("convnext_atto", "4s")]
+)
+@pytest.mark.parametrize("dilate_last", [False, True])
+def test_logits_have_the_input_size_timm(name: str, variant: str, dilate_last: bool) -> None:
+    """The finest variant each timm family allows (ConvNeXt has no stride-2 feature), at an odd size."""
+    backbone = {"source": "timm", "name": name, "dilate_last": dilate_last}
+    net = FCN(5, backbone, variant=variant).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 67, 45)).shape == (1, 5, 67, 45)
 
 
 @pytest.mark.parametrize("factor", [2, 8, 32])
@@ -72,16 +88,23 @@ def _same_start(variants: list[str], **kwargs: object) -> dict[str, FCN]:
     return nets
 
 
-@pytest.mark.parametrize(("backbone", "dilate_last"), [("vgg_tiny", False), ("resnet18", True)])
-def test_variants_start_from_the_coarse_net_output(backbone: str, dilate_last: bool) -> None:
-    """With nearest upsampling (x2 then x2 then x8 is exactly x32), 8s and 16s at init predict what 32s does."""
-    config = {"name": backbone, "dilate_last": dilate_last, "width": 8}
-    nets = _same_start(["32s", "16s", "8s"], backbone=config, upsample="nearest")
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "vgg_tiny", "width": 8},
+        {"name": "resnet18", "dilate_last": True},
+        {"source": "timm", "name": "resnet10t"},
+    ],
+    ids=["vgg_tiny", "resnet18-dilated", "timm-resnet10t"],
+)
+def test_variants_start_from_the_coarse_net_output(config: dict) -> None:
+    """With nearest upsampling (x2 then x2 then x8 is exactly x32), 16s..2s at init predict what 32s does."""
+    nets = _same_start(VARIANTS, backbone=config, upsample="nearest")
     x = torch.randn(2, 3, 45, 70)
     with torch.no_grad():
         out = {v: net(x) for v, net in nets.items()}
-    torch.testing.assert_close(out["16s"], out["32s"])
-    torch.testing.assert_close(out["8s"], out["32s"])
+    for variant in VARIANTS[1:]:
+        torch.testing.assert_close(out[variant], out["32s"], msg=variant)
 
 
 @pytest.mark.parametrize("upsample", ["transposed", "bilinear", "nearest"])
@@ -97,16 +120,23 @@ def test_skip_taps_contribute_nothing_at_init(upsample: str) -> None:
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
-def test_every_parameter_learns() -> None:
+@pytest.mark.parametrize("variant", ["8s", "2s"])
+def test_every_parameter_learns(variant: str) -> None:
     """Zero-initialised skip scores still get gradients, so training moves away from the coarse net."""
-    net = FCN(4, _tiny(), variant="8s")
+    net = FCN(4, _tiny(), variant=variant)
     F.cross_entropy(net(torch.randn(2, 3, 48, 48)), torch.randint(0, 4, (2, 48, 48))).backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
 
 
 def test_invalid_variant_and_upsample_list_the_choices() -> None:
-    with pytest.raises(ValueError, match="'4s'.*32s, 16s, 8s"):
-        FCN(3, _tiny(), variant="4s")
+    with pytest.raises(ValueError, match="'1s'.*32s, 16s, 8s, 4s, 2s"):
+        FCN(3, _tiny(), variant="1s")
     with pytest.raises(ValueError, match="'bicubic'.*transposed, bilinear, nearest"):
         FCN(3, _tiny(), upsample="bicubic")
+
+
+def test_a_variant_needing_a_tap_the_backbone_lacks_names_variant_backbone_and_taps() -> None:
+    with pytest.raises(ValueError, match=r"FCN-2s needs backbone taps c5, c4, c3, c2, c1; backbone 'convnext_atto' has "
+                       r"c2, c3, c4, c5 \(no c1\)"):  # fmt: skip
+        FCN(3, {"source": "timm", "name": "convnext_atto"}, variant="2s")

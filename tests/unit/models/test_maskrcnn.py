@@ -1,24 +1,28 @@
-"""torchvision's Mask R-CNN as our instance net: batch sizes the backbone sees, masks pasted as torchvision does."""
+"""torchvision's Mask R-CNN as our instance net: batch sizes the backbone sees, masks pasted as torchvision does; our
+backbones (timm's included) under torchvision's FPN, sized as torchvision sizes its own."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from torch import Tensor
 
-from pipeline.models.maskrcnn import TorchvisionMaskRCNN
+from pipeline.models.backbones import Backbone
+from pipeline.models.maskrcnn import TorchvisionMaskRCNN, fpn_maskrcnn
 from pipeline.ops.masks import masks_to_original
+
+# few proposals and detections keep a Mask R-CNN fast on CPU
+SMALL = {"rpn_pre_nms_top_n_train": 64, "rpn_post_nms_top_n_train": 32, "rpn_pre_nms_top_n_test": 64,
+         "rpn_post_nms_top_n_test": 32, "box_batch_size_per_image": 16, "box_detections_per_img": 8}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def net() -> TorchvisionMaskRCNN:
     torch.manual_seed(0)
-    # few proposals and detections keep a ResNet-50-FPN fast on CPU
-    small = {"rpn_pre_nms_top_n_train": 64, "rpn_post_nms_top_n_train": 32, "rpn_pre_nms_top_n_test": 64,
-             "rpn_post_nms_top_n_test": 32, "box_batch_size_per_image": 16, "box_detections_per_img": 8}  # fmt: skip
-    return TorchvisionMaskRCNN(num_classes=3, input_size=64, box_score_thresh=0.0, **small)
+    return TorchvisionMaskRCNN(num_classes=3, input_size=64, box_score_thresh=0.0, **SMALL)
 
 
 def _record_backbone_inputs(net: TorchvisionMaskRCNN) -> tuple[list[Tensor], torch.utils.hooks.RemovableHandle]:
@@ -116,3 +120,56 @@ def test_a_weights_file_that_fits_no_tensor_is_an_error_naming_the_file_and_keys
     with pytest.raises(ValueError, match="holds a Tensor, not a state dict"):
         net.load_weights(not_a_dict)
     assert torch.equal(net.model.state_dict()["backbone.body.conv1.weight"], before)  # nothing was loaded
+
+
+def _transform_settings(model: torch.nn.Module) -> tuple:
+    t = model.transform
+    return t.min_size, t.max_size, t._skip_resize, t.image_mean, t.image_std, t.size_divisible
+
+
+def test_a_timm_backbone_under_torchvisions_fpn_has_the_levels_anchors_and_sizes_of_torchvisions_own(
+    net: TorchvisionMaskRCNN,
+) -> None:
+    torch.manual_seed(0)
+    ours = TorchvisionMaskRCNN(num_classes=3, input_size=64, backbone={"source": "timm", "name": "convnext_atto"},
+                               box_score_thresh=0.0, **SMALL)  # fmt: skip
+    assert type(net.model.backbone).__name__ == "BackboneWithFPN"  # without `backbone`: the ResNet-50-FPN v2
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        levels, reference = ours.model.backbone(images), net.model.backbone(images)
+    assert list(levels) == ["c2", "c3", "c4", "c5", "pool"]
+    assert [v.shape for v in levels.values()] == [v.shape for v in reference.values()]  # 256 wide, strides 4..64
+    mine, theirs = ours.model.rpn.anchor_generator, net.model.rpn.anchor_generator
+    assert (mine.sizes, mine.aspect_ratios) == (theirs.sizes, theirs.aspect_ratios)
+    assert ours.model.roi_heads.box_roi_pool.featmap_names == ours.model.roi_heads.mask_roi_pool.featmap_names == [
+        "c2", "c3", "c4", "c5"
+    ]  # fmt: skip
+    assert _transform_settings(ours.model) == _transform_settings(net.model)  # letterbox and multi-scale as before
+    with torch.no_grad():
+        (det,) = ours.eval()(images[:1])
+    assert det["masks"].shape == (len(det["boxes"]), 28, 28)
+
+
+def test_a_backbone_without_c2_puts_the_fpn_on_c3_to_c5_with_anchors_8x_the_strides() -> None:
+    torch.manual_seed(0)
+    body = timm.create_model("resnet10t", features_only=True, out_indices=(2, 3, 4))
+    taps = ("c3", "c4", "c5")
+    backbone = Backbone(body, dict(zip(taps, body.feature_info.channels(), strict=True)),
+                        dict(zip(taps, body.feature_info.reduction(), strict=True)), "resnet10t from c3")  # fmt: skip
+    model = fpn_maskrcnn(backbone, 3, min_size=64, max_size=64, **SMALL)
+    assert model.rpn.anchor_generator.sizes == ((64,), (128,), (256,), (512,))  # strides 8, 16, 32 and the pool's 64
+    assert model.roi_heads.box_roi_pool.featmap_names == ["c3", "c4", "c5"]
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 8:40, 8:40] = 1
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]), "masks": masks}
+    losses = model.train()(list(torch.rand(2, 3, 64, 64)), [target, target])
+    assert all(torch.isfinite(v) for v in losses.values()) and "loss_mask" in losses
+
+
+def test_a_backbone_without_the_fpn_strides_is_an_error_naming_it_and_its_taps() -> None:
+    with pytest.raises(
+        ValueError, match=r"Mask R-CNN needs backbone taps c3, c4, c5.*'vgg_tiny' has .*c5 \(stride 16\)"
+    ):
+        TorchvisionMaskRCNN(
+            num_classes=3, input_size=64, backbone={"name": "vgg_tiny", "width": 4, "dilate_last": True}
+        )

@@ -3,6 +3,8 @@ net's contract (losses in training, detections in eval) and its loss built from 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from pipeline.ops.assign import assign, ignored
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels
 from pipeline.ops.nms import select_detections
 from pipeline.tasks.detection import DetectionTask
-from tests.helpers import ANCHORS, LOSS, POST
+from tests.helpers import ANCHORS, LOSS, POST, one_training_step, task_from_config
 
 
 def _task(**kwargs: object) -> DetectionTask:
@@ -210,3 +212,12 @@ def test_an_unknown_model_loss_key_fails_naming_it_before_training() -> None:
                                       "loss": {**LOSS, "ignore_ioo": 0.5}}})  # fmt: skip
     with pytest.raises(ConfigError, match="'model.loss.ignore_ioo'.*Did you mean 'ignore_iou'"):
         validate_config(cfg, {"model"})
+
+
+def test_the_detector_on_a_timm_backbone_built_from_the_configs_trains_a_step() -> None:
+    anchors = "[" + ",".join(f"[{w},{h}]" for w, h in ANCHORS) + "]"
+    task = task_from_config("experiment=shapes_yolo", "model/backbone=timm", "model.net.backbone.name=resnet10t",
+                            "model.net.neck_width=32", f"model.anchors={anchors}", "data.val_size=64")  # fmt: skip
+    loss, changed = one_training_step(task, _batch([[[4.0, 4.0, 20.0, 18.0], [30.0, 30.0, 62.0, 60.0]], []]))
+    assert math.isfinite(loss)
+    assert {"net.backbone.body.conv1.0.weight", "net.heads.0.1.weight"} <= changed
