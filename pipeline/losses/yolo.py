@@ -21,10 +21,11 @@ class YOLOLoss(nn.Module):
     """Slot predictions [B, P, 5 + K] and per image targets {"boxes" [N, 4] x1, y1, x2, y2 input pixels, "labels"
     [N] 1..K, "iscrowd" [N]} -> {"loss": the weighted total to optimise, "box", "obj", "cls": each part detached}.
 
-    Weights `box`, `obj`, `cls`; `box_loss`: "giou" (YOLOv3-era) or "ciou" (YOLOv5 and later: GIoU plus the centre
-    distance and aspect-ratio terms), torchvision's implementations; `anchor_iou`: a box trains its best-shaped anchor and every other anchor this similar
-    in shape (1.0: the best only); `ignore_iou`: unassigned slots whose box overlaps a ground truth this much get no
-    objectness loss; `obj_balance`: objectness weight of strides 8, 16, 32 (as YOLOv5). Crowd regions only ignore.
+    Weights `box`, `obj`, `cls`; `box_loss`: "giou" or "ciou" (YOLOv5 and later: IoU with centre-distance and
+    aspect-ratio terms), torchvision's implementations; `anchor_iou`: a box trains its best-shaped anchor and every
+    other anchor this similar in shape (1.0: the best only); `ignore_iou`: unassigned slots whose box overlaps a
+    ground truth this much get no objectness loss; `obj_balance`: objectness weight of strides 8, 16, 32 (as YOLOv5).
+    Crowd regions only ignore.
     """
 
     def __init__(
