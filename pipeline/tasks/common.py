@@ -55,14 +55,17 @@ class Outbox:
     TaskOutbox`): figures (artifact path -> RGB uint8 [H, W, 3]), params (name -> text) and metrics (name -> value).
 
     Tasks fill it on global rank zero only. Tasks stay free of the tracking layer: they never see the logger.
+    `draw`: whether this validation's figures are wanted (the tracking callback sets it before each validation:
+    rendering them costs time that small data sets feel); tasks hand over validation figures only then.
     """
 
     figures: dict[str, np.ndarray] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    draw: bool = True
 
     def take(self) -> Outbox:
         """Everything handed over so far, leaving the outbox empty."""
-        taken = Outbox(self.figures, self.params, self.metrics)
+        taken = Outbox(self.figures, self.params, self.metrics, self.draw)
         self.figures, self.params, self.metrics = {}, {}, {}
         return taken
