@@ -68,7 +68,7 @@ def test_every_conf_file_is_covered():
     assert {g for g in GROUPS} <= {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
     assert _options("model") == ["fcn16s", "fcn32s", "fcn8s", "instance", "torchvision_maskrcnn", "yolo"]
     assert _options("model/backbone") == ["resnet18", "resnet34", "resnet50", "vgg16", "vgg_tiny"]
-    assert _options("model/optim") == ["adamw", "sgd"] and _options("model/sched") == ["cosine"]
+    assert _options("model/optim") == ["adamw", "sgd"] and _options("model/sched") == ["cosine", "warmup_cosine"]
     assert _options("callbacks") == ["default", "ema"]
     assert _options("data") == ["bccd", "coco", "coco128seg", "isbi", "masks", "shapes", "voc", "yolo"]
 
