@@ -138,16 +138,13 @@ class Mosaic:
         if unknown:
             raise ConfigError(f"data.mosaic: {', '.join(unknown)} is no argument of albumentations.Mosaic.")
         self.p, self.bbox_params, self.settings = p, dict(bbox_params), settings
-        self._pipelines: dict[tuple[int, ...], A.Compose] = {}  # by (size, cell h, cell w)
         self.grid = tuple(self._pipeline(32, (32, 32)).transforms[0].grid_yx)  # checks the settings now
         self.others = self.grid[0] * self.grid[1] - 1
 
-    def _pipeline(self, size: int, cell: tuple[int, int]) -> A.Compose:
-        key = (size, *cell)
-        if key not in self._pipelines:
-            mosaic = A.Mosaic(target_size=(size, size), cell_shape=cell, fit_mode="cover", p=1.0, **self.settings)
-            self._pipelines[key] = A.Compose([mosaic], bbox_params=_box_params(self.bbox_params))
-        return self._pipelines[key]
+    def _pipeline(self, size: int, cell: tuple[int, int], seed: int | None = None) -> A.Compose:
+        # Built per mosaic (0.2 ms): output and cell shapes change with the batch size and the primary image.
+        mosaic = A.Mosaic(target_size=(size, size), cell_shape=cell, fit_mode="cover", p=1.0, **self.settings)
+        return A.Compose([mosaic], bbox_params=_box_params(self.bbox_params), seed=seed)
 
     def cell_shape(self, size: int, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the cells for a primary image of height x width: its letterboxed shape at `size`, each side at
@@ -162,8 +159,7 @@ class Mosaic:
         """One mosaic of `images` [H_i, W_i, 3] with their boxes [N_i, 4] (x1, y1, x2, y2) and per-box `fields`
         (lists aligned with `images`), drawn from `seed`: {"image" [size, size, 3], "boxes" [M, 4] float32,
         **fields [M] int64}. The first image is the primary one (albumentations gives it the largest cell)."""
-        pipeline = self._pipeline(size, self.cell_shape(size, *images[0].shape[:2]))
-        pipeline.set_random_seed(seed)
+        pipeline = self._pipeline(size, self.cell_shape(size, *images[0].shape[:2]), seed)
         wanted = list(fields)
         fields = {"index": [np.arange(len(b)) for b in boxes], **fields}  # every box field the processor declares
         others = [
