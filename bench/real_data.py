@@ -5,12 +5,13 @@ Each dataset's experiment runs as a user would run it, `pipeline-train experimen
 +trainer.max_time=DD:HH:MM:SS` (Hydra, Lightning, MLflow, checkpoints), in a scratch project dir with its own
 MLflow SQLite store; the scratch dir sits beside a link to the real `shared/`, so the experiments' own
 `${paths.root_dir}/../shared/datasets/…` paths resolve. Lightning's Timer stops training when the budget is spent
-(counted from the start of training: start-up, data checks and k-means come on top). The experiments' max_epochs
-is about what the budget fits on 2 idle CPU cores, because the cosine schedule anneals over max_epochs: a run
-should end by its epochs (fully annealed), the budget is a cap; the report says which of the two ended it.
-Per-epoch validation metrics are read back from MLflow; the table shows the last epoch, the best epoch and the
-target, the per-epoch curve of the first metric, and the learning rate at the end (the cosine schedule's
-T_max is trainer.max_epochs, not the time budget).
+(counted from the start of training: start-up, data checks and k-means come on top). isbi_fcn's and
+coco128seg_instance's max_epochs are about what the budget fits on 2 idle CPU cores, because their cosine anneals
+over max_epochs: such a run should end by its epochs (fully annealed), the budget is a cap. bccd_yolo's warm-up
+cosine anneals by the budget itself (model/sched=warmup_cosine), its max_epochs only a bound. The report says
+which of the two ended each run. Per-epoch validation metrics are read back from MLflow; the table shows the last
+epoch, the best epoch and the target, the per-epoch curve of the first metric, and the learning rate at the start
+of the first and the last epoch.
 
     python bench/real_data.py                                  # all three, full budgets (45 minutes of training)
     python bench/real_data.py --only isbi_membrane             # one
@@ -43,7 +44,10 @@ class Bench:
 
 
 BENCHES = {
-    "bccd": Bench("bccd_yolo", 20, ("val/map_50", "val/map"), {"val/map_50": 0.88, "val/map": 0.55}),
+    # Issue 26's targets; the platelets' AP (the smallest, rarest class) is reported.
+    "bccd": Bench(
+        "bccd_yolo", 20, ("val/map_50", "val/map", "val/AP/Platelets"), {"val/map_50": 0.90, "val/map": 0.60}
+    ),
     "isbi_membrane": Bench(
         "isbi_fcn",
         10,
@@ -164,13 +168,13 @@ def main() -> None:
                 continue
             first = bench.metrics[0]
             ended = ("ended by max_epochs, within the budget" if result["epochs_started"] >= epochs
-                     else "stopped by the time budget before the schedule ended")  # fmt: skip
+                     else "stopped by the time budget")  # fmt: skip
             print(f"\n{name}: {result['wall_s']:.0f} s wall in all; {result['epochs_started']} epoch(s) started of "
                   f"max_epochs {epochs} — {ended}")  # fmt: skip
             print(f"  per-epoch {first}:", " ".join(f"{v:.3f}" for v in result["history"][first]))
             if result["lr"]:
-                print(f"  learning rate: first epoch {result['lr'][0]:.2e}, last {result['lr'][-1]:.2e} "
-                      f"(cosine over T_max = max_epochs = {epochs})")  # fmt: skip
+                print(f"  learning rate at the start of the first epoch {result['lr'][0]:.2e}, of the last "
+                      f"{result['lr'][-1]:.2e}")  # fmt: skip
         if args.table:
             args.table.write_text(text + "\n")
     if any(result["rc"] != 0 for *_, result in rows):

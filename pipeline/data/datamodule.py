@@ -28,7 +28,7 @@ from pipeline.data.formats import voc_box_dataset, voc_ids, voc_instance_dataset
 from pipeline.data.mask_folders import MaskFolderSource, _files
 from pipeline.data.samplers import MultiScaleBatchSampler, SampleKey, ShardedSampler
 from pipeline.data.shapes import ShapesSpec, ensure_shapes
-from pipeline.data.transforms import apply, apply_boxes, compose, letterbox, reseed
+from pipeline.data.transforms import Mosaic, apply, apply_boxes, compose, letterbox, reseed
 from pipeline.errors import ConfigError
 from pipeline.ops.boxes import letterbox_scale
 
@@ -80,6 +80,11 @@ class SegmentationSamples(Dataset):
         return batch
 
 
+def _xyxy(xywh: np.ndarray) -> np.ndarray:
+    """Boxes [N, 4] x, y, w, h -> x1, y1, x2, y2."""
+    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+
+
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
     """RGB uint8 [H, W, 3] -> float [3, H, W] in 0..1."""
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
@@ -93,21 +98,45 @@ class BoxSamples(Dataset):
     back; "gt": the image's annotations untouched (boxes xywh in original pixels, labels, iscrowd, area), the
     ground truth COCO evaluation compares against. From a `CocoInstanceSource` a sample also has "masks" uint8
     [N, S, S] (letterboxed, one per box) and "gt" has "masks" bool [N, H, W] (original pixels).
+
+    With `mosaic` (set for the training split by the DataModule; box targets only) a share `mosaic.p` of the samples
+    starts as a mosaic of the image and `mosaic.others` more, S x S, before the augmentation; whether, which images
+    and the mosaic's own draws all come from the sample's seed. Its "gt", "scale" and "orig_size" stay the primary
+    image's / the mosaic's (only validation samples are evaluated).
     """
 
     def __init__(self, source: CocoBoxSource | CocoInstanceSource, augment: A.Compose, size: int) -> None:
         self.source, self.augment, self.size = source, augment, size
+        self.mosaic: Mosaic | None = None
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _mosaic_partners(self, index: int, seed: int) -> list[int]:
+        """The other images of sample `index`'s mosaic, drawn from its seed (a stream of its own); [] for none."""
+        draw = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+        if self.mosaic is None or draw.random() >= self.mosaic.p:
+            return []
+        others = np.delete(np.arange(len(self)), index)
+        return draw.choice(others, self.mosaic.others, replace=len(others) < self.mosaic.others).tolist()
+
     def __getitem__(self, key: int | tuple[int, int] | SampleKey) -> dict:
         index, size, seed = _key(key, self.size)
         image, ann = self.source.load(index)
-        xyxy = np.concatenate([ann["boxes"][:, :2], ann["boxes"][:, :2] + ann["boxes"][:, 2:]], axis=1)
+        xyxy = _xyxy(ann["boxes"])
+        fields = {"labels": ann["labels"], "iscrowd": ann["iscrowd"]}
         masks = ann.get("masks")
+        partners = self._mosaic_partners(index, seed)
+        if partners:  # the mosaic's size is the batch's: the letterbox below leaves it as it is
+            loaded = [self.source.load(i) for i in partners]
+            images = [image, *(other for other, _ in loaded)]
+            boxes = [xyxy, *(_xyxy(other["boxes"]) for _, other in loaded)]
+            out = self.mosaic(size, seed, images, boxes, **{
+                name: [values, *(other[name] for _, other in loaded)] for name, values in fields.items()
+            })  # fmt: skip
+            image, xyxy, fields = out["image"], out["boxes"], {name: out[name] for name in fields}
         reseed(self.augment, seed)
-        out = apply_boxes(self.augment, image, xyxy, masks, labels=ann["labels"], iscrowd=ann["iscrowd"])
+        out = apply_boxes(self.augment, image, xyxy, masks, **fields)
         height, width = out["image"].shape[:2]
         out = apply_boxes(letterbox(size, 0, boxes=True), out["image"], out["boxes"], out.get("masks"), **{
             k: out[k] for k in ("labels", "iscrowd")
@@ -172,7 +201,9 @@ class CocoDataModule(pl.LightningDataModule):
     """COCO instances files (train/val image folder + annotation json) as semantic masks, boxes or instances.
 
     `targets` is set by the task ("semantic", "boxes" or "instances"), not by the data config; `bbox_params`
-    filters boxes (and their masks) after augmentation (albumentations' min_visibility, min_area, ...);
+    filters boxes (and their masks) after augmentation (albumentations' min_visibility, min_area, ...); `mosaic`
+    ({"p": share of training samples, further `A.Mosaic` settings}, box targets only; None: off) makes mosaics of
+    training images before `train_transforms` (`pipeline.data.transforms.Mosaic`, `BoxSamples`);
     `check_cache`: the folder where image checks that passed are remembered by a fingerprint of the files
     (`pipeline.data.check_cache`), None to decode every image on every run.
     """
@@ -192,6 +223,7 @@ class CocoDataModule(pl.LightningDataModule):
         train_transforms: Sequence[A.BasicTransform] = (),
         val_transforms: Sequence[A.BasicTransform] = (),
         bbox_params: dict | None = None,
+        mosaic: dict | None = None,
         seed: int = 0,
         targets: str = "semantic",
         parallel_jobs: int = 1,
@@ -216,6 +248,13 @@ class CocoDataModule(pl.LightningDataModule):
         # Seeded per sample by the sampler's keys (from `seed`, the epoch and the index), not here.
         self.train_augment = compose(train_transforms, bbox_params=boxes)
         self.val_augment = compose(val_transforms, bbox_params=boxes)
+        if mosaic is not None and targets != "boxes":
+            raise ConfigError(
+                f"data.mosaic is set, but this model trains on {targets} targets: mosaics are made for box targets "
+                "only (albumentations' Mosaic, 2.0.8, assembles one mask per image, not one per instance). Set "
+                "data.mosaic=null."
+            )
+        self.mosaic = Mosaic(bbox_params=boxes, **mosaic) if mosaic is not None else None
         self.seed, self.targets, self.check_cache = seed, targets, check_cache
         self.train_set: SegmentationSamples | BoxSamples | None = None
         self.val_set: SegmentationSamples | BoxSamples | None = None
@@ -269,6 +308,8 @@ class CocoDataModule(pl.LightningDataModule):
         """Read the annotation files (every rank); train and val must share one label space."""
         if self.train_set is None and stage in (None, "fit"):
             self.train_set = self._samples(self.train_files, self.train_augment, max(self.train_sizes))
+            if self.mosaic is not None:  # box targets only (checked in __init__)
+                self.train_set.mosaic = self.mosaic
         if self.val_set is None:
             self.val_set = self._samples(self.val_files, self.val_augment, self.val_size)
             if isinstance(self.val_set, SegmentationSamples):  # scored at each image's own resolution

@@ -1,14 +1,18 @@
-"""The only albumentations import: augmentation pipelines from config and the per-batch letterbox resize."""
+"""The only albumentations import: augmentation pipelines from config, mosaics and the per-batch letterbox resize."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
 from albumentations.core.composition import BaseCompose
+
+from pipeline.errors import ConfigError
 
 # Per-box fields that travel with the boxes through a pipeline (and are dropped with them); "index" (each box's
 # position in the input) lets per-instance masks follow their boxes.
@@ -106,3 +110,66 @@ def apply_boxes(
         moved = np.asarray(out["masks"]) if extra else np.zeros((0, *out["image"].shape[:2]), dtype=np.uint8)
         result["masks"] = moved[kept]
     return result
+
+
+class Mosaic:
+    """albumentations' `A.Mosaic` at any square output size: `grid_yx` images (2 x 2 by default) into one.
+
+    The cells have the shape the primary image gets from `letterbox` at that size (at least half the output each
+    way), and every image is scaled to cover its cell (`fit_mode="cover"`): images of the primary's shape keep the
+    letterbox's scale, so objects are as large as in validation, and no padding lies between the cells (a square
+    cell would pad every 4:3 image). The cells are laid around a random centre and a size x size window is cut from
+    them; boxes are clipped and filtered as `bbox_params` says. `p` is the share of training samples that get a
+    mosaic: the caller draws it, so that it reads the other images only for those. `settings`: further `A.Mosaic`
+    arguments (`center_range`, `grid_yx`, `interpolation`, ...).
+    """
+
+    OURS = ("target_size", "cell_shape", "fit_mode", "metadata_key", "p")
+
+    def __init__(self, p: float, bbox_params: dict, **settings: Any) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"data.mosaic.p={p}: give the share of training samples that get a mosaic, 0 to 1.")
+        taken = sorted(set(settings) & set(self.OURS))
+        if taken:
+            raise ConfigError(f"data.mosaic sets {', '.join(taken)}, which the pipeline sets itself (the output "
+                              "size follows each batch's size); leave them out.")  # fmt: skip
+        # albumentations only warns about unknown arguments, and a typo would silently train with the default.
+        unknown = sorted(set(settings) - set(inspect.signature(A.Mosaic).parameters))
+        if unknown:
+            raise ConfigError(f"data.mosaic: {', '.join(unknown)} is no argument of albumentations.Mosaic.")
+        self.p, self.bbox_params, self.settings = p, dict(bbox_params), settings
+        self.grid = tuple(self._pipeline(32, (32, 32)).transforms[0].grid_yx)  # checks the settings now
+        self.others = self.grid[0] * self.grid[1] - 1
+
+    def _pipeline(self, size: int, cell: tuple[int, int], seed: int | None = None) -> A.Compose:
+        # Built per mosaic (0.2 ms): output and cell shapes change with the batch size and the primary image.
+        mosaic = A.Mosaic(target_size=(size, size), cell_shape=cell, fit_mode="cover", p=1.0, **self.settings)
+        return A.Compose([mosaic], bbox_params=_box_params(self.bbox_params), seed=seed)
+
+    def cell_shape(self, size: int, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the cells for a primary image of height x width: its letterboxed shape at `size`, each side at
+        least size / cells on that axis (A.Mosaic's grid must cover the output)."""
+        scale = size / max(height, width)
+        rows, cols = self.grid
+        return max(round(height * scale), -(-size // rows)), max(round(width * scale), -(-size // cols))
+
+    def __call__(
+        self, size: int, seed: int, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], **fields: Sequence
+    ) -> dict:
+        """One mosaic of `images` [H_i, W_i, 3] with their boxes [N_i, 4] (x1, y1, x2, y2) and per-box `fields`
+        (lists aligned with `images`), drawn from `seed`: {"image" [size, size, 3], "boxes" [M, 4] float32,
+        **fields [M] int64}. The first image is the primary one (albumentations gives it the largest cell)."""
+        pipeline = self._pipeline(size, self.cell_shape(size, *images[0].shape[:2]), seed)
+        wanted = list(fields)
+        fields = {"index": [np.arange(len(b)) for b in boxes], **fields}  # every box field the processor declares
+        others = [
+            {"image": image, "bboxes": np.asarray(b, dtype=np.float32).reshape(-1, 4),
+             **{name: np.asarray(values[i + 1]) for name, values in fields.items()}}
+            for i, (image, b) in enumerate(zip(images[1:], boxes[1:], strict=True))
+        ]  # fmt: skip
+        primary = {name: np.asarray(values[0]) for name, values in fields.items()}
+        out = pipeline(image=images[0], bboxes=np.asarray(boxes[0], dtype=np.float32).reshape(-1, 4), **primary,
+                       mosaic_metadata=others)  # fmt: skip
+        result = {"image": out["image"], "boxes": np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)}
+        result.update({name: np.asarray(out[name], dtype=np.int64) for name in wanted})
+        return result

@@ -1,4 +1,5 @@
-"""The YOLOv3 loss over a batch of slot predictions: GIoU and class BCE on assigned slots, objectness elsewhere."""
+"""The YOLOv3 loss over a batch of slot predictions: an IoU box loss (GIoU or CIoU) and class BCE on assigned
+slots, objectness elsewhere."""
 
 from __future__ import annotations
 
@@ -7,29 +8,44 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import complete_box_iou_loss, generalized_box_iou_loss
 
 from pipeline.ops.assign import Assignment, assign_batch, ignored
 from pipeline.ops.boxes import SlotGrid, decode, paired_box_iou
+
+# The box losses `box_loss` names: torchvision's, on paired boxes [N, 4] x1, y1, x2, y2.
+BOX_LOSSES = {"giou": generalized_box_iou_loss, "ciou": complete_box_iou_loss}
 
 
 class YOLOLoss(nn.Module):
     """Slot predictions [B, P, 5 + K] and per image targets {"boxes" [N, 4] x1, y1, x2, y2 input pixels, "labels"
     [N] 1..K, "iscrowd" [N]} -> {"loss": the weighted total to optimise, "box", "obj", "cls": each part detached}.
 
-    Weights `box`, `obj`, `cls`; `anchor_iou`: a box trains its best-shaped anchor and every other anchor this similar
-    in shape (1.0: the best only); `ignore_iou`: unassigned slots whose box overlaps a ground truth this much get no
-    objectness loss; `obj_balance`: objectness weight of strides 8, 16, 32 (as YOLOv5). Crowd regions only ignore.
+    Weights `box`, `obj`, `cls`; `box_loss`: "giou" or "ciou" (YOLOv5 and later: IoU with centre-distance and
+    aspect-ratio terms), torchvision's implementations; `anchor_iou`: a box trains its best-shaped anchor and every
+    other anchor this similar in shape (1.0: the best only); `ignore_iou`: unassigned slots whose box overlaps a
+    ground truth this much get no objectness loss; `obj_balance`: objectness weight of strides 8, 16, 32 (as YOLOv5).
+    Crowd regions only ignore.
     """
 
     def __init__(
-        self, box: float, obj: float, cls: float, anchor_iou: float, ignore_iou: float, obj_balance: Sequence[float]
+        self,
+        box: float,
+        obj: float,
+        cls: float,
+        anchor_iou: float,
+        ignore_iou: float,
+        obj_balance: Sequence[float],
+        box_loss: str = "giou",  # checkpoints written before the option trained GIoU
     ) -> None:
         super().__init__()
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"model.loss.box_loss={box_loss!r}: choose one of {', '.join(BOX_LOSSES)}")
         if len(obj_balance) != 3:
             raise ValueError(f"model.loss.obj_balance needs 3 weights (strides 8, 16, 32), got {list(obj_balance)}")
         self.box, self.obj, self.cls = box, obj, cls
         self.anchor_iou, self.ignore_iou, self.obj_balance = anchor_iou, ignore_iou, list(obj_balance)
+        self.box_loss = BOX_LOSSES[box_loss]
 
     @staticmethod
     def ground_truth(targets: list[dict[str, Tensor]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,7 +89,7 @@ class YOLOLoss(nn.Module):
             level_keep = keep[:, start:end]
             obj = obj + weight * (bce[:, start:end] * level_keep).sum() / level_keep.sum().clamp(min=1)
         if len(pos_boxes):
-            box = generalized_box_iou_loss(pos_boxes, matched, reduction="mean")
+            box = self.box_loss(pos_boxes, matched, reduction="mean")
             cls_target = F.one_hot(gt_labels[found.box] - 1, pred.shape[-1] - 5).to(pred.dtype)
             cls = F.binary_cross_entropy_with_logits(pred[found.image, found.slot, 5:], cls_target)
         else:  # no objects in the batch: objectness alone

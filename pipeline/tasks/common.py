@@ -8,8 +8,10 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
+
+from pipeline.tasks.schedules import WarmupCosine, run_length
 
 
 def to_primitive(value: Any) -> Any:
@@ -18,15 +20,21 @@ def to_primitive(value: Any) -> Any:
 
 
 def build_optimizers(task: pl.LightningModule) -> Any:
-    """The optimizer (and scheduler) of `task.hparams.optimizer`/`scheduler` config dicts, for configure_optimizers."""
+    """The optimizer (and scheduler) of `task.hparams.optimizer`/`scheduler` config dicts, for configure_optimizers.
+
+    A `WarmupCosine` also gets the trainer's run length (steps, time budget and clock) and is stepped per optimizer
+    step, whatever `scheduler_interval` says: its warm-up and progress count steps.
+    """
     optimizer = instantiate(task.hparams.optimizer, params=task.parameters())
     if not task.hparams.scheduler:
         return optimizer
-    scheduler = instantiate(task.hparams.scheduler, optimizer=optimizer)
-    return {
-        "optimizer": optimizer,
-        "lr_scheduler": {"scheduler": scheduler, "interval": task.hparams.scheduler_interval},
-    }
+    interval = task.hparams.scheduler_interval
+    if issubclass(get_class(task.hparams.scheduler["_target_"]), WarmupCosine):
+        scheduler = instantiate(task.hparams.scheduler, optimizer=optimizer, run=run_length(task.trainer))
+        interval = "step"
+    else:
+        scheduler = instantiate(task.hparams.scheduler, optimizer=optimizer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
 
 def schedule_from_config(checkpoint: dict, scheduler: dict | None) -> None:
@@ -47,14 +55,17 @@ class Outbox:
     TaskOutbox`): figures (artifact path -> RGB uint8 [H, W, 3]), params (name -> text) and metrics (name -> value).
 
     Tasks fill it on global rank zero only. Tasks stay free of the tracking layer: they never see the logger.
+    `draw`: whether this validation's figures are wanted (the tracking callback sets it before each validation:
+    rendering them costs time that small data sets feel); tasks hand over validation figures only then.
     """
 
     figures: dict[str, np.ndarray] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    draw: bool = True
 
     def take(self) -> Outbox:
         """Everything handed over so far, leaving the outbox empty."""
-        taken = Outbox(self.figures, self.params, self.metrics)
+        taken = Outbox(self.figures, self.params, self.metrics, self.draw)
         self.figures, self.params, self.metrics = {}, {}, {}
         return taken

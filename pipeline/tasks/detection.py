@@ -41,7 +41,8 @@ class DetectionTask(pl.LightningModule):
     the training boxes when fitting starts (a fork passes the checkpoint's unless told otherwise); they then become
     the `anchors` hyper-parameter ([w, h] pixels at `input_size`), so checkpoints carry them to eval and predict.
 
-    Each validation hands over (`outbox`, logged by pipeline.tracking) `val_images/epoch_<n>.png`,
+    Each validation whose figures are wanted (`outbox.draw`) hands over (`outbox`, logged by pipeline.tracking)
+    `val_images/epoch_<n>.png`,
     `pr_curves/epoch_<n>.png` and `plots/confusion_matrix.png`: `ops.confusion.detection_confusion` of the detections
     scoring >= SHOWN_SCORE at IoU 0.5 in original pixels, summed over the epoch and the DDP ranks; `evaluator`
     (`metrics.coco_evaluator.CocoEvaluator`) keeps it, and in pipeline-eval every detection's record.
@@ -204,7 +205,7 @@ class DetectionTask(pl.LightningModule):
         self.log("val/nonfinite_detections", float(stats["nonfinite"]), sync_dist=True)
         names = self.hparams.class_names
         # Rendered on rank 0 only: the logger keeps rank 0's pictures, the other ranks would draw them for nothing.
-        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero and self.outbox.draw:
             epoch = self.current_epoch
             figures = self.outbox.figures
             if self._vis is not None:

@@ -26,9 +26,10 @@ class SegmentationTask(pl.LightningModule):
     `monitor` names the validation metric that ranks checkpoints and that sweeps optimise. Validation scores
     the predictions mapped back to each image's original resolution (`val/mIoU`, `val/pixel_acc`, `val/IoU/<class>`),
     as the FCN paper and VOC do and as `pipeline-predict` outputs them; `val/mIoU_letterbox` is the same on the
-    letterboxed `val_size` masks the loss sees. Each validation also logs `plots/confusion_matrix.png` (that
-    confusion matrix, row-normalised) and `plots/iou_per_class.png`, overwritten every epoch (the store keeps the
-    last validation's; the artifact count stays bounded); `confmat` and `per_class_iou` keep their values.
+    letterboxed `val_size` masks the loss sees. Each validation whose figures are wanted (`outbox.draw`) also logs
+    `val_images/epoch_<n>.png`, `plots/confusion_matrix.png` (that confusion matrix, row-normalised) and
+    `plots/iou_per_class.png`, the plots overwritten each time (the store keeps the last drawn; the artifact count
+    stays bounded); `confmat` and `per_class_iou` keep every validation's values.
     """
 
     TARGETS = "semantic"
@@ -109,7 +110,7 @@ class SegmentationTask(pl.LightningModule):
             {f"val/IoU/{name}": iou.float() for name, iou in per_class if not torch.isnan(iou)}, sync_dist=True
         )
         # Rendered on rank 0 only: the logger keeps rank 0's pictures, the other ranks would draw them for nothing.
-        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero and self.outbox.draw:
             if self._vis is not None:
                 vis, num_classes = self._vis, self.hparams.num_classes
                 panel = comparison_panel(vis["image"], vis["mask"], vis["pred"], num_classes)

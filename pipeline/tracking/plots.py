@@ -7,6 +7,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.trainer.states import TrainerFn
 
 from pipeline.tasks.common import Outbox
 from pipeline.tracking.runs import log_image
@@ -87,11 +88,36 @@ class TaskOutbox(pl.Callback):
 
     Drained when fitting starts (a task's `setup` runs before `on_fit_start`: the detector's anchors) and after each
     validation: in `on_validation_end`, since Lightning calls callbacks' `on_validation_epoch_end` before the
-    module's, where the task renders its figures.
+    module's, where the task renders its figures. While fitting, the task draws validation figures (pictures, PR
+    curves, confusion matrices) after every `every_n_epochs`-th epoch and at the last validation (the epochs or the
+    time budget ran out); metrics are logged at every validation.
     """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs={every_n_epochs}: give a positive number of epochs")
+        self.every_n_epochs = every_n_epochs
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._drain(trainer, pl_module)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        outbox: Outbox | None = getattr(pl_module, "outbox", None)
+        if outbox is not None:  # Lightning calls this before the module's own hooks
+            outbox.draw = trainer.state.fn != TrainerFn.FITTING or self._last(trainer) or (
+                (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            )  # fmt: skip
+
+    @staticmethod
+    def _last(trainer: pl.Trainer) -> bool:
+        """Whether this validation ends the fit: its epochs, steps or time budget (Lightning's Timer, which asks the
+        trainer to stop and then validates once more) have run out."""
+        epochs, steps = trainer.max_epochs, trainer.max_steps
+        return (
+            trainer.should_stop
+            or (epochs is not None and epochs >= 0 and trainer.current_epoch + 1 >= epochs)
+            or (steps is not None and steps >= 0 and trainer.global_step >= steps)
+        )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._drain(trainer, pl_module)

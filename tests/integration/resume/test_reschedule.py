@@ -1,6 +1,6 @@
 """Training longer reschedules every model (issue 25.5): a cosine run of 2 epochs continued to 4 takes the new
 length and goes on from where it was; its learning rate never climbs back towards the base rate (README,
-"Training longer")."""
+"Training longer"). The same for the per-step warm-up cosine (model/sched=warmup_cosine)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,14 @@ STEPS_PER_EPOCH = 2  # debug=fast: limit_train_batches=2
 MODELS = {
     "fcn8s": ["experiment=shapes_fcn", "model.net.backbone.width=8"],
     "yolo": ["experiment=shapes_yolo", "model.net.backbone.width=8", "model.net.neck_width=32"],
+    # The per-step warm-up cosine without warm-up: at each epoch's start the same rates as the per-epoch cosine.
+    "yolo_warmup_cosine": [
+        "experiment=shapes_yolo",
+        "model.net.backbone.width=8",
+        "model.net.neck_width=32",
+        "model/sched=warmup_cosine",
+        "model.scheduler.warmup_epochs=0",
+    ],
     "instance": [
         "experiment=shapes_instance",
         "model.net.backbone.width=8",
@@ -71,6 +79,11 @@ def _last(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
+def _length(schedule: dict) -> float:
+    """The epochs a saved schedule anneals over: torch's cosine's T_max, or WarmupCosine's planned steps."""
+    return schedule["T_max"] if "T_max" in schedule else schedule["planned"]["total_steps"] / STEPS_PER_EPOCH
+
+
 @pytest.mark.parametrize("model", list(MODELS))
 def test_training_longer_continues_the_cosine_without_climbing_back(model: str, workdir: Path):
     overrides = [*MODELS[model], *COMMON]
@@ -79,7 +92,7 @@ def test_training_longer_continues_the_cosine_without_climbing_back(model: str, 
     first = _last(run_dir)
     assert first["epoch"] == 1 and first["global_step"] == 2 * STEPS_PER_EPOCH
     (schedule,) = first["lr_schedulers"]
-    assert schedule["T_max"] == 2
+    assert _length(schedule) == 2
     # the rate the next epoch would start with: the 2-epoch cosine has reached its end
     reached = cosine(2, t_max=2)
     assert [g["lr"] for g in first["optimizer_states"][0]["param_groups"]] == [pytest.approx(reached)]
@@ -95,4 +108,4 @@ def test_training_longer_continues_the_cosine_without_climbing_back(model: str, 
     assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False)), f"{model}: the rate climbs back: {lrs}"
     assert lrs == [pytest.approx(v) for v in expected], f"{model}: {lrs} (expected {expected})"
     (schedule,) = last["lr_schedulers"]
-    assert schedule["T_max"] == 4  # the new length, not the checkpoint's
+    assert _length(schedule) == 4  # the new length, not the checkpoint's

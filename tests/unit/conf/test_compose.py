@@ -84,7 +84,7 @@ def test_every_conf_file_is_covered():
         "yolo",
     ]
     assert _options("model/backbone") == ["resnet18", "resnet34", "resnet50", "timm", "vgg16", "vgg_tiny"]
-    assert _options("model/optim") == ["adamw", "sgd"] and _options("model/sched") == ["cosine"]
+    assert _options("model/optim") == ["adamw", "sgd"] and _options("model/sched") == ["cosine", "warmup_cosine"]
     assert _options("callbacks") == ["default", "ema"]
     assert _options("data") == ["bccd", "coco", "coco128seg", "isbi", "masks", "shapes", "voc", "yolo"]
 

@@ -1,5 +1,6 @@
-"""The detector's loss: finite with or without objects, objectness-only on empty images; anchors from config; the
-net's contract (losses in training, detections in eval) and its loss built from `model.loss`."""
+"""The detector's loss: finite with or without objects, objectness-only on empty images, GIoU or CIoU boxes as
+torchvision computes them; anchors from config; the net's contract (losses in training, detections in eval) and its
+loss built from `model.loss`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.errors import InstantiationException
-from torchvision.ops import box_iou, generalized_box_iou_loss
+from torchvision.ops import box_iou, complete_box_iou_loss, generalized_box_iou_loss
 
 from pipeline.ops.assign import assign, ignored
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels
@@ -72,6 +73,8 @@ def test_anchors_from_config_are_sorted_by_area_and_checked() -> None:
         _task(anchors=ANCHORS[:4])
     with pytest.raises(InstantiationException, match="typo"):  # the loss class's signature refuses it
         _task(loss={**LOSS, "typo": 1.0})
+    with pytest.raises(InstantiationException, match="box_loss='diou': choose one of giou, ciou"):
+        _task(loss={**LOSS, "box_loss": "diou"})
     with pytest.raises(RuntimeError, match="no anchors yet"):
         _task(anchors=None).slots.level_anchors((64, 64))
     assert _task(anchors="kmeans").slots.anchors is None  # k-means when fitting starts
@@ -111,8 +114,11 @@ def test_a_fork_at_another_input_size_rescales_the_checkpoint_anchors():
     assert cfg.model.anchors == [[20.0, 25.0]] * 9  # pixels at 64 -> at 128
 
 
-def _per_image_loss(task: DetectionTask, pred: torch.Tensor, grid: SlotGrid, batch: dict) -> dict[str, torch.Tensor]:
-    """The YOLOv3 loss written image by image from the ops (the loop the batched `YOLOLoss` replaced)."""
+def _per_image_loss(
+    task: DetectionTask, pred: torch.Tensor, grid: SlotGrid, batch: dict, box_loss=generalized_box_iou_loss
+) -> dict[str, torch.Tensor]:
+    """The YOLOv3 loss written image by image from the ops (the loop the batched `YOLOLoss` replaced), its box term
+    torchvision's `box_loss`."""
     cfg = task.hparams.loss
     boxes = decode(pred[..., :4], grid)
     obj_target = torch.zeros_like(pred[..., 4])
@@ -133,14 +139,17 @@ def _per_image_loss(task: DetectionTask, pred: torch.Tensor, grid: SlotGrid, bat
     ends = [*grid.offsets[1:], pred.shape[1]]
     for weight, start, end in zip(cfg["obj_balance"], grid.offsets, ends, strict=True):
         obj = obj + weight * (bce[:, start:end] * keep[:, start:end]).sum() / keep[:, start:end].sum().clamp(min=1)
-    box = generalized_box_iou_loss(torch.cat(pos_boxes), torch.cat(gt_boxes), reduction="mean")
+    box = box_loss(torch.cat(pos_boxes), torch.cat(gt_boxes), reduction="mean")
     cls_target = F.one_hot(torch.cat(gt_labels), pred.shape[-1] - 5).to(pred.dtype)
     cls = F.binary_cross_entropy_with_logits(torch.cat(pos_cls), cls_target)
     return {"loss": cfg["box"] * box + cfg["obj"] * obj + cfg["cls"] * cls, "box": box, "obj": obj, "cls": cls}
 
 
-def test_the_batched_loss_equals_the_loss_computed_image_by_image() -> None:
-    task = _task()
+@pytest.mark.parametrize(
+    ("box_loss", "reference"), [("giou", generalized_box_iou_loss), ("ciou", complete_box_iou_loss)]
+)
+def test_the_batched_loss_equals_the_loss_computed_image_by_image(box_loss, reference) -> None:
+    task = _task(loss={**LOSS, "box_loss": box_loss})
     generator = torch.Generator().manual_seed(1)
     boxes = []
     for count in (6, 0, 3, 11):
@@ -150,11 +159,11 @@ def test_the_batched_loss_equals_the_loss_computed_image_by_image() -> None:
     batch["labels"] = [torch.randint(1, 4, (len(b),), generator=generator) for b in boxes]
     batch["iscrowd"][3][[2, 7]] = True  # crowd regions only ignore
     pred, grid = _slots(task, batch["image"])
-    ours, reference = _loss(task, pred, grid, batch), _per_image_loss(task, pred, grid, batch)
+    ours, theirs = _loss(task, pred, grid, batch), _per_image_loss(task, pred, grid, batch, reference)
     assert ours["box"] > 0 and ours["cls"] > 0  # positives in the batch, not only objectness
     for key in ("loss", "box", "obj", "cls"):
-        torch.testing.assert_close(ours[key], reference[key], rtol=1e-6, atol=1e-7)
-    grads = [torch.autograd.grad(losses["loss"], pred, retain_graph=True)[0] for losses in (ours, reference)]
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
+    grads = [torch.autograd.grad(losses["loss"], pred, retain_graph=True)[0] for losses in (ours, theirs)]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-8)
 
 

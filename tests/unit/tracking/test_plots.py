@@ -1,6 +1,7 @@
 """The figures: each is an RGB uint8 picture; the segmentation confusion matrix is row-normalised by true pixels;
 LossCurves keeps the whole run's history across a resume and logs its figure to MLflow; TaskOutbox logs what a task
-hands over (figures from setup and from its own on_validation_epoch_end, params, metrics)."""
+hands over (figures from setup and from its own on_validation_epoch_end, params, metrics) and asks for validation
+figures every N epochs and at the last validation."""
 
 from __future__ import annotations
 
@@ -166,3 +167,41 @@ def test_the_task_outbox_reaches_mlflow_and_is_emptied(workdir: Path) -> None:
     logged = [a.path for a in client.list_artifacts(logger.run_id, "val_images")]
     assert logged == ["val_images/epoch_000.png", "val_images/epoch_001.png"]
     assert module.outbox == Outbox()  # drained: nothing left behind
+
+
+class _Drawing(_Reporting):
+    """A task that hands over a validation figure only when its outbox asks for figures, as the tasks do."""
+
+    def setup(self, stage: str) -> None:
+        pass
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking and self.outbox.draw:
+            self.outbox.figures[f"val_images/epoch_{self.current_epoch:03d}.png"] = self.picture
+
+
+class _StopAfterEpoch(pl.Callback):
+    """Ask the trainer to stop during epoch `epoch`, as Lightning's Timer does when `max_time` runs out."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize(("max_epochs", "stop", "drawn"), [(7, None, [2, 5, 6]), (7, 3, [2, 3]), (2, None, [1])])
+def test_validation_figures_every_n_epochs_and_at_the_last_validation(workdir: Path, max_epochs, stop, drawn):
+    x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)).split([2, 1], dim=1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    logger = MLFlowLogger(experiment_name="outbox", tracking_uri=tracking_uri(workdir),
+                          artifact_location=str(workdir / "artifacts"))  # fmt: skip
+    callbacks = [TaskOutbox(every_n_epochs=3), *([_StopAfterEpoch(stop)] if stop is not None else [])]
+    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=logger, callbacks=callbacks,
+                         default_root_dir=workdir, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(_Drawing(), loader, loader)
+    logged = [a.path for a in MlflowClient(tracking_uri(workdir)).list_artifacts(logger.run_id, "val_images")]
+    assert logged == [f"val_images/epoch_{e:03d}.png" for e in drawn]
+    with pytest.raises(ValueError, match="every_n_epochs=0"):
+        TaskOutbox(every_n_epochs=0)
