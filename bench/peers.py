@@ -41,10 +41,9 @@ Checkpoints: `--checkpoint best` (default) scores each side's best-on-val checkp
 best.pt by its fitness, the smp loop's best val mIoU), `last` the last ones. Both select on the val split that is
 also scored here, alike for both sides.
 
-Epochs: the experiments' max_epochs are sized for 20 (bccd) and 10 (isbi) minutes, and our cosine anneals over
-max_epochs (Ultralytics fits its schedule to `time=` itself, the smp loop anneals over the budget). So that ours
-also ends annealed at another budget, `trainer.max_epochs` is scaled by budget / that reference (bccd at 10 min:
-20 epochs) unless `--no-fit-epochs` or a `trainer.max_epochs=` override is given.
+Schedules: both experiments use `model/sched=warmup_cosine`, which ends annealed when `+trainer.max_time` is
+spent (Ultralytics fits its schedule to `time=` itself, the smp loop anneals over the budget); their max_epochs
+are upper bounds.
 
 The peers come from the optional extra `pip install -e ".[peers]"` (the package never imports them, an
 import-linter contract in pyproject.toml; Ultralytics is AGPL-3.0, bench use only). `--peer-python` runs the peer
@@ -78,7 +77,6 @@ import harness
 SHARED = harness.ROOT.parent / "shared"
 DATASETS = ("bccd", "isbi")
 EXPERIMENTS = {"bccd": "bccd_yolo", "isbi": "isbi_fcn"}
-REFERENCE_MINUTES = {"bccd": 20.0, "isbi": 10.0}  # the budgets the experiments' max_epochs were sized for
 YOLO_MODEL = "yolo26n.yaml"  # Ultralytics 8.4's default and smallest current detector (yolo26.yaml at scale n)
 SMP_DEFAULT_ENCODER = "resnet34"  # smp.Unet's own default encoder_name
 SMOKE_MINUTES = 1.0
@@ -114,9 +112,6 @@ def our_overrides(name: str, budget_min: float, args) -> list[str]:
     if name == "isbi" and args.encoder:
         overrides += ["model/backbone=timm", f"model.net.backbone.name={args.encoder}"]
     user = list(args.overrides)
-    if args.fit_epochs and not any(o.lstrip("+~").startswith("trainer.max_epochs=") for o in user):
-        epochs = int(harness.train_config(f"experiment={EXPERIMENTS[name]}", *overrides, *user).trainer.max_epochs)
-        overrides.append(f"trainer.max_epochs={max(1, round(epochs * budget_min / REFERENCE_MINUTES[name]))}")
     return overrides + user
 
 
@@ -468,8 +463,6 @@ def main() -> None:
                         f"without --encoder smp's default {SMP_DEFAULT_ENCODER})")  # fmt: skip
     parser.add_argument("--peer-lr", type=float, help="the smp loop's AdamW lr (default: our optimizer's)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint is scored")
-    parser.add_argument("--no-fit-epochs", dest="fit_epochs", action="store_false",
-                        help="keep the experiment's max_epochs whatever the budget")  # fmt: skip
     parser.add_argument("--cores", help="cores every side runs on, e.g. 0,1 (default: this process's)")
     parser.add_argument("--peer-python", default=os.environ.get("PEERS_PYTHON", sys.executable),
                         help="interpreter with ultralytics and segmentation_models_pytorch (default: $PEERS_PYTHON, "
