@@ -1,4 +1,4 @@
-"""FCN-32s, FCN-16s and FCN-8s on shapes with the same budget: mIoU over all pixels, near class boundaries and in
+"""FCN-32s, 16s, 8s, 4s and 2s on shapes with the same budget: mIoU over all pixels, near class boundaries and in
 the interior.
 
 Each variant is `pipeline-train model=fcn<v>` as a user runs it (the default experiment otherwise), one after the
@@ -11,6 +11,7 @@ bench/run_all.py); BENCHMARKS.md records its result.
 
     python bench/investigations/fcn_variants.py                    # 30 epochs each (~4 min each on 2 cores)
     python bench/investigations/fcn_variants.py --epochs 2         # a quick look
+    python bench/investigations/fcn_variants.py --variants 4s 2s   # some of them
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from hydra.utils import instantiate
 from pipeline.metrics.segmentation import ConfusionMatrixIoU
 from pipeline.training.loading import load_task
 
-VARIANTS = ("32s", "16s", "8s")
+VARIANTS = ("32s", "16s", "8s", "4s", "2s")
 
 
 def boundary_band(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -73,12 +74,13 @@ def score(ckpt: Path, radius: int) -> dict[str, float]:
 def main() -> None:
     parser = harness.arguments(__doc__, summary=False)
     parser.add_argument("--epochs", type=int, default=30, help="trainer.max_epochs of every variant")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="which to train")
     parser.add_argument("--band", type=int, default=3, help="boundary band half-width in pixels")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = harness.parse(parser)
     rows = []
     with harness.project() as project:
-        for variant in VARIANTS:
+        for variant in args.variants:
             run_dir, history, wall = train(project, variant, args.epochs, args.overrides)
             rows.append((variant, wall, history, score(run_dir / "checkpoints" / "last.ckpt", args.band)))
 
