@@ -211,6 +211,16 @@ def train_project(path: Path, store: Path, *overrides: str) -> Path:
 # --- a task from the real configs, one training step ---------------------------------------------------------
 
 
+# A timm ResNet, ConvNeXt, EfficientNet and MobileNet (random weights), each with its stem's parameter name: the
+# families the backbone tests and each task's one-step tests run over.
+TIMM_STEMS = {
+    "resnet10t": "conv1.0.weight",
+    "convnext_atto": "stem_0.weight",
+    "tf_efficientnet_lite0": "conv_stem.weight",
+    "mobilenetv3_small_050": "conv_stem.weight",
+}
+
+
 def task_from_config(*overrides: str) -> pl.LightningModule:
     """The task `pipeline-train overrides…` would train: conf/ composed with the overrides, `model` instantiated."""
     from hydra import compose, initialize_config_dir

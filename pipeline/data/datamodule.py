@@ -309,6 +309,11 @@ class CocoDataModule(pl.LightningDataModule):
         if self.train_set is None and stage in (None, "fit"):
             self.train_set = self._samples(self.train_files, self.train_augment, max(self.train_sizes))
             if self.mosaic is not None:  # box targets only (checked in __init__)
+                if len(self.train_set) < 2:
+                    raise ConfigError(
+                        f"data.mosaic is set, but {self.train_set.source.report.name} has {len(self.train_set)} "
+                        "training image(s): a mosaic needs at least 2. Set data.mosaic=null."
+                    )
                 self.train_set.mosaic = self.mosaic
         if self.val_set is None:
             self.val_set = self._samples(self.val_files, self.val_augment, self.val_size)

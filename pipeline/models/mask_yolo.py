@@ -59,6 +59,8 @@ class MaskYOLO(YOLO):
         self.mask_lateral = nn.ModuleList(nn.Conv2d(w, mask_width, 1) for w in self.widths)
         self.roi_size = roi_size
         self.mask_head = MaskHead(mask_width, num_classes - 1, mask_width)
+        if self.channels_last:  # the mask layers too (YOLO converted only its own)
+            self.to(memory_format=torch.channels_last)
 
     def forward(
         self, images: Tensor, targets: list[dict[str, Tensor]] | None = None

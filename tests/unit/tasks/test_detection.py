@@ -16,7 +16,7 @@ from pipeline.ops.assign import assign, ignored
 from pipeline.ops.boxes import SlotGrid, decode, flatten_levels
 from pipeline.ops.nms import select_detections
 from pipeline.tasks.detection import DetectionTask
-from tests.helpers import ANCHORS, LOSS, POST, one_training_step, task_from_config
+from tests.helpers import ANCHORS, LOSS, POST, TIMM_STEMS, one_training_step, task_from_config
 
 
 def _task(**kwargs: object) -> DetectionTask:
@@ -223,10 +223,11 @@ def test_an_unknown_model_loss_key_fails_naming_it_before_training() -> None:
         validate_config(cfg, {"model"})
 
 
-def test_the_detector_on_a_timm_backbone_built_from_the_configs_trains_a_step() -> None:
+@pytest.mark.parametrize("name", TIMM_STEMS)
+def test_the_detector_on_a_timm_backbone_built_from_the_configs_trains_a_step(name: str) -> None:
     anchors = "[" + ",".join(f"[{w},{h}]" for w, h in ANCHORS) + "]"
-    task = task_from_config("experiment=shapes_yolo", "model/backbone=timm", "model.net.backbone.name=resnet10t",
+    task = task_from_config("experiment=shapes_yolo", "model/backbone=timm", f"model.net.backbone.name={name}",
                             "model.net.neck_width=32", f"model.anchors={anchors}", "data.val_size=64")  # fmt: skip
     loss, changed = one_training_step(task, _batch([[[4.0, 4.0, 20.0, 18.0], [30.0, 30.0, 62.0, 60.0]], []]))
     assert math.isfinite(loss)
-    assert {"net.backbone.body.conv1.0.weight", "net.heads.0.1.weight"} <= changed
+    assert {f"net.backbone.body.{TIMM_STEMS[name]}", "net.heads.0.1.weight"} <= changed

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import time
+from itertools import pairwise
 
 import pytest
 import pytorch_lightning as pl
@@ -159,4 +160,8 @@ def test_a_trainer_under_max_time_ends_annealed(tmp_path) -> None:
     assert trainer.optimizers[0].param_groups[0]["lr"] == ETA_MIN and scheduler.progress == 1.0
     step = (BASE - ETA_MIN) * math.pi / 2 / len(task.rates)  # the cosine's steepest fall per step, roughly
     assert ETA_MIN <= task.rates[-1] <= ETA_MIN + 3 * step
-    assert task.rates[:4] == pytest.approx([ETA_MIN + (s + 1) / 4 * (BASE - ETA_MIN) for s in range(4)], rel=0.05)
+    # Warm-up (4 steps): the rates rise, at most the warm-up line (the cosine factor is <= 1 and depends on how long
+    # the steps took on this machine; the rates themselves are tested with an injected clock above).
+    warmup = [ETA_MIN + (s + 1) / 4 * (BASE - ETA_MIN) for s in range(4)]
+    assert all(a < b for a, b in pairwise(task.rates[:4]))
+    assert all(rate <= line * (1 + 1e-9) for rate, line in zip(task.rates[:4], warmup, strict=True))

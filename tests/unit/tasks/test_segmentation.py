@@ -1,13 +1,14 @@
 """The task's loss: mean cross-entropy over non-void pixels, finite on an all-void batch; old checkpoints' net
-configs; FCN-2s on a timm backbone from the real configs trains."""
+configs; FCN-2s/4s on a timm ResNet, ConvNeXt, EfficientNet and MobileNet from the real configs trains."""
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.tasks.segmentation import SegmentationTask
-from tests.helpers import one_training_step, task_from_config
+from tests.helpers import TIMM_STEMS, one_training_step, task_from_config
 
 
 def _task() -> SegmentationTask:
@@ -37,12 +38,16 @@ def test_checkpoints_with_the_old_flat_backbone_keys_still_build():
     assert task(torch.rand(1, 3, 40, 40)).shape == (1, 3, 40, 40)
 
 
-def test_fcn2s_on_a_timm_backbone_built_from_the_configs_trains_a_step():
-    task = task_from_config("model=fcn2s", "model/backbone=timm", "model.net.backbone.name=mobilenetv3_small_050")
+@pytest.mark.parametrize("name", TIMM_STEMS)
+def test_the_fcn_on_a_timm_backbone_built_from_the_configs_trains_a_step(name: str):
+    # FCN-2s where the model has a stride-2 tap, else FCN-4s (ConvNeXt's stem is stride 4)
+    variant = "fcn4s" if name.startswith("convnext") else "fcn2s"
+    task = task_from_config(f"model={variant}", "model/backbone=timm", f"model.net.backbone.name={name}")
     generator = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(2, 3, 64, 64, generator=generator),
              "mask": torch.randint(0, 4, (2, 64, 64), generator=generator)}  # fmt: skip
     loss, changed = one_training_step(task, batch)
     assert math.isfinite(loss)
     # the timm net's stem and the finest (zero-initialised) skip both learn
-    assert {"net.backbone.body.conv_stem.weight", "net.score.c1.weight"} <= changed
+    finest = "c2" if variant == "fcn4s" else "c1"
+    assert {f"net.backbone.body.{TIMM_STEMS[name]}", f"net.score.{finest}.weight"} <= changed
