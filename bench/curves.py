@@ -29,8 +29,14 @@ YOLO_COLUMNS = {"val/map": "metrics/mAP50-95(B)", "val/map_50": "metrics/mAP50(B
 
 def ours(project: Path, key: str) -> tuple[list[float], list[float]]:
     """(minutes since the run started, values) of metric `key` in the project's MLflow run."""
+    from mlflow.tracking import MlflowClient
+
     uri = harness.Project(project).uri
-    run = harness.latest_run(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("pipeline")
+    # The training run: the one with the longest history of `key` (pipeline-eval's run logs it once).
+    runs = client.search_runs([experiment.experiment_id])
+    run = max(runs, key=lambda r: len(harness.history(uri, r.info.run_id, key)))
     points = harness.history(uri, run.info.run_id, key)
     return [(m.timestamp - run.info.start_time) / 60000 for m in points], [m.value for m in points]
 

@@ -5,10 +5,10 @@ Each dataset's experiment runs as a user would run it, `pipeline-train experimen
 +trainer.max_time=DD:HH:MM:SS` (Hydra, Lightning, MLflow, checkpoints), in a scratch project dir with its own
 MLflow SQLite store; the scratch dir sits beside a link to the real `shared/`, so the experiments' own
 `${paths.root_dir}/../shared/datasets/…` paths resolve. Lightning's Timer stops training when the budget is spent
-(counted from the start of training: start-up, data checks and k-means come on top). isbi_fcn's and
-coco128seg_instance's max_epochs are about what the budget fits on 2 idle CPU cores, because their cosine anneals
-over max_epochs: such a run should end by its epochs (fully annealed), the budget is a cap. bccd_yolo's warm-up
-cosine anneals by the budget itself (model/sched=warmup_cosine), its max_epochs only a bound. The report says
+(counted from the start of training: start-up, data checks and k-means come on top). coco128seg_instance's
+max_epochs is about what the budget fits on 2 idle CPU cores, because its cosine anneals over max_epochs: such a
+run should end by its epochs (fully annealed), the budget is a cap. bccd_yolo's and isbi_fcn's warm-up cosine
+anneals by the budget itself (model/sched=warmup_cosine), their max_epochs only a bound. The report says
 which of the two ended each run. Per-epoch validation metrics are read back from MLflow; the table shows the last
 epoch, the best epoch and the target, the per-epoch curve of the first metric, and the learning rate at the start
 of the first and the last epoch.

@@ -142,7 +142,7 @@ class Mosaic:
         self.others = self.grid[0] * self.grid[1] - 1
 
     def _pipeline(self, size: int, cell: tuple[int, int], seed: int | None = None) -> A.Compose:
-        # Built per mosaic (0.2 ms): output and cell shapes change with the batch size and the primary image.
+        # Built per mosaic: output and cell shapes change with the batch size and the primary image.
         mosaic = A.Mosaic(target_size=(size, size), cell_shape=cell, fit_mode="cover", p=1.0, **self.settings)
         return A.Compose([mosaic], bbox_params=_box_params(self.bbox_params), seed=seed)
 

@@ -41,8 +41,8 @@ class YOLO(nn.Module):
     `build_backbone`'s arguments; `neck_width` is the channel count of the coarsest neck level (finer levels halve
     it, as YOLOv3's 512/256/128); any backbone with taps c3/c4/c5 at strides 8/16/32 serves (timm's too).
     Targets: per image {"boxes" [N, 4], "labels" [N], "iscrowd" [N]}.
-    `channels_last`: weights and activations in NHWC memory order, the same numbers computed faster by the CPU's
-    convolutions (2 loaded cores, batch 8 at 416 px: forward 1.5x, training step 1.3x, medians of paired runs).
+    `channels_last`: weights and activations in NHWC memory order: the same numbers to float32 rounding, computed
+    by the CPU's NHWC convolutions.
     """
 
     def __init__(
