@@ -257,3 +257,12 @@ def write_summary(path: str | Path | None, rows: list[dict]) -> None:
     """Write the rows as JSON to `path` (nothing when no path was asked for)."""
     if path:
         Path(path).write_text(json.dumps(rows, indent=1))
+
+
+def max_time(seconds: float) -> str:
+    """Lightning's max_time string DD:HH:MM:SS for a budget in seconds (at least one second)."""
+    total = max(1, round(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{days:02d}:{hours:02d}:{minutes:02d}:{secs:02d}"

@@ -86,14 +86,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # ---- the bench side (project venv): data, our runs, scoring -----------------------------------------------------
 
 
-def max_time(seconds: float) -> str:
-    """Lightning's max_time DD:HH:MM:SS for a budget in seconds (at least one second)."""
-    total = max(1, round(seconds))
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{days:02d}:{hours:02d}:{minutes:02d}:{secs:02d}"
-
 
 @contextlib.contextmanager
 def cwd(path: Path):
@@ -108,7 +100,7 @@ def cwd(path: Path):
 
 def our_overrides(name: str, budget_min: float, args) -> list[str]:
     """Everything after `experiment=…` on our command line for this dataset and budget."""
-    overrides = ["trainer.accelerator=cpu", f"+trainer.max_time={max_time(budget_min * 60)}"]
+    overrides = ["trainer.accelerator=cpu", f"+trainer.max_time={harness.max_time(budget_min * 60)}"]
     if name == "isbi" and args.encoder:
         overrides += ["model/backbone=timm", f"model.net.backbone.name={args.encoder}"]
     user = list(args.overrides)

@@ -58,14 +58,6 @@ BENCHES = {
 }
 
 
-def max_time(seconds: float) -> str:
-    """Lightning's max_time string DD:HH:MM:SS for a budget in seconds (at least one second)."""
-    total = max(1, round(seconds))
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{days:02d}:{hours:02d}:{minutes:02d}:{secs:02d}"
-
 
 def max_epochs(experiment: str, overrides: list[str]) -> int:
     """trainer.max_epochs of the experiment as composed with the overrides."""
@@ -75,7 +67,7 @@ def max_epochs(experiment: str, overrides: list[str]) -> int:
 def run(project: Path, bench: Bench, budget_s: float, overrides: list[str]) -> dict:
     """pipeline-train in `project` with the time budget; per-epoch metrics and learning rates from its MLflow run."""
     place = harness.Project(project)
-    cmd = [*harness.TRAIN, f"experiment={bench.experiment}", f"+trainer.max_time={max_time(budget_s)}", *overrides]
+    cmd = [*harness.TRAIN, f"experiment={bench.experiment}", f"+trainer.max_time={harness.max_time(budget_s)}", *overrides]
     log = project / "train.log"
     start = time.perf_counter()
     with log.open("w") as out:  # a failed run is reported with its log, and the other datasets still run
@@ -152,7 +144,7 @@ def main() -> None:
             bench = BENCHES[name]
             minutes = bench.minutes * args.minutes_scale
             epochs = max_epochs(bench.experiment, args.overrides)
-            print(f"[{name}] pipeline-train experiment={bench.experiment} +trainer.max_time={max_time(minutes * 60)} "
+            print(f"[{name}] pipeline-train experiment={bench.experiment} +trainer.max_time={harness.max_time(minutes * 60)} "
                   f"(max_epochs {epochs}) {' '.join(args.overrides)}", flush=True)  # fmt: skip
             result = run(base / name, bench, minutes * 60, list(args.overrides))
             print(f"[{name}] exit {result['rc']} after {result['wall_s']:.0f} s, log: {result['log']}", flush=True)
